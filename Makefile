@@ -1,0 +1,45 @@
+# Graft: `make serve` sets everything up and starts the service; `make test` runs the suite.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+PORT ?= 3000
+export GRAFT_DATA_DIR ?= $(CURDIR)/.graft
+export BENTOML_DO_NOT_TRACK := True
+
+.PHONY: install prepare serve test lint format bench clean
+
+# Reinstall when pyproject.toml changes; the stamp marks a finished install.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+# Export each registered backbone to ONNX once (cached under $(GRAFT_DATA_DIR)/backbones).
+prepare: install
+	$(PY) -m models.export
+
+serve: prepare
+	@$(PY) -m service.auth
+	$(VENV)/bin/bentoml serve service.service:Graft --host 127.0.0.1 --port $(PORT)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Accuracy and speed on the shared data sets (not part of the test suite).
+bench: prepare
+	$(PY) bench/accuracy.py --images ../shared/data/images/flowers
+	$(PY) bench/accuracy.py --text ../shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,61 @@
+"""One shared ONNX Runtime session per backbone: inputs in, embeddings out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.preprocess import load_tokenizer, tokenize
+from models.registry import BackboneSpec, TextPreprocessing
+
+
+def available_providers(device: str) -> list[str]:
+    """ONNX Runtime providers for the `device` setting: cuda when asked and present."""
+    if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        raise RuntimeError("GRAFT_DEVICE=cuda but onnxruntime has no CUDAExecutionProvider")
+    return ["CPUExecutionProvider"]
+
+
+class Backbone:
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        onnx_path: Path,
+        *,
+        device: str = "cpu",
+        intra_op_threads: int = 0,
+        max_batch_size: int = 32,
+    ) -> None:
+        self.spec = spec
+        self.onnx_path = onnx_path
+        self.max_batch_size = max_batch_size
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(
+            str(onnx_path), options, providers=available_providers(device)
+        )
+        self.tokenizer = None
+        if isinstance(spec.preprocessing, TextPreprocessing):
+            pre = spec.preprocessing
+            self.tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
+
+    def embed_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings."""
+        return self._run_in_chunks(len(images), lambda s: {"image": images[s]})
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        def feeds(s: slice) -> dict[str, np.ndarray]:
+            return tokenize(texts[s], self.tokenizer)
+
+        return self._run_in_chunks(len(texts), feeds)
+
+    def _run_in_chunks(self, n: int, feeds) -> np.ndarray:
+        out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
+        for start in range(0, n, self.max_batch_size):
+            chunk = slice(start, min(n, start + self.max_batch_size))
+            out[chunk] = self.session.run(["embedding"], feeds(chunk))[0]
+        return out

@@ -1,0 +1,230 @@
+"""REST API v1, mounted by the BentoML service at /v1. Routes parse, authenticate, call
+`Graft`, and shape the answer; the work happens in `service/core.py`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.datastructures import UploadFile
+
+from adapters.store import Head
+from service.archive import examples_from_zip
+from service.auth import AdminOnly, CurrentTenant, GraftDep
+from service.core import RawInput
+from service.errors import NotFound as NotFoundError
+from service.errors import Unprocessable, install_error_handlers
+from service.limits import BodySizeLimit
+from service.schemas import (
+    BackboneList,
+    BackbonePublic,
+    ErrorResponse,
+    ExamplesAdd,
+    HeadCreate,
+    HeadList,
+    HeadPublic,
+    PredictRequest,
+    PredictResponse,
+    TenantCreate,
+    TenantCreated,
+    TenantList,
+)
+
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422)}
+
+tenants = APIRouter(prefix="/tenants", tags=["tenants (admin)"], dependencies=[AdminOnly])
+backbones = APIRouter(prefix="/backbones", tags=["backbones"])
+heads = APIRouter(prefix="/heads", tags=["heads"])
+
+
+# Tenants (admin key) -----------------------------------------------------------------
+
+
+@tenants.post("", status_code=201, response_model=TenantCreated, responses=ERRORS)
+def create_tenant(body: TenantCreate, graft: GraftDep) -> dict:
+    tenant, api_key = graft.store.create_tenant(name=body.name)
+    return {**tenant.public(), "api_key": api_key}
+
+
+@tenants.get("", response_model=TenantList, responses=ERRORS)
+def list_tenants(graft: GraftDep) -> dict:
+    return {"tenants": [t.public() for t in graft.store.list_tenants()]}
+
+
+@tenants.delete("/{tenant_id}", status_code=204, responses=ERRORS)
+def delete_tenant(tenant_id: str, graft: GraftDep) -> Response:
+    if not graft.store.delete_tenant(tenant_id=tenant_id):
+        raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
+    return Response(status_code=204)
+
+
+# Backbones (public) --------------------------------------------------------------------
+
+
+@backbones.get("", response_model=BackboneList)
+def list_backbones(graft: GraftDep) -> dict:
+    return {"backbones": [b.spec.public() for b in graft.backbones.values()]}
+
+
+@backbones.get("/{backbone_id}", response_model=BackbonePublic, responses=ERRORS)
+def get_backbone(backbone_id: str, graft: GraftDep) -> dict:
+    return graft.backbone_spec(backbone_id).public()
+
+
+@backbones.get("/{backbone_id}/tokenizer.json", responses=ERRORS)
+def get_tokenizer(backbone_id: str, graft: GraftDep) -> FileResponse:
+    """The tokenizer (Hugging Face `tokenizers` JSON) that makes a text model's inputs."""
+    spec = graft.backbone_spec(backbone_id)
+    tokenizer_file = getattr(spec.preprocessing, "tokenizer_file", None)
+    if tokenizer_file is None:
+        raise NotFoundError(f"backbone {backbone_id} takes images", code="no_tokenizer")
+    return FileResponse(tokenizer_file(), media_type="application/json")
+
+
+# Heads (tenant key) ----------------------------------------------------------------------
+
+_HEAD_CREATE_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": HeadCreate.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["name", "backbone", "archive"],
+                    "properties": {
+                        "name": {"type": "string"},
+                        "backbone": {"type": "string"},
+                        "archive": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "zip with one folder per label",
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _head_answer(head: Head, done_status: int) -> JSONResponse:
+    """201/200 when the head is trained within the request, 202 while it still trains."""
+    status = 202 if head.status == "training" else done_status
+    return JSONResponse(head.public(), status_code=status)
+
+
+def _examples(items) -> list[tuple[str, RawInput]]:
+    return [(e.label, RawInput.from_json(e.image, e.text)) for e in items]
+
+
+@heads.post(
+    "",
+    status_code=201,
+    response_model=HeadPublic,
+    responses={**ERRORS, 202: {"model": HeadPublic, "description": "still training; poll"}},
+    openapi_extra=_HEAD_CREATE_BODY,
+)
+async def create_head(request: Request, tenant: CurrentTenant, graft: GraftDep) -> JSONResponse:
+    """Create a head from labelled examples, as JSON or as a zip (multipart/form-data)."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=10)
+        archive = form.get("archive")
+        name, backbone_id = form.get("name"), form.get("backbone")
+        if not isinstance(archive, UploadFile) or not name or not backbone_id:
+            raise Unprocessable(
+                "multipart form needs 'name', 'backbone' and a zip file 'archive'",
+                code="invalid_request",
+            )
+        modality = graft.backbone(str(backbone_id)).spec.modality
+        data = await archive.read()
+        examples = await run_in_threadpool(examples_from_zip, data, modality, graft.settings)
+        body = HeadCreate.model_construct(name=str(name), backbone=str(backbone_id))
+    else:
+        body = HeadCreate.model_validate_json(await request.body())
+        examples = _examples(body.examples)
+    head = await run_in_threadpool(
+        graft.create_head, tenant, name=body.name, backbone_id=body.backbone, examples=examples
+    )
+    return _head_answer(head, 201)
+
+
+@heads.get("", response_model=HeadList, responses=ERRORS)
+def list_heads(tenant: CurrentTenant, graft: GraftDep) -> dict:
+    return {"heads": [h.public() for h in graft.store.list_heads(tenant_id=tenant.id)]}
+
+
+@heads.get("/{head_id}", response_model=HeadPublic, responses=ERRORS)
+def get_head(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> dict:
+    return graft.get_head(tenant, head_id).public()
+
+
+@heads.delete("/{head_id}", status_code=204, responses=ERRORS)
+def delete_head(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> Response:
+    if not graft.store.delete_head(tenant_id=tenant.id, head_id=head_id):
+        raise NotFoundError(f"no head {head_id!r}", code="head_not_found")
+    return Response(status_code=204)
+
+
+@heads.post(
+    "/{head_id}/examples",
+    response_model=HeadPublic,
+    responses={**ERRORS, 202: {"model": HeadPublic, "description": "still training; poll"}},
+)
+def add_examples(
+    head_id: str, body: ExamplesAdd, tenant: CurrentTenant, graft: GraftDep
+) -> JSONResponse:
+    """Add examples and retrain on all of the head's examples; the version goes up by one."""
+    head = graft.add_examples(tenant, head_id, _examples(body.examples))
+    return _head_answer(head, 200)
+
+
+@heads.post("/{head_id}/predict", response_model=PredictResponse, responses=ERRORS)
+def predict(head_id: str, body: PredictRequest, tenant: CurrentTenant, graft: GraftDep) -> dict:
+    inputs = [RawInput.from_json(x.image, x.text) for x in body.inputs]
+    head, ranked = graft.predict(tenant, head_id, inputs, body.top_k)
+    return {
+        "head_id": head.id,
+        "version": head.version,
+        "predictions": [
+            {
+                "label": row[0][0],
+                "score": row[0][1],
+                "top_k": [{"label": label, "score": score} for label, score in row],
+            }
+            for row in ranked
+        ],
+    }
+
+
+@heads.get(
+    "/{head_id}/model.onnx",
+    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    response_class=Response,
+)
+def download_onnx(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> Response:
+    """Backbone + head as one ONNX model; labels and preprocessing in its metadata."""
+    head, model = graft.export_onnx(tenant, head_id)
+    return Response(
+        model,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{head.id}-v{head.version}.onnx"',
+            "X-Graft-Head-Version": str(head.version),
+        },
+    )
+
+
+def create_app(max_body_bytes: int) -> FastAPI:
+    app = FastAPI(
+        title="Graft",
+        version="1",
+        description="Per-tenant heads on shared frozen backbones. "
+        'Errors: `{"error": {"code", "message"}}`.',
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    for router in (tenants, backbones, heads):
+        app.include_router(router)
+    return app

@@ -1,0 +1,88 @@
+"""Bearer-key authentication: the admin key and per-tenant keys."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from adapters.store import Tenant
+from service.core import Graft
+from service.errors import Forbidden, Unauthorized
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def resolve_admin_key(settings: Settings) -> str:
+    """GRAFT_ADMIN_KEY, else <data_dir>/admin.key, created (mode 0600) when missing."""
+    if settings.admin_key:
+        return settings.admin_key
+    path = settings.admin_key_path
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+        log.warning("generated an admin key in %s (readable by this user only)", path)
+    return path.read_text().strip()
+
+
+def get_graft(request: Request) -> Graft:
+    return request.app.state.graft
+
+
+GraftDep = Annotated[Graft, Depends(get_graft)]
+
+
+def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise Unauthorized("send 'Authorization: Bearer <api key>'", code="missing_api_key")
+    return credentials.credentials
+
+
+def _is_admin(request: Request, key: str) -> bool:
+    return hmac.compare_digest(key.encode(), request.app.state.admin_key.encode())
+
+
+def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) -> Tenant:
+    key = _key(credentials)
+    tenant = graft.store.authenticate(api_key=key)
+    if tenant is None:
+        if _is_admin(request, key):
+            raise Forbidden("the admin key cannot act as a tenant", code="tenant_key_required")
+        raise Unauthorized("the API key is not valid", code="invalid_api_key")
+    return tenant
+
+
+def require_admin(request: Request, graft: GraftDep, credentials: Credentials) -> None:
+    key = _key(credentials)
+    if _is_admin(request, key):
+        return
+    if graft.store.authenticate(api_key=key) is not None:
+        raise Forbidden("this route needs the admin key", code="admin_key_required")
+    raise Unauthorized("the API key is not valid", code="invalid_api_key")
+
+
+CurrentTenant = Annotated[Tenant, Depends(current_tenant)]
+AdminOnly = Depends(require_admin)
+
+
+def main() -> None:
+    """`python -m service.auth`: make sure an admin key exists and say where it is."""
+    settings = Settings()
+    resolve_admin_key(settings)
+    where = "GRAFT_ADMIN_KEY" if settings.admin_key else str(settings.admin_key_path)
+    print(f"graft: the admin key is in {where}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,340 @@
+"""The application: shared backbones, the store and training jobs, behind plain methods.
+
+Routes (`service/api.py`) only parse, authenticate and call these; nothing here knows
+about HTTP beyond raising the typed errors of `service/errors.py`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import logging
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from adapters import heads
+from adapters.onnx_export import combined_model
+from adapters.store import Head, Store, Tenant
+from models.export import ensure_onnx
+from models.preprocess import InvalidInput, decode_image
+from models.registry import BackboneSpec, get_backbone, list_backbones
+from models.runtime import Backbone
+from service.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One input as the user sent it: image bytes or a text."""
+
+    kind: Literal["image", "text"]
+    data: bytes | str
+
+    @classmethod
+    def from_json(cls, image: str | None, text: str | None) -> RawInput:
+        if text is not None:
+            return cls("text", text)
+        try:
+            return cls("image", base64.b64decode(image or "", validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput("invalid_base64", "'image' is not valid base64") from None
+
+
+@dataclass
+class PreparedInputs:
+    """Inputs checked against a backbone, ready for its ONNX session.
+
+    `content_hashes[i]` identifies input i; only inputs whose hash is in `to_embed`
+    were decoded (the others have cached embeddings).
+    """
+
+    content_hashes: list[str]
+    to_embed: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+
+class Graft:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(settings.database_path)
+        recovered = self.store.recover_interrupted()
+        if recovered:
+            log.warning("resolved %d heads whose training a restart interrupted", recovered)
+        self.backbones: dict[str, Backbone] = {
+            spec.id: Backbone(
+                spec,
+                ensure_onnx(spec, settings.backbone_dir),
+                device=settings.device,
+                intra_op_threads=settings.intra_op_threads,
+                max_batch_size=settings.backbone_batch_size,
+            )
+            for spec in list_backbones()
+        }
+        self._training = ThreadPoolExecutor(
+            max_workers=settings.training_workers, thread_name_prefix="graft-train"
+        )
+        self._head_locks: dict[str, threading.Lock] = {}
+        self._head_locks_guard = threading.Lock()
+
+    def close(self) -> None:
+        self._training.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+
+    # Backbones ---------------------------------------------------------------------
+
+    def backbone(self, backbone_id: str) -> Backbone:
+        backbone = self.backbones.get(backbone_id)
+        if backbone is None:
+            known = ", ".join(sorted(self.backbones))
+            raise Unprocessable(
+                f"unknown backbone {backbone_id!r}; known: {known}", code="unknown_backbone"
+            )
+        return backbone
+
+    def backbone_spec(self, backbone_id: str) -> BackboneSpec:
+        spec = get_backbone(backbone_id)
+        if spec is None or backbone_id not in self.backbones:
+            raise NotFound(f"no backbone {backbone_id!r}", code="backbone_not_found")
+        return spec
+
+    # Heads -------------------------------------------------------------------------
+
+    def get_head(self, tenant: Tenant, head_id: str) -> Head:
+        head = self.store.get_head(tenant_id=tenant.id, head_id=head_id)
+        if head is None:
+            raise NotFound(f"no head {head_id!r}", code="head_not_found")
+        return head
+
+    def create_head(
+        self,
+        tenant: Tenant,
+        *,
+        name: str,
+        backbone_id: str,
+        examples: Sequence[tuple[str, RawInput]],
+    ) -> Head:
+        """Validates everything, then trains; returns the head, trained or still training."""
+        backbone = self.backbone(backbone_id)
+        labels = self._check_labels([label for label, _ in examples], existing=())
+        prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
+        head = self.store.create_head(tenant_id=tenant.id, name=name, backbone=backbone_id)
+        return self._train_and_wait(tenant, head, backbone, labels, prepared)
+
+    def add_examples(
+        self, tenant: Tenant, head_id: str, examples: Sequence[tuple[str, RawInput]]
+    ) -> Head:
+        head = self.get_head(tenant, head_id)
+        backbone = self.backbone(head.backbone)
+        labels = self._check_labels([label for label, _ in examples], existing=head.labels)
+        prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
+        self.store.set_status(tenant_id=tenant.id, head_id=head.id, status="training")
+        return self._train_and_wait(tenant, head, backbone, labels, prepared)
+
+    def _train_and_wait(
+        self,
+        tenant: Tenant,
+        head: Head,
+        backbone: Backbone,
+        labels: list[str],
+        prepared: PreparedInputs,
+    ) -> Head:
+        job: Future = self._training.submit(self._train, tenant, head, backbone, labels, prepared)
+        with contextlib.suppress(FutureTimeout):  # still training: 202, the caller polls
+            job.result(timeout=self.settings.sync_training_timeout_s)
+        return self.get_head(tenant, head.id)
+
+    def _train(
+        self,
+        tenant: Tenant,
+        head: Head,
+        backbone: Backbone,
+        new_labels: list[str],
+        prepared: PreparedInputs,
+    ) -> None:
+        """Embeds what is new, trains on the head's whole set, stores the version whole."""
+        with self._head_lock(head.id):
+            try:
+                new_vectors = self._embed(backbone, prepared)
+                cached = self.store.cached_embeddings(
+                    tenant_id=tenant.id,
+                    backbone=backbone.spec.id,
+                    content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
+                )
+                vectors = {**cached, **new_vectors}
+                stored = self.store.training_set(tenant_id=tenant.id, head_id=head.id)
+                for h, _, vector in stored:
+                    vectors.setdefault(h, vector)
+                examples = [(h, label) for h, label, _ in stored]
+                seen = set(examples)
+                for pair in zip(prepared.content_hashes, new_labels, strict=True):
+                    if pair not in seen:
+                        seen.add(pair)
+                        examples.append(pair)
+                x = np.stack([vectors[h] for h, _ in examples])
+                trained = heads.train_head(x, [label for _, label in examples])
+                self.store.save_version(
+                    tenant_id=tenant.id,
+                    head_id=head.id,
+                    backbone=backbone.spec.id,
+                    new_embeddings=new_vectors,
+                    examples=examples,
+                    labels=trained.labels,
+                    weights=trained.weights,
+                    bias=trained.bias,
+                    metrics=trained.metrics,
+                )
+            except Exception as exc:
+                log.exception("training head %s failed", head.id)
+                current = self.store.get_head(tenant_id=tenant.id, head_id=head.id)
+                if current is not None:
+                    self.store.set_status(
+                        tenant_id=tenant.id,
+                        head_id=head.id,
+                        status="ready" if current.servable else "failed",
+                        error=f"training failed: {exc}",
+                    )
+
+    def _head_lock(self, head_id: str) -> threading.Lock:
+        with self._head_locks_guard:
+            return self._head_locks.setdefault(head_id, threading.Lock())
+
+    def predict(
+        self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput], top_k: int
+    ) -> tuple[Head, list[list[tuple[str, float]]]]:
+        head = self.get_head(tenant, head_id)
+        if not head.servable:
+            raise Conflict(
+                f"head {head.id} has no trained version yet (status: {head.status})",
+                code="head_not_ready",
+            )
+        if len(inputs) > self.settings.max_predict_inputs:
+            raise PayloadTooLarge(
+                f"{len(inputs)} inputs; at most {self.settings.max_predict_inputs} per call",
+                code="too_many_inputs",
+            )
+        backbone = self.backbone(head.backbone)
+        prepared = self._prepare(tenant, backbone, inputs, use_cache=False)
+        vectors = self._embed(backbone, prepared)
+        x = np.stack([vectors[h] for h in prepared.content_hashes])
+        assert head.weights is not None and head.bias is not None
+        probabilities = heads.predict_proba(x, head.weights, head.bias)
+        return head, heads.top_k(probabilities, head.labels, top_k)
+
+    def export_onnx(self, tenant: Tenant, head_id: str) -> tuple[Head, bytes]:
+        head = self.get_head(tenant, head_id)
+        if not head.servable:
+            raise Conflict(f"head {head.id} has no trained version yet", code="head_not_ready")
+        backbone = self.backbone(head.backbone)
+        return head, combined_model(backbone.spec, backbone.onnx_path, head)
+
+    # Inputs ------------------------------------------------------------------------
+
+    def _check_labels(self, labels: list[str], existing: Sequence[str]) -> list[str]:
+        s = self.settings
+        if len(labels) > s.max_examples_per_request:
+            raise PayloadTooLarge(
+                f"{len(labels)} examples; at most {s.max_examples_per_request} per request",
+                code="too_many_examples",
+            )
+        for label in labels:
+            if not label.strip():
+                raise Unprocessable("labels must not be empty or blank", code="invalid_label")
+            if len(label) > s.max_label_chars:
+                raise Unprocessable(
+                    f"label of {len(label)} characters; at most {s.max_label_chars}",
+                    code="invalid_label",
+                )
+        distinct = set(existing) | set(labels)
+        if len(distinct) < 2:
+            raise Unprocessable(
+                f"a head needs at least 2 labels; got {sorted(distinct)}", code="too_few_labels"
+            )
+        if len(distinct) > s.max_labels:
+            raise Unprocessable(
+                f"{len(distinct)} labels; at most {s.max_labels}", code="too_many_labels"
+            )
+        return labels
+
+    def _prepare(
+        self,
+        tenant: Tenant,
+        backbone: Backbone,
+        inputs: Sequence[RawInput],
+        *,
+        use_cache: bool = True,
+    ) -> PreparedInputs:
+        """Checks each input against the backbone; decodes those with no cached embedding."""
+        spec = backbone.spec
+        for i, raw in enumerate(inputs):
+            if raw.kind != spec.modality:
+                raise Unprocessable(
+                    f"input {i} is {raw.kind} but backbone {spec.id} takes {spec.modality}",
+                    code="wrong_modality",
+                )
+        hashes = [content_hash(raw) for raw in inputs]
+        cached = (
+            self.store.cached_embeddings(
+                tenant_id=tenant.id, backbone=spec.id, content_hashes=hashes
+            )
+            if use_cache
+            else {}
+        )
+        prepared = PreparedInputs(content_hashes=hashes)
+        queued = set(cached)
+        for i, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
+            if h in queued:
+                continue
+            queued.add(h)
+            try:
+                if raw.kind == "image":
+                    assert isinstance(raw.data, bytes)
+                    prepared.images.append(
+                        decode_image(raw.data, spec.preprocessing, self.settings.max_image_pixels)
+                    )
+                else:
+                    assert isinstance(raw.data, str)
+                    prepared.texts.append(self._check_text(raw.data))
+            except InvalidInput as exc:
+                raise InvalidInput(exc.code, f"input {i}: {exc.message}") from None
+            prepared.to_embed.append(h)
+        return prepared
+
+    def _check_text(self, text: str) -> str:
+        if not text.strip():
+            raise InvalidInput("empty_text", "text is empty")
+        if len(text) > self.settings.max_text_chars:
+            raise InvalidInput(
+                "text_too_long",
+                f"text of {len(text)} characters; at most {self.settings.max_text_chars}",
+            )
+        return text
+
+    @staticmethod
+    def _embed(backbone: Backbone, prepared: PreparedInputs) -> dict[str, np.ndarray]:
+        if not prepared.to_embed:
+            return {}
+        if prepared.images:
+            vectors = backbone.embed_images(np.stack(prepared.images))
+        else:
+            vectors = backbone.embed_texts(prepared.texts)
+        return dict(zip(prepared.to_embed, vectors, strict=True))
+
+
+def content_hash(raw: RawInput) -> str:
+    try:
+        data = raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput("invalid_text", "text is not valid Unicode") from None
+    return hashlib.sha256(raw.kind.encode() + b"\0" + data).hexdigest()

@@ -1,0 +1,140 @@
+"""Request and response bodies of the REST API; their types are the OpenAPI schema."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["head_not_found"])
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+# Tenants -------------------------------------------------------------------------------
+
+
+class TenantCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+
+
+class TenantPublic(BaseModel):
+    id: str
+    name: str
+    created_at: str
+
+
+class TenantCreated(TenantPublic):
+    api_key: str = Field(description="shown once; only a salted hash is stored")
+
+
+class TenantList(BaseModel):
+    tenants: list[TenantPublic]
+
+
+# Backbones -----------------------------------------------------------------------------
+
+
+class BackbonePublic(BaseModel):
+    id: str
+    modality: Literal["image", "text"]
+    embedding_dim: int
+    description: str
+    source: str
+    license: str
+    onnx_inputs: dict
+    preprocessing: dict
+
+
+class BackboneList(BaseModel):
+    backbones: list[BackbonePublic]
+
+
+# Heads ---------------------------------------------------------------------------------
+
+
+class Input(_Strict):
+    """One input: an image as base64 of JPEG/PNG/WebP bytes, or a text."""
+
+    image: str | None = Field(None, description="base64 of JPEG, PNG or WebP bytes")
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Input:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("give exactly one of 'image' or 'text'")
+        return self
+
+
+class Example(Input):
+    label: str = Field(min_length=1)
+
+
+class HeadCreate(_Strict):
+    name: str = Field(min_length=1, max_length=200)
+    backbone: str
+    examples: list[Example] = Field(min_length=1)
+
+
+class ExamplesAdd(_Strict):
+    examples: list[Example] = Field(min_length=1)
+
+
+class HeadMetrics(BaseModel):
+    n_examples: int
+    label_counts: dict[str, int]
+    cv_accuracy: float | None = Field(
+        description="stratified k-fold cross-validated accuracy; null when some label has "
+        "too few examples to hold any out"
+    )
+    cv_folds: int | None = None
+    regularization_c: float | None = None
+    train_seconds: float | None = None
+
+
+class HeadPublic(BaseModel):
+    id: str
+    name: str
+    backbone: str
+    labels: list[str]
+    status: Literal["training", "ready", "failed"]
+    version: int = Field(description="0 until the first training finishes")
+    metrics: HeadMetrics | None
+    created_at: str
+    updated_at: str
+    error: str | None
+
+
+class HeadList(BaseModel):
+    heads: list[HeadPublic]
+
+
+class PredictRequest(_Strict):
+    inputs: list[Input] = Field(min_length=1)
+    top_k: int = Field(1, ge=1, le=1000)
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+    top_k: list[LabelScore]
+
+
+class PredictResponse(BaseModel):
+    head_id: str
+    version: int
+    predictions: list[Prediction]

@@ -1,0 +1,59 @@
+"""All configuration, from `GRAFT_*` environment variables, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+
+    data_dir: Path = Field(Path(".graft"), description="SQLite database and state")
+    backbone_dir: Path | None = Field(
+        None, description="cache of exported ONNX backbones; default <data_dir>/backbones"
+    )
+    admin_key: str | None = Field(
+        None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
+    )
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = all cores")
+    backbone_batch_size: int = Field(32, ge=1, le=1024)
+
+    # Training
+    training_workers: int = Field(1, ge=1, le=16)
+    sync_training_timeout_s: float = Field(
+        20.0, ge=0, description="answer 201 if training finishes within this, else 202"
+    )
+
+    # Limits on what a request may carry
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    max_examples_per_request: int = Field(5000, ge=1)
+    max_predict_inputs: int = Field(256, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    max_text_chars: int = Field(10_000, ge=1)
+    max_labels: int = Field(1000, ge=2)
+    max_label_chars: int = Field(200, ge=1)
+    max_archive_files: int = Field(10_000, ge=1)
+    max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1)
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if self.backbone_dir is None:
+            self.backbone_dir = self.data_dir / "backbones"
+        self.backbone_dir = self.backbone_dir.expanduser().resolve()
+        if self.admin_key is not None and len(self.admin_key) < 16:
+            raise ValueError("GRAFT_ADMIN_KEY must be at least 16 characters")
+        return self
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "graft.sqlite3"
+
+    @property
+    def admin_key_path(self) -> Path:
+        return self.data_dir / "admin.key"

@@ -1,0 +1,84 @@
+"""Test inputs made on the fly or shipped by installed packages; nothing from ../shared."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+
+def crops(name: str, n: int, *, seed: int, fmt: str = "JPEG") -> list[bytes]:
+    """Random crops (random size, position and flip) of one of scikit-learn's sample photos
+    (`china.jpg`: a temple; `flower.jpg`: a flower), encoded as `fmt`."""
+    photo = load_sample_image(name)
+    rng = np.random.default_rng(seed)
+    height, width = photo.shape[:2]
+    out = []
+    for _ in range(n):
+        side = int(rng.integers(180, min(height, width)))
+        top = int(rng.integers(0, height - side + 1))
+        left = int(rng.integers(0, width - side + 1))
+        patch = photo[top : top + side, left : left + side]
+        if rng.random() < 0.5:
+            patch = patch[:, ::-1]
+        buffer = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(patch)).save(buffer, fmt)
+        out.append(buffer.getvalue())
+    return out
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def image_examples(per_label: int, *, seed: int) -> list[dict]:
+    return [
+        {"label": label, "image": b64(data)}
+        for label, name in (("temple", "china.jpg"), ("flower", "flower.jpg"))
+        for data in crops(name, per_label, seed=seed)
+    ]
+
+
+SPORTS = [
+    "The striker scored twice in the second half to win the match.",
+    "Our team lost the final after extra time and penalties.",
+    "The coach praised the defence after a clean sheet on Saturday.",
+    "She won the gold medal in the 100 metres sprint.",
+    "The goalkeeper saved a penalty in the last minute.",
+    "The tennis champion lost in the quarter-finals this year.",
+    "Fans cheered as the home side took the league title.",
+    "He ran the marathon in under three hours.",
+]
+COOKING = [
+    "Simmer the onions in butter until they turn golden.",
+    "Whisk the eggs with sugar, then fold in the flour.",
+    "Roast the chicken for an hour at two hundred degrees.",
+    "Add a pinch of salt and let the sauce reduce slowly.",
+    "Knead the dough and leave it to rise overnight.",
+    "Chop the garlic finely and fry it in olive oil.",
+    "Bake the cake until a skewer comes out clean.",
+    "Season the soup with pepper and fresh herbs before serving.",
+]
+
+
+def text_examples(n: int, *, offset: int = 0) -> list[dict]:
+    return [
+        {"label": label, "text": text}
+        for label, texts in (("sports", SPORTS), ("cooking", COOKING))
+        for text in texts[offset : offset + n]
+    ]
+
+
+def assert_error(response, status: int, code: str | None = None) -> dict:
+    """The documented error shape, with the expected status (and code, when given)."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}, body
+    assert isinstance(body["error"]["code"], str) and body["error"]["code"], body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"], body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    return body["error"]

@@ -1,0 +1,113 @@
+"""The whole user path for an image head, over HTTP against the real server."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from models.preprocess import decode_image
+from models.registry import ImagePreprocessing
+from tests.inputs import b64, crops, image_examples
+
+pytestmark = pytest.mark.e2e
+
+
+def test_image_head_lifecycle(server) -> None:
+    with server.new_tenant("images") as client:
+        created = client.post(
+            "/v1/heads",
+            json={
+                "name": "places",
+                "backbone": "efficientnet_lite0",
+                "examples": image_examples(6, seed=1),
+            },
+        )
+        assert created.status_code == 201, created.text
+        head = created.json()
+        assert head["status"] == "ready" and head["version"] == 1 and head["error"] is None
+        assert head["labels"] == ["flower", "temple"]
+        metrics = head["metrics"]
+        assert metrics["n_examples"] == 12
+        assert metrics["label_counts"] == {"flower": 6, "temple": 6}
+        assert metrics["cv_accuracy"] is not None and metrics["cv_accuracy"] >= 0.8
+
+        # Unseen crops of each photo (another seed) are recognised.
+        temples = crops("china.jpg", 3, seed=99)
+        flowers = crops("flower.jpg", 3, seed=99, fmt="PNG")
+        inputs = [{"image": b64(x)} for x in temples + flowers]
+        answer = client.post(f"/v1/heads/{head['id']}/predict", json={"inputs": inputs, "top_k": 2})
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert body["head_id"] == head["id"] and body["version"] == 1
+        assert [p["label"] for p in body["predictions"]] == ["temple"] * 3 + ["flower"] * 3
+        for p in body["predictions"]:
+            assert p["top_k"][0] == {"label": p["label"], "score": p["score"]}
+            assert sum(s["score"] for s in p["top_k"]) == pytest.approx(1.0, abs=1e-5)
+
+        # Adding examples retrains on the whole set and bumps the version; an example
+        # already in the set is not counted twice.
+        extra = image_examples(2, seed=2) + image_examples(6, seed=1)[:1]
+        added = client.post(f"/v1/heads/{head['id']}/examples", json={"examples": extra})
+        assert added.status_code == 200, added.text
+        assert added.json()["version"] == 2
+        assert added.json()["metrics"]["n_examples"] == 16
+        assert client.get(f"/v1/heads/{head['id']}").json()["version"] == 2
+        assert [h["id"] for h in client.get("/v1/heads").json()["heads"]] == [head["id"]]
+
+        # The downloaded model gives the same scores as predict.
+        scores = client.post(
+            f"/v1/heads/{head['id']}/predict", json={"inputs": inputs, "top_k": 2}
+        ).json()["predictions"]
+        download = client.get(f"/v1/heads/{head['id']}/model.onnx")
+        assert download.status_code == 200
+        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        labels = json.loads(meta["graft.labels"])
+        assert labels == ["flower", "temple"] and meta["graft.version"] == "2"
+        pre = json.loads(meta["graft.preprocessing"])
+        spec = ImagePreprocessing(
+            image_size=pre["center_crop"],
+            resize_size=pre["resize_shorter_side"],
+            mean=tuple(pre["mean"]),
+            std=tuple(pre["std"]),
+            interpolation=pre["interpolation"],
+        )
+        batch = np.stack([decode_image(x, spec, 10**8) for x in temples + flowers])
+        assert [i.name for i in session.get_inputs()] == ["image"]
+        probabilities = session.run(["probabilities"], {"image": batch})[0]
+        for row, prediction in zip(probabilities, scores, strict=True):
+            for item in prediction["top_k"]:
+                assert row[labels.index(item["label"])] == pytest.approx(item["score"], abs=1e-4)
+
+        assert client.delete(f"/v1/heads/{head['id']}").status_code == 204
+        assert client.get(f"/v1/heads/{head['id']}").status_code == 404
+
+
+def test_head_from_zip_archive(server) -> None:
+    """The layout users already have: a zip with one folder per label."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for label, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+            for i, data in enumerate(crops(name, 4, seed=5)):
+                archive.writestr(f"photos/{label}/{i}.jpg", data)
+        archive.writestr("photos/.DS_Store", b"finder junk")
+    with server.new_tenant("zip") as client:
+        created = client.post(
+            "/v1/heads",
+            data={"name": "from-zip", "backbone": "efficientnet_lite0"},
+            files={"archive": ("photos.zip", buffer.getvalue(), "application/zip")},
+        )
+        assert created.status_code == 201, created.text
+        head = created.json()
+        assert head["labels"] == ["flower", "temple"]
+        assert head["metrics"]["label_counts"] == {"flower": 4, "temple": 4}
+        answer = client.post(
+            f"/v1/heads/{head['id']}/predict",
+            json={"inputs": [{"image": b64(crops("flower.jpg", 1, seed=77)[0])}]},
+        )
+        assert answer.json()["predictions"][0]["label"] == "flower"

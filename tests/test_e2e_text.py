@@ -1,0 +1,82 @@
+"""The whole user path for a text head, over HTTP against the real server."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tokenizers import Tokenizer
+
+from tests.inputs import text_examples
+
+pytestmark = pytest.mark.e2e
+
+
+def test_text_head_lifecycle(server) -> None:
+    with server.new_tenant("texts") as client:
+        created = client.post(
+            "/v1/heads",
+            json={"name": "topics", "backbone": "minilm_l6", "examples": text_examples(5)},
+        )
+        assert created.status_code == 201, created.text
+        head = created.json()
+        assert head["status"] == "ready" and head["labels"] == ["cooking", "sports"]
+        assert head["metrics"]["label_counts"] == {"cooking": 5, "sports": 5}
+
+        queries = ["The referee sent off two players in the derby.", "Stir the risotto gently."]
+        answer = client.post(
+            f"/v1/heads/{head['id']}/predict", json={"inputs": [{"text": q} for q in queries]}
+        )
+        assert answer.status_code == 200, answer.text
+        predictions = answer.json()["predictions"]
+        assert [p["label"] for p in predictions] == ["sports", "cooking"]
+
+        added = client.post(
+            f"/v1/heads/{head['id']}/examples", json={"examples": text_examples(3, offset=5)}
+        )
+        assert added.status_code == 200, added.text
+        assert added.json()["version"] == 2 and added.json()["metrics"]["n_examples"] == 16
+        predictions = client.post(
+            f"/v1/heads/{head['id']}/predict",
+            json={"inputs": [{"text": q} for q in queries], "top_k": 2},
+        ).json()["predictions"]
+
+        # The model file plus the backbone's tokenizer reproduce predict's scores.
+        download = client.get(f"/v1/heads/{head['id']}/model.onnx")
+        assert download.status_code == 200
+        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        labels = json.loads(meta["graft.labels"])
+        assert json.loads(meta["graft.inputs"]) == ["input_ids", "attention_mask"]
+        tokenizer_file = client.get("/v1/backbones/minilm_l6/tokenizer.json")
+        assert tokenizer_file.status_code == 200
+        tokenizer = Tokenizer.from_str(tokenizer_file.text)
+        tokenizer.enable_truncation(json.loads(meta["graft.preprocessing"])["max_tokens"])
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
+        encoded = tokenizer.encode_batch(queries)
+        feeds = {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+        }
+        probabilities = session.run(["probabilities"], feeds)[0]
+        for row, prediction in zip(probabilities, predictions, strict=True):
+            for item in prediction["top_k"]:
+                assert row[labels.index(item["label"])] == pytest.approx(item["score"], abs=1e-4)
+
+
+def test_backbones_and_openapi_are_served(server) -> None:
+    with server.client() as client:
+        backbones = client.get("/v1/backbones").json()["backbones"]
+        by_id = {b["id"]: b for b in backbones}
+        assert by_id["efficientnet_lite0"]["modality"] == "image"
+        assert by_id["efficientnet_lite0"]["embedding_dim"] == 1280
+        assert by_id["minilm_l6"]["modality"] == "text"
+        assert by_id["minilm_l6"]["embedding_dim"] == 384
+        spec = client.get("/v1/openapi.json").json()
+        assert {"/heads", "/heads/{head_id}/predict", "/tenants"} <= set(spec["paths"])
+        assert spec["servers"] == [{"url": "/v1"}]
+        assert client.get("/v1/docs").status_code == 200
+        assert client.get("/livez").status_code == 200
+        assert client.get("/readyz").status_code == 200
