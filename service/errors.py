@@ -107,11 +107,6 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else phrase
         return _respond(exc.status_code, code, message, getattr(exc, "headers", None))
 
-    async def _no_route(scope, receive, send) -> None:
-        await _respond(404, "not_found", "no such route; see /v1/docs")(scope, receive, send)
-
-    app.router.default = _no_route  # Starlette's default answers unknown paths in plain text
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

@@ -1,0 +1,74 @@
+"""The embedded backbones: sensible features, and ONNX Runtime equal to PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from models.preprocess import decode_image, tokenize
+from models.registry import get_backbone
+from tests.inputs import COOKING, SPORTS, crops
+
+
+def _images(backbone, name: str, n: int, seed: int) -> np.ndarray:
+    pre = backbone.spec.preprocessing
+    return np.stack([decode_image(x, pre, 10**8) for x in crops(name, n, seed=seed)])
+
+
+def test_image_features_tell_photos_apart(image_backbone) -> None:
+    temples = image_backbone.embed_images(_images(image_backbone, "china.jpg", 4, seed=0))
+    flowers = image_backbone.embed_images(_images(image_backbone, "flower.jpg", 4, seed=0))
+    assert temples.shape == (4, 1280)
+    np.testing.assert_allclose(np.linalg.norm(temples, axis=1), 1.0, atol=1e-5)
+    within = (temples @ temples.T).mean() + (flowers @ flowers.T).mean()
+    across = 2 * (temples @ flowers.T).mean()
+    assert within - across > 0.2, (within, across)
+
+
+def test_imagenet_weights_are_really_loaded() -> None:
+    """With its classifier, the packaged lite0 recognises scikit-learn's daisy photo."""
+    from models.efficientnet import _lite0_weights, load_timm_model
+
+    model = load_timm_model("tf_efficientnet_lite0", _lite0_weights(), keep_classifier=True)
+    image = crops("flower.jpg", 1, seed=0)[0]
+    x = decode_image(image, get_backbone("efficientnet_lite0").preprocessing, 10**8)
+    x = torch.from_numpy(x).permute(2, 0, 1)[None].float() / 127.5 - 1  # to [-1, 1]
+    with torch.inference_mode():
+        top5 = model(x).topk(5).indices[0].tolist()
+    assert 985 in top5  # ImageNet class 985: daisy
+
+
+def test_text_features_group_by_topic(text_backbone) -> None:
+    sports = text_backbone.embed_texts(SPORTS)
+    cooking = text_backbone.embed_texts(COOKING)
+    assert sports.shape == (len(SPORTS), 384)
+    np.testing.assert_allclose(np.linalg.norm(sports, axis=1), 1.0, atol=1e-5)
+    within = (sports @ sports.T).mean() + (cooking @ cooking.T).mean()
+    assert within - 2 * (sports @ cooking.T).mean() > 0.1
+
+
+def test_text_padding_does_not_change_embeddings(text_backbone) -> None:
+    texts = ["short", "a considerably longer sentence " * 20]
+    together = text_backbone.embed_texts(texts)
+    alone = np.stack([text_backbone.embed_texts([t])[0] for t in texts])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone_name", ["image_backbone", "text_backbone"])
+def test_onnx_matches_pytorch(request, backbone_name) -> None:
+    backbone = request.getfixturevalue(backbone_name)
+    module = backbone.spec.build_module()
+    with torch.inference_mode():
+        if backbone.spec.modality == "image":
+            x = _images(backbone, "china.jpg", 3, seed=1)
+            expected = module(torch.from_numpy(x)).numpy()
+            got = backbone.embed_images(x)
+        else:
+            texts = [*SPORTS[:2], "word " * 300]  # the last one is truncated to 256 tokens
+            feeds = tokenize(texts, backbone.tokenizer)
+            expected = module(
+                *(torch.from_numpy(feeds[k]) for k in backbone.spec.onnx_inputs)
+            ).numpy()
+            got = backbone.embed_texts(texts)
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -1,0 +1,227 @@
+"""Bad input gets a clear 4xx in the documented shape; the server stays healthy and
+nothing already stored changes."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+from PIL import Image
+
+from tests.inputs import assert_error, b64, crops, image_examples, text_examples
+
+pytestmark = pytest.mark.e2e
+
+
+def _png(width: int, height: int, mode: str = "L") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (width, height)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _gif() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(buffer, "GIF")
+    return buffer.getvalue()
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+JPEG = crops("china.jpg", 1, seed=3)[0]
+IMAGE = "efficientnet_lite0"
+
+
+def _create(examples, backbone=IMAGE) -> dict:
+    return {"name": "bad", "backbone": backbone, "examples": examples}
+
+
+def _image(data: bytes, label: str = "a") -> dict:
+    return {"label": label, "image": b64(data)}
+
+
+# (description, JSON body for POST /v1/heads, status, error code)
+BAD_CREATES = [
+    ("random bytes", [_image(b"\x00\x01garbage" * 50), _image(JPEG, "b")], 422, "invalid_image"),
+    ("truncated jpeg", [_image(JPEG[: len(JPEG) // 3]), _image(JPEG, "b")], 422, "invalid_image"),
+    (
+        "text as image",
+        [_image(b"hello, I am not a picture"), _image(JPEG, "b")],
+        422,
+        "invalid_image",
+    ),
+    ("gif", [_image(_gif()), _image(JPEG, "b")], 422, "unsupported_image_format"),
+    ("zero bytes", [_image(b""), _image(JPEG, "b")], 422, "invalid_image"),
+    ("absurd size", [_image(_png(5000, 5000)), _image(JPEG, "b")], 413, "image_too_large"),
+    ("not base64", [{"label": "a", "image": "@@@"}, _image(JPEG, "b")], 422, "invalid_base64"),
+    ("text to image backbone", text_examples(2), 422, "wrong_modality"),
+    ("one label only", [_image(JPEG), _image(JPEG[:-1] + b"\xd9")], 422, "too_few_labels"),
+    ("empty examples", [], 422, "invalid_request"),
+    ("blank label", [_image(JPEG, " "), _image(JPEG, "b")], 422, "invalid_label"),
+    (
+        "both image and text",
+        [{"label": "a", "image": b64(JPEG), "text": "x"}],
+        422,
+        "invalid_request",
+    ),
+    ("missing label", [{"image": b64(JPEG)}], 422, "invalid_request"),
+]
+
+
+@pytest.fixture(scope="module")
+def tenant(server):
+    with server.new_tenant("bad-input") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def stored(tenant) -> dict:
+    """A head that must come through every bad request untouched."""
+    response = tenant.post("/v1/heads", json=_create(image_examples(3, seed=8)))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize(
+    ("what", "examples", "status", "code"), BAD_CREATES, ids=[c[0] for c in BAD_CREATES]
+)
+def test_bad_head_creation(tenant, stored, what, examples, status, code) -> None:
+    assert_error(tenant.post("/v1/heads", json=_create(examples)), status, code)
+
+
+def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
+    head = f"/v1/heads/{stored['id']}"
+    cases = [
+        (
+            tenant.post("/v1/heads", json=_create(image_examples(1, seed=1), "resnet_9000")),
+            422,
+            "unknown_backbone",
+        ),
+        (
+            tenant.post("/v1/heads", json={**_create(image_examples(1, seed=1)), "extra": 1}),
+            422,
+            "invalid_request",
+        ),
+        (tenant.post("/v1/heads", json={"name": "x"}), 422, "invalid_request"),
+        (
+            tenant.post(
+                "/v1/heads", content=b"{not json", headers={"content-type": "application/json"}
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                json=_create(
+                    [{"label": "a", "text": "x"}] * 2 + [{"label": "b", "text": "y"}], "minilm_l6"
+                )
+                | {"examples": [{"label": "a", "text": "x" * 2001}, {"label": "b", "text": "y"}]},
+            ),
+            413,
+            "text_too_long",
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                json=_create(
+                    [{"label": "a", "text": "   "}, {"label": "b", "text": "y"}], "minilm_l6"
+                ),
+            ),
+            422,
+            "empty_text",
+        ),
+        (
+            tenant.post("/v1/heads", json=_create([_image(JPEG, "x" * 500), _image(JPEG, "b")])),
+            422,
+            "invalid_label",
+        ),
+        # The body limit of the test server is 6 MiB.
+        (
+            tenant.post(
+                "/v1/heads",
+                json=_create([_image(b"\xff" * (5 * 1024 * 1024), "a"), _image(JPEG, "b")]),
+            ),
+            413,
+            "payload_too_large",
+        ),
+        (tenant.post(f"{head}/predict", json={"inputs": []}), 422, "invalid_request"),
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"image": b64(JPEG)}], "top_k": 0}),
+            422,
+            "invalid_request",
+        ),
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"text": "a temple"}]}),
+            422,
+            "wrong_modality",
+        ),
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"image": b64(b"junk")}]}),
+            422,
+            "invalid_image",
+        ),
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"image": b64(JPEG)}] * 17}),
+            413,
+            "too_many_inputs",
+        ),
+        (
+            tenant.post("/v1/heads/0000/predict", json={"inputs": [{"image": b64(JPEG)}]}),
+            404,
+            "head_not_found",
+        ),
+        (
+            tenant.post(f"{head}/examples", json={"examples": [_image(b"junk", "flower")]}),
+            422,
+            "invalid_image",
+        ),
+        (tenant.post(f"{head}/examples", json={"examples": []}), 422, "invalid_request"),
+        (tenant.get("/v1/no/such/route"), 404, "not_found"),
+        (tenant.get("/v1/backbones/efficientnet_lite0/tokenizer.json"), 404, "no_tokenizer"),
+        (tenant.get("/v1/backbones/nope"), 404, "backbone_not_found"),
+    ]
+    for response, status, code in cases:
+        assert_error(response, status, code)
+
+
+BAD_ARCHIVES = [
+    ("not a zip", b"PK\x03\x04 but not really", "invalid_archive"),
+    ("files at the top level", _zip({"a.jpg": JPEG, "b.jpg": JPEG}), "invalid_archive"),
+    ("path traversal", _zip({"../evil/a.jpg": JPEG, "b/b.jpg": JPEG}), "invalid_archive"),
+    ("one label only", _zip({"a/1.jpg": JPEG, "a/2.jpg": JPEG}), "too_few_labels"),
+    ("corrupt image inside", _zip({"a/1.jpg": b"junk", "b/2.jpg": JPEG}), "invalid_image"),
+    ("empty archive", _zip({}), "invalid_archive"),
+]
+
+
+@pytest.mark.parametrize(
+    ("what", "archive", "code"), BAD_ARCHIVES, ids=[c[0] for c in BAD_ARCHIVES]
+)
+def test_bad_archives(tenant, stored, what, archive, code) -> None:
+    response = tenant.post(
+        "/v1/heads",
+        data={"name": "zip", "backbone": IMAGE},
+        files={"archive": ("x.zip", archive, "application/zip")},
+    )
+    assert_error(response, 422, code)
+
+
+def test_server_healthy_and_nothing_stored_changed(server, tenant, stored) -> None:
+    """Runs after the bad requests above (pytest keeps file order)."""
+    assert tenant.get(f"/v1/heads/{stored['id']}").json() == stored
+    assert [h["id"] for h in tenant.get("/v1/heads").json()["heads"]] == [stored["id"]]
+    answer = tenant.post(
+        f"/v1/heads/{stored['id']}/predict",
+        json={"inputs": [{"image": b64(crops("flower.jpg", 1, seed=50)[0])}]},
+    )
+    assert answer.status_code == 200 and answer.json()["predictions"][0]["label"] == "flower"
+    with server.client() as anonymous:
+        assert anonymous.get("/readyz").status_code == 200
+    assert "Traceback" not in server.log()

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits, load_iris
+from sklearn.linear_model import LogisticRegression
+
+from adapters.heads import predict_proba, top_k, train_head
+
+
+def _normalised(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_multiclass_head_is_accurate_and_reports_cv() -> None:
+    digits = load_digits()
+    x, y = _normalised(digits.data), [f"digit {d}" for d in digits.target]
+    head = train_head(x[:600], y[:600])
+    assert head.labels == sorted(set(y))
+    assert head.weights.shape == (64, 10) and head.bias.shape == (10,)
+    probabilities = predict_proba(x[600:], head.weights, head.bias)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    accuracy = np.mean([head.labels[i] for i in probabilities.argmax(axis=1)] == np.array(y[600:]))
+    assert accuracy > 0.9
+    metrics = head.metrics
+    assert metrics["n_examples"] == 600 and sum(metrics["label_counts"].values()) == 600
+    assert 0.85 < metrics["cv_accuracy"] <= 1.0 and metrics["cv_folds"] == 5
+
+
+def test_binary_head_equals_sklearn_probabilities() -> None:
+    iris = load_iris()
+    keep = iris.target < 2
+    x, y = _normalised(iris.data[keep]), [["setosa", "versicolor"][t] for t in iris.target[keep]]
+    head = train_head(x, y)
+    reference = LogisticRegression(C=head.metrics["regularization_c"], max_iter=1000).fit(x, y)
+    np.testing.assert_allclose(
+        predict_proba(x, head.weights, head.bias), reference.predict_proba(x), atol=1e-5
+    )
+
+
+def test_too_few_examples_give_no_cv_accuracy() -> None:
+    x = _normalised(np.random.default_rng(0).normal(size=(5, 8)))
+    head = train_head(x, ["a", "a", "a", "b", "b"])
+    assert head.metrics["cv_accuracy"] is None
+    assert head.metrics["label_counts"] == {"a": 3, "b": 2}
+
+
+def test_one_label_is_refused() -> None:
+    with pytest.raises(ValueError, match="two labels"):
+        train_head(np.eye(3, dtype=np.float32), ["a", "a", "a"])
+
+
+def test_top_k_orders_and_clamps() -> None:
+    probabilities = np.array([[0.2, 0.5, 0.3]])
+    assert top_k(probabilities, ["a", "b", "c"], 2) == [[("b", 0.5), ("c", 0.3)]]
+    assert len(top_k(probabilities, ["a", "b", "c"], 10)[0]) == 3

@@ -1,0 +1,100 @@
+"""The SQLite store: tenant scoping, whole versions, keys, recovery after a restart."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import numpy as np
+import pytest
+
+from adapters.store import INTERRUPTED, Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "graft.sqlite3")
+    yield s
+    s.close()
+
+
+def _save(store, tenant_id, head_id, hashes, labels=("a", "b")):
+    vectors = {h: np.full(4, i, dtype=np.float32) for i, h in enumerate(hashes)}
+    return store.save_version(
+        tenant_id=tenant_id,
+        head_id=head_id,
+        backbone="bb",
+        new_embeddings=vectors,
+        examples=[(h, labels[i % 2]) for i, h in enumerate(hashes)],
+        labels=list(labels),
+        weights=np.ones((4, 2), dtype=np.float32),
+        bias=np.zeros(2, dtype=np.float32),
+        metrics={"n_examples": len(hashes)},
+    )
+
+
+def test_keys_are_stored_hashed_and_checked(store, tmp_path) -> None:
+    tenant, key = store.create_tenant(name="acme")
+    assert store.authenticate(api_key=key) == tenant
+    assert store.authenticate(api_key=key[:-1] + ("x" if key[-1] != "x" else "y")) is None
+    assert store.authenticate(api_key="graft_" + tenant.id + "_") is None
+    assert store.authenticate(api_key="") is None
+    raw = sqlite3.connect(tmp_path / "graft.sqlite3").execute("SELECT * FROM tenants").fetchall()
+    assert key.split("_")[-1] not in repr(raw)
+
+
+def test_heads_are_scoped_to_their_tenant(store) -> None:
+    a, _ = store.create_tenant(name="a")
+    b, _ = store.create_tenant(name="b")
+    head = store.create_head(tenant_id=a.id, name="h", backbone="bb")
+    assert store.get_head(tenant_id=b.id, head_id=head.id) is None
+    assert store.delete_head(tenant_id=b.id, head_id=head.id) is False
+    assert _save(store, b.id, head.id, ["x", "y"]) is False
+    assert store.training_set(tenant_id=b.id, head_id=head.id) == []
+    assert store.get_head(tenant_id=a.id, head_id=head.id).version == 0
+
+
+def test_a_version_is_saved_whole(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    assert head.status == "training" and not head.servable
+    assert _save(store, tenant.id, head.id, ["x", "y"])
+    saved = store.get_head(tenant_id=tenant.id, head_id=head.id)
+    assert (saved.status, saved.version, saved.labels) == ("ready", 1, ["a", "b"])
+    assert saved.weights.shape == (4, 2) and saved.servable
+    assert [
+        (h, label) for h, label, _ in store.training_set(tenant_id=tenant.id, head_id=head.id)
+    ] == [
+        ("x", "a"),
+        ("y", "b"),
+    ]
+    cached = store.cached_embeddings(tenant_id=tenant.id, backbone="bb", content_hashes=["x", "z"])
+    assert set(cached) == {"x"}
+    # A failure inside the transaction leaves the previous version as it was.
+    with pytest.raises(ValueError), store._tx() as db:
+        db.execute("UPDATE heads SET version = 99 WHERE id = ?", (head.id,))
+        raise ValueError("crash mid-write")
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).version == 1
+
+
+def test_restart_resolves_interrupted_training(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    never_trained = store.create_head(tenant_id=tenant.id, name="new", backbone="bb")
+    retraining = store.create_head(tenant_id=tenant.id, name="old", backbone="bb")
+    _save(store, tenant.id, retraining.id, ["x", "y"])
+    store.set_status(tenant_id=tenant.id, head_id=retraining.id, status="training")
+    assert store.recover_interrupted() == 2
+    failed = store.get_head(tenant_id=tenant.id, head_id=never_trained.id)
+    assert (failed.status, failed.error) == ("failed", INTERRUPTED)
+    back = store.get_head(tenant_id=tenant.id, head_id=retraining.id)
+    assert (back.status, back.version) == ("ready", 1)
+
+
+def test_deleting_a_tenant_removes_everything_it_owned(store, tmp_path) -> None:
+    tenant, key = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    _save(store, tenant.id, head.id, ["x", "y"])
+    assert store.delete_tenant(tenant_id=tenant.id)
+    assert store.authenticate(api_key=key) is None
+    db = sqlite3.connect(tmp_path / "graft.sqlite3")
+    for table in ("heads", "embeddings", "head_examples"):
+        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)
