@@ -3,6 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PORT ?= 3000
+HOST ?= 127.0.0.1
 export GRAFT_DATA_DIR ?= $(CURDIR)/.graft
 export BENTOML_DO_NOT_TRACK := True
 
@@ -23,7 +24,7 @@ prepare: install
 
 serve: prepare
 	@$(PY) -m service.auth
-	$(VENV)/bin/bentoml serve service.service:Graft --host 127.0.0.1 --port $(PORT)
+	$(VENV)/bin/bentoml serve service.service:Graft --host $(HOST) --port $(PORT)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -5,7 +5,7 @@ import pytest
 from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
 
-from adapters.heads import predict_proba, top_k, train_head
+from adapters.heads import SOLVER, predict_proba, top_k, train_head
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -33,7 +33,9 @@ def test_binary_head_equals_sklearn_probabilities() -> None:
     keep = iris.target < 2
     x, y = _normalised(iris.data[keep]), [["setosa", "versicolor"][t] for t in iris.target[keep]]
     head = train_head(x, y)
-    reference = LogisticRegression(C=head.metrics["regularization_c"], max_iter=1000).fit(x, y)
+    reference = LogisticRegression(
+        C=head.metrics["regularization_c"], solver=SOLVER, max_iter=1000
+    ).fit(x, y)
     np.testing.assert_allclose(
         predict_proba(x, head.weights, head.bias), reference.predict_proba(x), atol=1e-5
     )

@@ -1,0 +1,229 @@
+"""Accuracy, training time and prediction throughput of a head, through the HTTP API.
+
+    python bench/accuracy.py --images ../shared/data/images/flowers
+    python bench/accuracy.py --text $UCI/yelp_labelled.txt
+    python bench/accuracy.py --text ../shared/data/text/ag_news/test.csv --train-per-label 8
+
+($UCI = ../shared/data/text/uci_sentiment_labelled_sentences)
+
+Starts a real server on a free loopback port (or uses --url/--admin-key), creates a
+tenant, trains a head on the training split, then predicts the validation split in
+batches. Images: an ImageFolder directory with train/ and val/ (posted as a zip, one
+folder per label). Texts: `sentence<TAB>label` lines (UCI sentiment) or AG News CSV
+(`class,title,description`), split with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import csv
+import io
+import statistics
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.server import BENTOML, start_server, stop_server  # noqa: E402
+
+BATCH = 32
+
+
+def image_split(root: Path) -> list[tuple[str, Path]]:
+    return [
+        (label_dir.name, f)
+        for label_dir in sorted(p for p in root.iterdir() if p.is_dir())
+        for f in sorted(label_dir.iterdir())
+    ]
+
+
+def read_texts(path: Path) -> list[tuple[str, str]]:
+    if path.suffix == ".csv":  # AG News: class,title,description
+        with open(path, newline="", encoding="utf-8") as f:
+            return [
+                (row[0], f"{row[1]}. {row[2]}".replace("\\$", "$").replace("\\n", " "))
+                for row in csv.reader(f)
+            ]
+    rows = []
+    # Split on \n only: the IMDB file holds U+0085, which str.splitlines() breaks on.
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            text, _, label = line.rpartition("\t")
+            rows.append((label.strip(), text.strip()))
+    return rows
+
+
+def text_split(rows, *, seed: int, train_per_label: int | None, train_fraction: float = 0.8):
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label in sorted({label for label, _ in rows}):
+        items = [r for r in rows if r[0] == label]
+        order = rng.permutation(len(items))
+        n_train = train_per_label or int(len(items) * train_fraction)
+        train += [items[i] for i in order[:n_train]]
+        val += [items[i] for i in order[n_train:]]
+    return train, val
+
+
+def create_head(client: httpx.Client, name: str, backbone: str, *, examples=None, archive=None):
+    start = time.perf_counter()
+    if archive is not None:
+        response = client.post(
+            "/v1/heads",
+            data={"name": name, "backbone": backbone},
+            files={"archive": ("train.zip", archive, "application/zip")},
+        )
+    else:
+        response = client.post(
+            "/v1/heads", json={"name": name, "backbone": backbone, "examples": examples}
+        )
+    response.raise_for_status()
+    head = response.json()
+    while head["status"] == "training":
+        time.sleep(0.2)
+        head = client.get(f"/v1/heads/{head['id']}").json()
+    if head["status"] != "ready":
+        raise RuntimeError(f"training failed: {head['error']}")
+    return head, time.perf_counter() - start
+
+
+def evaluate(client: httpx.Client, head_id: str, inputs: list[dict], labels: list[str]):
+    predicted, seconds = [], 0.0
+    for start in range(0, len(inputs), BATCH):
+        t0 = time.perf_counter()
+        response = client.post(
+            f"/v1/heads/{head_id}/predict", json={"inputs": inputs[start : start + BATCH]}
+        )
+        seconds += time.perf_counter() - t0
+        response.raise_for_status()
+        predicted += [p["label"] for p in response.json()["predictions"]]
+    accuracy = float(np.mean(np.array(predicted) == np.array(labels)))
+    return accuracy, len(inputs) / seconds
+
+
+def single_latency(
+    client: httpx.Client, head_id: str, item: dict, n: int = 30
+) -> tuple[float, float]:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        client.post(f"/v1/heads/{head_id}/predict", json={"inputs": [item]}).raise_for_status()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000, float(np.percentile(times, 95)) * 1000
+
+
+def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
+    train, val = image_split(root / "train"), image_split(root / "val")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for label, path in train:
+            archive.write(path, f"{label}/{path.name}")
+    head, train_seconds = create_head(client, root.name, backbone, archive=buffer.getvalue())
+    inputs = [{"image": base64.b64encode(p.read_bytes()).decode()} for _, p in val]
+    accuracy, per_second = evaluate(client, head["id"], inputs, [label for label, _ in val])
+    p50, p95 = single_latency(client, head["id"], inputs[0])
+    metrics = head["metrics"]
+    report(
+        ("data set", f"{root} ({len(train)} train, {len(val)} val, {len(head['labels'])} labels)"),
+        ("backbone", backbone),
+        ("val accuracy", f"{accuracy:.3f}"),
+        (
+            "cv accuracy",
+            f"{metrics['cv_accuracy']} (head's own report; C={metrics['regularization_c']})",
+        ),
+        ("create head", f"{train_seconds:.2f} s (upload, decode, embed, CV + fit)"),
+        ("  of which fit", f"{metrics['train_seconds']} s (CV over C + final fit)"),
+        ("predict", f"{per_second:.1f} images/s (batches of {BATCH}, one client, base64 JPEG)"),
+        ("single image", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"),
+    )
+
+
+def bench_texts(
+    client: httpx.Client, path: Path, backbone: str, train_per_label, draws: int
+) -> None:
+    rows = read_texts(path)
+    accuracies, cv, train_times = [], [], []
+    for seed in range(draws):
+        train, val = text_split(rows, seed=seed, train_per_label=train_per_label)
+        examples = [{"label": label, "text": text} for label, text in train]
+        head, seconds = create_head(client, f"{path.stem}-{seed}", backbone, examples=examples)
+        inputs = [{"text": text} for _, text in val]
+        accuracy, per_second = evaluate(client, head["id"], inputs, [label for label, _ in val])
+        accuracies.append(accuracy)
+        cv.append(head["metrics"]["cv_accuracy"])
+        train_times.append(seconds)
+    p50, p95 = single_latency(client, head["id"], inputs[0])
+    size = f"{train_per_label} per label" if train_per_label else f"{len(train)} (80%)"
+    spread = f" ± {statistics.stdev(accuracies):.3f} over {draws} draws" if draws > 1 else ""
+    report(
+        ("data set", f"{path} (train {size}, val {len(val)}, {len(head['labels'])} labels)"),
+        ("backbone", backbone),
+        ("val accuracy", f"{statistics.mean(accuracies):.3f}{spread}"),
+        ("cv accuracy", f"{cv[-1]} (head's own report, last draw)"),
+        ("create head", f"{statistics.median(train_times):.2f} s median (embed, CV + fit)"),
+        ("predict", f"{per_second:.1f} texts/s (batches of {BATCH}, one client)"),
+        ("single text", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"),
+    )
+
+
+def report(*rows: tuple[str, str]) -> None:
+    for name, value in rows:
+        print(f"{name:<16} {value}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--images", type=Path, help="ImageFolder root with train/ and val/")
+    data.add_argument("--text", type=Path, help="UCI sentiment .txt or AG News .csv")
+    parser.add_argument("--backbone", help="default: efficientnet_lite0 / minilm_l6")
+    parser.add_argument("--train-per-label", type=int, help="text: few-shot training size")
+    parser.add_argument("--draws", type=int, default=1, help="text: repeat over seeds")
+    parser.add_argument("--url", help="use a running server instead of starting one")
+    parser.add_argument("--admin-key")
+    args = parser.parse_args()
+
+    server = None
+    if args.url:
+        url, admin_key = args.url, args.admin_key
+    else:
+        scratch = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+        env = {
+            "GRAFT_MAX_BODY_BYTES": str(512 * 1024 * 1024),
+            "GRAFT_SYNC_TRAINING_TIMEOUT_S": "600",
+        }
+        server = start_server(BENTOML, scratch, ROOT / ".graft" / "backbones", env)
+        url, admin_key = server.base_url, server.admin_key
+    try:
+        with httpx.Client(base_url=url, timeout=600) as admin:
+            admin.headers["Authorization"] = f"Bearer {admin_key}"
+            key = admin.post("/v1/tenants", json={"name": "bench"}).json()["api_key"]
+        with httpx.Client(
+            base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}
+        ) as client:
+            if args.images:
+                bench_images(client, args.images, args.backbone or "efficientnet_lite0")
+            else:
+                bench_texts(
+                    client,
+                    args.text,
+                    args.backbone or "minilm_l6",
+                    args.train_per_label,
+                    args.draws,
+                )
+    finally:
+        if server is not None:
+            stop_server(server)
+
+
+if __name__ == "__main__":
+    main()

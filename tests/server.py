@@ -1,0 +1,97 @@
+"""Start and stop a real Graft server on a free loopback port (tests and benchmarks)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Graft"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    base_url: str
+    admin_key: str
+    data_dir: Path
+    process: subprocess.Popen
+    log_path: Path
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=120)
+
+    def admin(self) -> httpx.Client:
+        return self.client(self.admin_key)
+
+    def new_tenant(self, name: str = "tenant") -> httpx.Client:
+        """A client authenticated as a new tenant."""
+        with self.admin() as admin:
+            response = admin.post("/v1/tenants", json={"name": name})
+        assert response.status_code == 201, response.text
+        return self.client(response.json()["api_key"])
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_server(
+    command: list[str], data_dir: Path, backbone_dir: Path, env: dict[str, str] | None = None
+) -> Server:
+    port = free_port()
+    admin_key = secrets.token_urlsafe(24)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / "server.log"
+    full_env = {
+        **os.environ,
+        "GRAFT_DATA_DIR": str(data_dir),
+        "GRAFT_BACKBONE_DIR": str(backbone_dir),
+        "GRAFT_ADMIN_KEY": admin_key,
+        "BENTOML_DO_NOT_TRACK": "True",
+        "HF_HUB_OFFLINE": "1",
+        **(env or {}),
+    }
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=full_env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    server = Server(f"http://127.0.0.1:{port}", admin_key, data_dir, process, log_path)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited ({process.returncode}):\n{server.log()[-4000:]}")
+        try:
+            if httpx.get(f"{server.base_url}/readyz", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_server(server)
+    raise RuntimeError(f"server not ready in time:\n{server.log()[-4000:]}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait()

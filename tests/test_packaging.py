@@ -1,0 +1,62 @@
+"""The deployable forms: `bentoml build` succeeds and the built bento serves; the
+bentofile and the Dockerfile stay in step with pyproject.toml and the Makefile."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.server import ROOT, start_server, stop_server
+
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+
+
+def test_bentofile_installs_what_pyproject_declares() -> None:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
+    assert bentofile["python"]["packages"] == pyproject["project"]["dependencies"]
+
+
+def test_dockerfile_reuses_the_makefile_steps() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "RUN make prepare" in dockerfile and 'CMD ["make", "serve"]' in dockerfile
+    assert "USER graft" in dockerfile and "HEALTHCHECK" in dockerfile and "/readyz" in dockerfile
+
+
+@pytest.mark.e2e
+def test_built_bento_serves(tmp_path: Path, backbone_dir: Path) -> None:
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
+    built = subprocess.run(
+        [BENTOML, "build", "--output", "tag", "."],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    tag = built.stdout.strip().splitlines()[-1].removeprefix("__tag__:")
+    assert tag.startswith("graft:")
+    src = tmp_path / "bentoml" / "bentos" / "graft" / tag.split(":")[1] / "src"
+    assert (src / "service" / "service.py").is_file() and not (src / "tests").exists()
+
+    server = start_server(
+        [BENTOML, "serve", tag],
+        tmp_path / "data",
+        backbone_dir,
+        {"BENTOML_HOME": env["BENTOML_HOME"]},
+    )
+    try:
+        with server.client() as client:
+            backbones = client.get("/v1/backbones").json()["backbones"]
+            assert {b["id"] for b in backbones} >= {"efficientnet_lite0", "minilm_l6"}
+        with server.new_tenant("bento") as tenant:
+            assert tenant.get("/v1/heads").json() == {"heads": []}
+    finally:
+        stop_server(server)
