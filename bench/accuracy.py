@@ -2,7 +2,8 @@
 
     python bench/accuracy.py --images ../shared/data/images/flowers
     python bench/accuracy.py --text $UCI/yelp_labelled.txt
-    python bench/accuracy.py --text ../shared/data/text/ag_news/test.csv --train-per-label 8
+    python bench/accuracy.py --text ../shared/data/text/ag_news/test.csv --train-per-label 8 \
+        --val-per-label 250 --draws 10
 
 ($UCI = ../shared/data/text/uci_sentiment_labelled_sentences)
 
@@ -60,15 +61,17 @@ def read_texts(path: Path) -> list[tuple[str, str]]:
     return rows
 
 
-def text_split(rows, *, seed: int, train_per_label: int | None, train_fraction: float = 0.8):
+def text_split(rows, *, seed: int, train_per_label: int | None, val_per_label: int | None):
+    """Per label: a random training draw (or 80%); the rest, or `val_per_label` of it,
+    for validation."""
     rng = np.random.default_rng(seed)
     train, val = [], []
     for label in sorted({label for label, _ in rows}):
         items = [r for r in rows if r[0] == label]
         order = rng.permutation(len(items))
-        n_train = train_per_label or int(len(items) * train_fraction)
+        n_train = train_per_label or int(len(items) * 0.8)
         train += [items[i] for i in order[:n_train]]
-        val += [items[i] for i in order[n_train:]]
+        val += [items[i] for i in order[n_train:][:val_per_label]]
     return train, val
 
 
@@ -146,12 +149,14 @@ def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
 
 
 def bench_texts(
-    client: httpx.Client, path: Path, backbone: str, train_per_label, draws: int
+    client: httpx.Client, path: Path, backbone: str, train_per_label, val_per_label, draws: int
 ) -> None:
     rows = read_texts(path)
     accuracies, cv, train_times = [], [], []
     for seed in range(draws):
-        train, val = text_split(rows, seed=seed, train_per_label=train_per_label)
+        train, val = text_split(
+            rows, seed=seed, train_per_label=train_per_label, val_per_label=val_per_label
+        )
         examples = [{"label": label, "text": text} for label, text in train]
         head, seconds = create_head(client, f"{path.stem}-{seed}", backbone, examples=examples)
         inputs = [{"text": text} for _, text in val]
@@ -187,6 +192,7 @@ def main() -> None:
     data.add_argument("--text", type=Path, help="UCI sentiment .txt or AG News .csv")
     parser.add_argument("--backbone", help="default: efficientnet_lite0 / minilm_l6")
     parser.add_argument("--train-per-label", type=int, help="text: few-shot training size")
+    parser.add_argument("--val-per-label", type=int, help="text: cap the validation split")
     parser.add_argument("--draws", type=int, default=1, help="text: repeat over seeds")
     parser.add_argument("--url", help="use a running server instead of starting one")
     parser.add_argument("--admin-key")
@@ -218,6 +224,7 @@ def main() -> None:
                     args.text,
                     args.backbone or "minilm_l6",
                     args.train_per_label,
+                    args.val_per_label,
                     args.draws,
                 )
     finally:

@@ -13,7 +13,7 @@ from service.archive import examples_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
 from service.core import RawInput
 from service.errors import NotFound as NotFoundError
-from service.errors import Unprocessable, install_error_handlers
+from service.errors import Unprocessable, UnsupportedMediaType, install_error_handlers
 from service.limits import BodySizeLimit
 from service.schemas import (
     BackboneList,
@@ -23,6 +23,7 @@ from service.schemas import (
     HeadCreate,
     HeadList,
     HeadPublic,
+    HeadSpec,
     PredictRequest,
     PredictResponse,
     TenantCreate,
@@ -83,11 +84,15 @@ def get_tokenizer(backbone_id: str, graft: GraftDep) -> FileResponse:
 
 # Heads (tenant key) ----------------------------------------------------------------------
 
+# The route reads its body itself (JSON or multipart), so its schema is declared here;
+# nested models point at the components FastAPI generates for the other routes.
+_HEAD_CREATE_JSON = HeadCreate.model_json_schema(ref_template="#/components/schemas/{model}")
+_HEAD_CREATE_JSON.pop("$defs", None)
 _HEAD_CREATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": HeadCreate.model_json_schema()},
+            "application/json": {"schema": _HEAD_CREATE_JSON},
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
@@ -131,19 +136,19 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: GraftDep) 
     if content_type.startswith("multipart/form-data"):
         form = await request.form(max_files=1, max_fields=10)
         archive = form.get("archive")
-        name, backbone_id = form.get("name"), form.get("backbone")
-        if not isinstance(archive, UploadFile) or not name or not backbone_id:
-            raise Unprocessable(
-                "multipart form needs 'name', 'backbone' and a zip file 'archive'",
-                code="invalid_request",
-            )
-        modality = graft.backbone(str(backbone_id)).spec.modality
+        if not isinstance(archive, UploadFile):
+            raise Unprocessable("multipart form needs a zip file 'archive'")
+        body = HeadSpec.model_validate({k: v for k, v in form.items() if k != "archive"})
+        modality = graft.backbone(body.backbone).spec.modality
         data = await archive.read()
         examples = await run_in_threadpool(examples_from_zip, data, modality, graft.settings)
-        body = HeadCreate.model_construct(name=str(name), backbone=str(backbone_id))
-    else:
+    elif content_type.startswith("application/json") or not content_type:
         body = HeadCreate.model_validate_json(await request.body())
         examples = _examples(body.examples)
+    else:
+        raise UnsupportedMediaType(
+            f"content type {content_type!r}: send application/json or multipart/form-data"
+        )
     head = await run_in_threadpool(
         graft.create_head, tenant, name=body.name, backbone_id=body.backbone, examples=examples
     )

@@ -25,7 +25,7 @@ from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
 from models.export import ensure_onnx
 from models.preprocess import InvalidInput, decode_image
-from models.registry import BackboneSpec, get_backbone, list_backbones
+from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone
 from service.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from service.settings import Settings
@@ -95,6 +95,7 @@ class Graft:
     # Backbones ---------------------------------------------------------------------
 
     def backbone(self, backbone_id: str) -> Backbone:
+        """The backbone a request body names (an unknown one is a 422)."""
         backbone = self.backbones.get(backbone_id)
         if backbone is None:
             known = ", ".join(sorted(self.backbones))
@@ -104,10 +105,10 @@ class Graft:
         return backbone
 
     def backbone_spec(self, backbone_id: str) -> BackboneSpec:
-        spec = get_backbone(backbone_id)
-        if spec is None or backbone_id not in self.backbones:
+        """The backbone a URL names (an unknown one is a 404)."""
+        if backbone_id not in self.backbones:
             raise NotFound(f"no backbone {backbone_id!r}", code="backbone_not_found")
-        return spec
+        return self.backbones[backbone_id].spec
 
     # Heads -------------------------------------------------------------------------
 

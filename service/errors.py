@@ -54,6 +54,10 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
@@ -99,6 +103,11 @@ def install_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return _respond(400, "invalid_json", "the request body is not valid JSON")
         return _respond(422, "invalid_request", _describe(errors))
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # json.loads recurses per nesting level; absurdly nested bodies end here.
+        return _respond(400, "invalid_json", "the request body is nested too deeply")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -79,9 +79,14 @@ class Example(Input):
     label: str = Field(min_length=1)
 
 
-class HeadCreate(_Strict):
+class HeadSpec(_Strict):
+    """What a head is called and which backbone it sits on (the multipart form fields)."""
+
     name: str = Field(min_length=1, max_length=200)
     backbone: str
+
+
+class HeadCreate(HeadSpec):
     examples: list[Example] = Field(min_length=1)
 
 

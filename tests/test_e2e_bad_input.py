@@ -83,7 +83,9 @@ def tenant(server):
 @pytest.fixture(scope="module")
 def stored(tenant) -> dict:
     """A head that must come through every bad request untouched."""
-    response = tenant.post("/v1/heads", json=_create(image_examples(3, seed=8)))
+    response = tenant.post(
+        "/v1/heads", json={**_create(image_examples(3, seed=8)), "name": "stored"}
+    )
     assert response.status_code == 201, response.text
     return response.json()
 
@@ -97,6 +99,10 @@ def test_bad_head_creation(tenant, stored, what, examples, status, code) -> None
 
 def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
     head = f"/v1/heads/{stored['id']}"
+    text_head = tenant.post(
+        "/v1/heads", json={"name": "t", "backbone": "minilm_l6", "examples": text_examples(2)}
+    ).json()["id"]
+    text_head = f"/v1/heads/{text_head}"
     cases = [
         (
             tenant.post("/v1/heads", json=_create(image_examples(1, seed=1), "resnet_9000")),
@@ -183,6 +189,67 @@ def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
             "invalid_image",
         ),
         (tenant.post(f"{head}/examples", json={"examples": []}), 422, "invalid_request"),
+        (
+            tenant.post(
+                f"{head}/predict",
+                content=b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            None,  # FastAPI's own body parser answers this one (code bad_request)
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                content=b"[" * 100_000 + b"]" * 100_000,
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            # A lone surrogate is a valid JSON escape but not Unicode text.
+            tenant.post(
+                f"{text_head}/predict",
+                content=b'{"inputs": [{"text": "\\ud800 lone"}]}',
+                headers={"content-type": "application/json"},
+            ),
+            422,
+            "invalid_text",
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                content=b'{"name": "x", "backbone": "minilm_l6", "examples": ['
+                b'{"label": "a", "text": "\\ud800 lone"}, {"label": "b", "text": "y"}]}',
+                headers={"content-type": "application/json"},
+            ),
+            400,
+            "invalid_json",
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                data={"name": "x" * 300, "backbone": IMAGE},
+                files={"archive": ("x.zip", _zip({"a/1.jpg": JPEG}), "application/zip")},
+            ),
+            422,
+            "invalid_request",
+        ),
+        (
+            tenant.post("/v1/heads", data={"name": "x", "backbone": IMAGE}),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            tenant.post(
+                "/v1/heads",
+                data={"name": "x", "backbone": IMAGE},
+                files={"not_archive": ("x.zip", b"PK", "application/zip")},
+            ),
+            422,
+            "invalid_request",
+        ),
         (tenant.get("/v1/no/such/route"), 404, "not_found"),
         (tenant.get("/v1/backbones/efficientnet_lite0/tokenizer.json"), 404, "no_tokenizer"),
         (tenant.get("/v1/backbones/nope"), 404, "backbone_not_found"),
@@ -216,7 +283,9 @@ def test_bad_archives(tenant, stored, what, archive, code) -> None:
 def test_server_healthy_and_nothing_stored_changed(server, tenant, stored) -> None:
     """Runs after the bad requests above (pytest keeps file order)."""
     assert tenant.get(f"/v1/heads/{stored['id']}").json() == stored
-    assert [h["id"] for h in tenant.get("/v1/heads").json()["heads"]] == [stored["id"]]
+    # No bad request left a head behind: only this module's two good heads exist.
+    names = sorted(h["name"] for h in tenant.get("/v1/heads").json()["heads"])
+    assert names == ["stored", "t"]
     answer = tenant.post(
         f"/v1/heads/{stored['id']}/predict",
         json={"inputs": [{"image": b64(crops("flower.jpg", 1, seed=50)[0])}]},

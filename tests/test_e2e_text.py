@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -77,6 +78,8 @@ def test_backbones_and_openapi_are_served(server) -> None:
         spec = client.get("/v1/openapi.json").json()
         assert {"/heads", "/heads/{head_id}/predict", "/tenants"} <= set(spec["paths"])
         assert spec["servers"] == [{"url": "/v1"}]
+        refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(spec)))
+        assert refs and refs <= set(spec["components"]["schemas"]), "dangling $ref"
         assert client.get("/v1/docs").status_code == 200
         assert client.get("/livez").status_code == 200
         assert client.get("/readyz").status_code == 200
