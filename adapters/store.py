@@ -8,6 +8,7 @@ not at all.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -15,7 +16,7 @@ import secrets
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -123,13 +124,29 @@ class Head:
         }
 
 
+@dataclass(frozen=True)
+class ServingRow:
+    """What serving needs of a head; the arrays are None when the caller's copy is current
+    (or when the head has no trained version)."""
+
+    backbone: str
+    status: str
+    version: int
+    labels: list[str]
+    weights: np.ndarray | None
+    bias: np.ndarray | None
+
+
 class Store:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection shared by threads, serialised by a lock: the work per call is
-        # small, and it keeps every transaction simple and whole.
+        self._path = path
+        # Writes: one connection, serialised by a lock, each in one transaction. Reads: a
+        # connection per thread, so they never wait behind a write's fsync (WAL lets
+        # readers go on while one writer commits).
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        self._readers = threading.local()
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we answer, so an acknowledged head survives even
         # a power cut. Head writes are rare; the fsync costs nothing on the predict path.
@@ -143,6 +160,24 @@ class Store:
 
     def _tx(self):
         return _Transaction(self._db, self._lock)
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """This thread's read-only connection, in one read transaction (a consistent view)."""
+        db = getattr(self._readers, "db", None)
+        if db is None:
+            db = sqlite3.connect(
+                f"file:{self._path}?mode=ro",
+                uri=True,
+                check_same_thread=False,
+                isolation_level=None,
+            )
+            self._readers.db = db
+        db.execute("BEGIN")
+        try:
+            yield db
+        finally:
+            db.execute("COMMIT")
 
     # Tenants -------------------------------------------------------------------------
 
@@ -159,7 +194,7 @@ class Store:
         return tenant, f"{KEY_PREFIX}_{tenant.id}_{secret}"
 
     def list_tenants(self) -> list[Tenant]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute("SELECT id, name, created_at FROM tenants ORDER BY created_at")
             return [Tenant(*row) for row in rows]
 
@@ -173,7 +208,7 @@ class Store:
         tenant_id, _, secret = rest.partition("_")
         if prefix != KEY_PREFIX or not tenant_id or not secret:
             return None
-        with self._tx() as db:
+        with self._read() as db:
             row = db.execute(
                 "SELECT id, name, created_at, key_salt, key_hash FROM tenants WHERE id = ?",
                 (tenant_id,),
@@ -198,15 +233,36 @@ class Store:
         return head
 
     def get_head(self, *, tenant_id: str, head_id: str) -> Head | None:
-        with self._tx() as db:
+        with self._read() as db:
             row = db.execute(
                 f"SELECT {_HEAD_COLUMNS} FROM heads WHERE id = ? AND tenant_id = ?",
                 (head_id, tenant_id),
             ).fetchone()
         return _head_from_row(row) if row else None
 
+    def serving_head(
+        self, *, tenant_id: str, head_id: str, known_version: int | None
+    ) -> ServingRow | None:
+        """One indexed read; the weights are sent only if `known_version` is not current."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT backbone, status, version, labels,"
+                " CASE WHEN version IS ? THEN NULL ELSE weights END,"
+                " CASE WHEN version IS ? THEN NULL ELSE bias END"
+                " FROM heads WHERE id = ? AND tenant_id = ?",
+                (known_version, known_version, head_id, tenant_id),
+            ).fetchone()
+        if row is None:
+            return None
+        backbone, status, version, labels, weights, bias = row
+        if weights is None:
+            return ServingRow(backbone, status, version, [], None, None)
+        b = np.frombuffer(bias, dtype=np.float32)
+        w = np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b))
+        return ServingRow(backbone, status, version, json.loads(labels), w, b)
+
     def list_heads(self, *, tenant_id: str) -> list[Head]:
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute(
                 f"SELECT {_HEAD_COLUMNS} FROM heads WHERE tenant_id = ? ORDER BY created_at",
                 (tenant_id,),
@@ -249,7 +305,7 @@ class Store:
     ) -> dict[str, np.ndarray]:
         hashes = list(set(content_hashes))
         found: dict[str, np.ndarray] = {}
-        with self._tx() as db:
+        with self._read() as db:
             for start in range(0, len(hashes), 500):  # stay under SQLite's variable limit
                 chunk = hashes[start : start + 500]
                 rows = db.execute(
@@ -262,7 +318,7 @@ class Store:
 
     def training_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, str, np.ndarray]]:
         """(content_hash, label, embedding) of every example of the head's current version."""
-        with self._tx() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT x.content_hash, x.label, e.vector FROM head_examples x"
                 " JOIN heads h ON h.id = x.head_id"

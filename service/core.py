@@ -15,19 +15,21 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
 from adapters import heads
+from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
 from models.export import ensure_onnx
 from models.preprocess import InvalidInput, decode_image
 from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone
-from service.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from service.batcher import Batcher
+from service.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, Unprocessable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -52,16 +54,15 @@ class RawInput:
 
 @dataclass
 class PreparedInputs:
-    """Inputs checked against a backbone, ready for its ONNX session.
+    """Examples checked against a backbone, ready for its ONNX session.
 
-    `content_hashes[i]` identifies input i; only inputs whose hash is in `to_embed`
-    were decoded (the others have cached embeddings).
+    `content_hashes[i]` identifies example i; `rows` holds the decoded inputs of the
+    hashes in `to_embed` (each once); the others have cached embeddings.
     """
 
     content_hashes: list[str]
-    to_embed: list[str] = field(default_factory=list)
-    images: list[np.ndarray] = field(default_factory=list)
-    texts: list[str] = field(default_factory=list)
+    to_embed: list[str]
+    rows: np.ndarray | list[str]
 
 
 class Graft:
@@ -82,6 +83,15 @@ class Graft:
             )
             for spec in list_backbones()
         }
+        self.heads = HeadCache(self.store, settings.head_cache_bytes)
+        self.batchers = {
+            backbone_id: Batcher(
+                backbone,
+                max_batch_size=settings.backbone_batch_size,
+                max_latency_ms=settings.batch_max_latency_ms,
+            )
+            for backbone_id, backbone in self.backbones.items()
+        }
         self._training = ThreadPoolExecutor(
             max_workers=settings.training_workers, thread_name_prefix="graft-train"
         )
@@ -89,6 +99,8 @@ class Graft:
         self._head_locks_guard = threading.Lock()
 
     def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
         self._training.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
@@ -213,24 +225,29 @@ class Graft:
 
     def predict(
         self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput], top_k: int
-    ) -> tuple[Head, list[list[tuple[str, float]]]]:
-        head = self.get_head(tenant, head_id)
-        if not head.servable:
-            raise Conflict(
-                f"head {head.id} has no trained version yet (status: {head.status})",
-                code="head_not_ready",
-            )
+    ) -> tuple[ServingHead, list[list[tuple[str, float]]]]:
+        """The hot path: one light registry read, decode here, then the shared batcher."""
         if len(inputs) > self.settings.max_predict_inputs:
             raise PayloadTooLarge(
                 f"{len(inputs)} inputs; at most {self.settings.max_predict_inputs} per call",
                 code="too_many_inputs",
             )
-        backbone = self.backbone(head.backbone)
-        prepared = self._prepare(tenant, backbone, inputs, use_cache=False)
-        vectors = self._embed(backbone, prepared)
-        x = np.stack([vectors[h] for h in prepared.content_hashes])
-        assert head.weights is not None and head.bias is not None
-        probabilities = heads.predict_proba(x, head.weights, head.bias)
+        head = self.heads.get(tenant_id=tenant.id, head_id=head_id)
+        if head is None:
+            raise NotFound(f"no head {head_id!r}", code="head_not_found")
+        if isinstance(head, Unservable):
+            raise Conflict(
+                f"head {head_id} has no trained version yet (status: {head.status})",
+                code="head_not_ready",
+            )
+        spec = self.backbones[head.backbone].spec
+        self._check_modality(spec, inputs)
+        rows = self._decode(spec, list(enumerate(inputs)))
+        job = self.batchers[head.backbone].submit(head, rows)
+        try:
+            probabilities = job.result(timeout=self.settings.predict_timeout_s)
+        except FutureTimeout:
+            raise Unavailable("prediction timed out; the service is overloaded") from None
         return head, heads.top_k(probabilities, head.labels, top_k)
 
     def export_onnx(self, tenant: Tenant, head_id: str) -> tuple[Head, bytes]:
@@ -268,51 +285,60 @@ class Graft:
             )
         return labels
 
-    def _prepare(
-        self,
-        tenant: Tenant,
-        backbone: Backbone,
-        inputs: Sequence[RawInput],
-        *,
-        use_cache: bool = True,
-    ) -> PreparedInputs:
-        """Checks each input against the backbone; decodes those with no cached embedding."""
-        spec = backbone.spec
+    @staticmethod
+    def _check_modality(spec: BackboneSpec, inputs: Sequence[RawInput]) -> None:
         for i, raw in enumerate(inputs):
             if raw.kind != spec.modality:
                 raise Unprocessable(
                     f"input {i} is {raw.kind} but backbone {spec.id} takes {spec.modality}",
                     code="wrong_modality",
                 )
-        hashes = [content_hash(raw) for raw in inputs]
-        cached = (
-            self.store.cached_embeddings(
-                tenant_id=tenant.id, backbone=spec.id, content_hashes=hashes
-            )
-            if use_cache
-            else {}
-        )
-        prepared = PreparedInputs(content_hashes=hashes)
-        queued = set(cached)
-        for i, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
-            if h in queued:
-                continue
-            queued.add(h)
+
+    def _decode(
+        self, spec: BackboneSpec, items: list[tuple[int, RawInput]]
+    ) -> np.ndarray | list[str]:
+        """Images to one uint8 NHWC array, texts checked; errors name the input's position."""
+        decoded: list = []
+        for position, raw in items:
             try:
-                if raw.kind == "image":
+                if spec.modality == "image":
                     assert isinstance(raw.data, bytes)
-                    prepared.images.append(
-                        decode_image(raw.data, spec.preprocessing, self.settings.max_image_pixels)
-                    )
+                    pre = spec.preprocessing
+                    decoded.append(decode_image(raw.data, pre, self.settings.max_image_pixels))
                 else:
                     assert isinstance(raw.data, str)
-                    prepared.texts.append(self._check_text(raw.data))
+                    decoded.append(self._check_text(raw.data))
             except InvalidInput as exc:
-                raise InvalidInput(exc.code, f"input {i}: {exc.message}") from None
-            prepared.to_embed.append(h)
-        return prepared
+                raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
+        if spec.modality == "image":
+            side = spec.preprocessing.image_size
+            return np.stack(decoded) if decoded else np.empty((0, side, side, 3), np.uint8)
+        return decoded
+
+    def _prepare(
+        self, tenant: Tenant, backbone: Backbone, inputs: Sequence[RawInput]
+    ) -> PreparedInputs:
+        """Checks examples against the backbone; decodes those with no cached embedding."""
+        spec = backbone.spec
+        self._check_modality(spec, inputs)
+        hashes = [content_hash(raw) for raw in inputs]
+        cached = self.store.cached_embeddings(
+            tenant_id=tenant.id, backbone=spec.id, content_hashes=hashes
+        )
+        to_decode: list[tuple[int, RawInput]] = []
+        to_embed: list[str] = []
+        for position, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
+            if h not in cached and h not in to_embed:
+                to_decode.append((position, raw))
+                to_embed.append(h)
+        rows = self._decode(spec, to_decode)
+        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows)
 
     def _check_text(self, text: str) -> str:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate: valid as a JSON escape, not as text
+            raise InvalidInput("invalid_text", "text is not valid Unicode") from None
         if not text.strip():
             raise InvalidInput("empty_text", "text is empty")
         if len(text) > self.settings.max_text_chars:
@@ -326,16 +352,15 @@ class Graft:
     def _embed(backbone: Backbone, prepared: PreparedInputs) -> dict[str, np.ndarray]:
         if not prepared.to_embed:
             return {}
-        if prepared.images:
-            vectors = backbone.embed_images(np.stack(prepared.images))
+        if backbone.spec.modality == "image":
+            vectors = backbone.embed_images(prepared.rows)
         else:
-            vectors = backbone.embed_texts(prepared.texts)
+            vectors = backbone.embed_texts(prepared.rows)
         return dict(zip(prepared.to_embed, vectors, strict=True))
 
 
 def content_hash(raw: RawInput) -> str:
-    try:
-        data = raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8")
-    except UnicodeEncodeError:
-        raise InvalidInput("invalid_text", "text is not valid Unicode") from None
+    # surrogatepass: never fails here; invalid text is refused when it is checked, and
+    # for valid text this is plain UTF-8.
+    data = raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8", "surrogatepass")
     return hashlib.sha256(raw.kind.encode() + b"\0" + data).hexdigest()

@@ -54,6 +54,10 @@ class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class Unavailable(ApiError):
+    status, code = 503, "unavailable"
+
+
 class UnsupportedMediaType(ApiError):
     status, code = 415, "unsupported_media_type"
 

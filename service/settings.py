@@ -21,7 +21,12 @@ class Settings(BaseSettings):
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = all cores")
-    backbone_batch_size: int = Field(32, ge=1, le=1024)
+    backbone_batch_size: int = Field(32, ge=1, le=1024, description="max rows per backbone pass")
+    batch_max_latency_ms: float = Field(
+        5.0, ge=0, le=1000, description="longest a row waits for its batch to fill"
+    )
+    head_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="LRU of served heads")
+    predict_timeout_s: float = Field(60.0, gt=0)
 
     # Training
     training_workers: int = Field(1, ge=1, le=16)
