@@ -26,6 +26,7 @@ from service.schemas import (
     HeadSpec,
     PredictRequest,
     PredictResponse,
+    ServingStats,
     TenantCreate,
     TenantCreated,
     TenantList,
@@ -34,6 +35,7 @@ from service.schemas import (
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422)}
 
 tenants = APIRouter(prefix="/tenants", tags=["tenants (admin)"], dependencies=[AdminOnly])
+operations = APIRouter(prefix="/stats", tags=["operations (admin)"], dependencies=[AdminOnly])
 backbones = APIRouter(prefix="/backbones", tags=["backbones"])
 heads = APIRouter(prefix="/heads", tags=["heads"])
 
@@ -57,6 +59,12 @@ def delete_tenant(tenant_id: str, graft: GraftDep) -> Response:
     if not graft.store.delete_tenant(tenant_id=tenant_id):
         raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
     return Response(status_code=204)
+
+
+@operations.get("", response_model=ServingStats, responses=ERRORS)
+def serving_stats(graft: GraftDep) -> dict:
+    """What the predict path holds and does: the head cache and the batchers."""
+    return graft.stats()
 
 
 # Backbones (public) --------------------------------------------------------------------
@@ -230,7 +238,7 @@ def create_app(max_body_bytes: int) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    for router in (tenants, backbones, heads):
+    for router in (tenants, operations, backbones, heads):
         app.include_router(router)
 
     # BentoML mounts this app "passively": a path no route matches would fall through to

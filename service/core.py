@@ -104,6 +104,26 @@ class Graft:
         self._training.shutdown(wait=True, cancel_futures=True)
         self.store.close()
 
+    def stats(self) -> dict:
+        cache = self.heads
+        return {
+            "head_cache": {
+                "heads": len(cache),
+                "bytes": cache.bytes,
+                "max_bytes": cache.max_bytes,
+                "hits": cache.hits,
+                "misses": cache.misses,
+            },
+            "batchers": {
+                backbone_id: {
+                    "batches": b.batches,
+                    "rows": b.rows,
+                    "mean_batch_size": round(b.rows / b.batches, 2) if b.batches else None,
+                }
+                for backbone_id, b in self.batchers.items()
+            },
+        }
+
     # Backbones ---------------------------------------------------------------------
 
     def backbone(self, backbone_id: str) -> Backbone:

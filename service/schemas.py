@@ -143,3 +143,25 @@ class PredictResponse(BaseModel):
     head_id: str
     version: int
     predictions: list[Prediction]
+
+
+# Operations ------------------------------------------------------------------------------
+
+
+class HeadCacheStats(BaseModel):
+    heads: int
+    bytes: int
+    max_bytes: int
+    hits: int
+    misses: int
+
+
+class BatcherStats(BaseModel):
+    batches: int
+    rows: int
+    mean_batch_size: float | None
+
+
+class ServingStats(BaseModel):
+    head_cache: HeadCacheStats
+    batchers: dict[str, BatcherStats]

@@ -27,6 +27,7 @@ app = create_app(settings.max_body_bytes)
     # use the cores. More workers would each load every backbone again.
     workers=1,
     traffic={"timeout": 600},
+    logging={"access": {"enabled": settings.access_log}},
 )
 @bentoml.asgi_app(app, path="/v1")
 class Graft:
