@@ -38,7 +38,9 @@ def head_graph(weights: np.ndarray, bias: np.ndarray, like: onnx.ModelProto) -> 
     return helper.make_model(graph, opset_imports=like.opset_import, ir_version=like.ir_version)
 
 
-def combined_model(spec: BackboneSpec, backbone_path: Path, head: Head) -> bytes:
+def combined_model(
+    spec: BackboneSpec, backbone_path: Path, head: Head, *, variant: str = "fp32"
+) -> bytes:
     """The serialised model a tenant downloads; labels and preprocessing in its metadata."""
     assert head.weights is not None and head.bias is not None
     backbone = onnx.load(str(backbone_path))
@@ -56,6 +58,7 @@ def combined_model(spec: BackboneSpec, backbone_path: Path, head: Head) -> bytes
             "graft.head_name": head.name,
             "graft.version": str(head.version),
             "graft.backbone": spec.id,
+            "graft.variant": variant,
             "graft.labels": json.dumps(head.labels),
             "graft.inputs": json.dumps(list(spec.onnx_inputs)),
             "graft.preprocessing": json.dumps(spec.public()["preprocessing"]),

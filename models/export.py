@@ -44,6 +44,18 @@ def ensure_onnx(spec: BackboneSpec, cache_dir: Path) -> Path:
     return path
 
 
+def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
+    """The backbone's ONNX file in `variant` ("fp32" or "int8"), made once."""
+    fp32 = ensure_onnx(spec, cache_dir)
+    if variant == "fp32":
+        return fp32
+    if variant == "int8":
+        from models.quantize import ensure_int8
+
+        return ensure_int8(spec, fp32)
+    raise ValueError(f"unknown variant {variant!r}")
+
+
 def export_onnx(spec: BackboneSpec, path: Path) -> None:
     import torch
 
@@ -74,14 +86,17 @@ def export_onnx(spec: BackboneSpec, path: Path) -> None:
 
 
 def main() -> None:
-    """`python -m models.export`: prepare every registered backbone (used by `make serve`)."""
+    """`python -m models.export`: prepare every registered backbone in every variant
+    (used by `make serve`), so that neither serving nor a download waits for it."""
+    from models.quantize import VARIANTS
     from models.registry import list_backbones
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings()
     for spec in list_backbones():
-        print(f"{spec.id}: {ensure_onnx(spec, settings.backbone_dir)}")
+        for variant in VARIANTS:
+            print(f"{spec.id} {variant}: {ensure_variant(spec, settings.backbone_dir, variant)}")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
@@ -72,12 +74,13 @@ def serving_stats(graft: GraftDep) -> dict:
 
 @backbones.get("", response_model=BackboneList)
 def list_backbones(graft: GraftDep) -> dict:
-    return {"backbones": [b.spec.public() for b in graft.backbones.values()]}
+    return {"backbones": [graft.backbone_public(backbone_id) for backbone_id in graft.backbones]}
 
 
 @backbones.get("/{backbone_id}", response_model=BackbonePublic, responses=ERRORS)
 def get_backbone(backbone_id: str, graft: GraftDep) -> dict:
-    return graft.backbone_spec(backbone_id).public()
+    graft.backbone_spec(backbone_id)  # 404 for an unknown id
+    return graft.backbone_public(backbone_id)
 
 
 @backbones.get("/{backbone_id}/tokenizer.json", responses=ERRORS)
@@ -216,9 +219,15 @@ def predict(head_id: str, body: PredictRequest, tenant: CurrentTenant, graft: Gr
     responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
     response_class=Response,
 )
-def download_onnx(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> Response:
-    """Backbone + head as one ONNX model; labels and preprocessing in its metadata."""
-    head, model = graft.export_onnx(tenant, head_id)
+def download_onnx(
+    head_id: str,
+    tenant: CurrentTenant,
+    graft: GraftDep,
+    variant: Literal["fp32", "int8"] | None = None,
+) -> Response:
+    """Backbone + head as one ONNX model; labels and preprocessing in its metadata.
+    `variant=int8` gives the quantised backbone (default: the variant this service runs)."""
+    head, model = graft.export_onnx(tenant, head_id, variant)
     return Response(
         model,
         media_type="application/octet-stream",

@@ -24,8 +24,9 @@ from adapters import heads
 from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
-from models.export import ensure_onnx
+from models.export import ensure_variant
 from models.preprocess import InvalidInput, decode_image
+from models.quantize import VARIANTS
 from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone
 from service.batcher import Batcher
@@ -76,7 +77,7 @@ class Graft:
         self.backbones: dict[str, Backbone] = {
             spec.id: Backbone(
                 spec,
-                ensure_onnx(spec, settings.backbone_dir),
+                ensure_variant(spec, settings.backbone_dir, settings.variant),
                 device=settings.device,
                 intra_op_threads=settings.intra_op_threads,
                 max_batch_size=settings.backbone_batch_size,
@@ -135,6 +136,13 @@ class Graft:
                 f"unknown backbone {backbone_id!r}; known: {known}", code="unknown_backbone"
             )
         return backbone
+
+    def backbone_public(self, backbone_id: str) -> dict:
+        return {
+            **self.backbones[backbone_id].spec.public(),
+            "variants": list(VARIANTS),
+            "served_variant": self.settings.variant,
+        }
 
     def backbone_spec(self, backbone_id: str) -> BackboneSpec:
         """The backbone a URL names (an unknown one is a 404)."""
@@ -270,12 +278,17 @@ class Graft:
             raise Unavailable("prediction timed out; the service is overloaded") from None
         return head, heads.top_k(probabilities, head.labels, top_k)
 
-    def export_onnx(self, tenant: Tenant, head_id: str) -> tuple[Head, bytes]:
+    def export_onnx(
+        self, tenant: Tenant, head_id: str, variant: str | None = None
+    ) -> tuple[Head, bytes]:
+        """Backbone (in `variant`, default the served one) + head as one ONNX model."""
         head = self.get_head(tenant, head_id)
         if not head.servable:
             raise Conflict(f"head {head.id} has no trained version yet", code="head_not_ready")
-        backbone = self.backbone(head.backbone)
-        return head, combined_model(backbone.spec, backbone.onnx_path, head)
+        spec = self.backbone(head.backbone).spec
+        variant = variant or self.settings.variant
+        path = ensure_variant(spec, self.settings.backbone_dir, variant)
+        return head, combined_model(spec, path, head, variant=variant)
 
     # Inputs ------------------------------------------------------------------------
 

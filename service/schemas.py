@@ -53,6 +53,8 @@ class BackbonePublic(BaseModel):
     license: str
     onnx_inputs: dict
     preprocessing: dict
+    variants: list[str] = Field(description="variants model.onnx can be downloaded in")
+    served_variant: str = Field(description="the variant this service runs (GRAFT_VARIANT)")
 
 
 class BackboneList(BaseModel):

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
+    variant: Literal["fp32", "int8"] = Field(
+        "fp32", description="backbone weights served: fp32, or INT8 (ONNX Runtime quantised)"
+    )
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")

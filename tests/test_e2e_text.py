@@ -65,6 +65,16 @@ def test_text_head_lifecycle(server) -> None:
         for row, prediction in zip(probabilities, predictions, strict=True):
             for item in prediction["top_k"]:
                 assert row[labels.index(item["label"])] == pytest.approx(item["score"], abs=1e-4)
+        assert meta["graft.variant"] == "fp32"
+
+        # The INT8 variant: a quarter of the size, the same answers on clear inputs.
+        int8 = client.get(f"/v1/heads/{head['id']}/model.onnx", params={"variant": "int8"})
+        assert int8.status_code == 200 and len(int8.content) < len(download.content) / 3
+        session = ort.InferenceSession(int8.content, providers=["CPUExecutionProvider"])
+        assert session.get_modelmeta().custom_metadata_map["graft.variant"] == "int8"
+        quantised = session.run(["probabilities"], feeds)[0]
+        assert [labels[i] for i in quantised.argmax(axis=1)] == ["sports", "cooking"]
+        np.testing.assert_allclose(quantised, probabilities, atol=0.1)
 
 
 def test_backbones_and_openapi_are_served(server) -> None:
@@ -75,6 +85,8 @@ def test_backbones_and_openapi_are_served(server) -> None:
         assert by_id["efficientnet_lite0"]["embedding_dim"] == 1280
         assert by_id["minilm_l6"]["modality"] == "text"
         assert by_id["minilm_l6"]["embedding_dim"] == 384
+        assert by_id["minilm_l6"]["variants"] == ["fp32", "int8"]
+        assert by_id["minilm_l6"]["served_variant"] == "fp32"
         spec = client.get("/v1/openapi.json").json()
         assert {"/heads", "/heads/{head_id}/predict", "/tenants"} <= set(spec["paths"])
         assert spec["servers"] == [{"url": "/v1"}]

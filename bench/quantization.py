@@ -1,0 +1,96 @@
+"""INT8 against fp32: accuracy of a head on each, and backbone throughput.
+
+    python bench/quantization.py --images ../shared/data/images/flowers \
+        --text ../shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt
+
+The same logistic-regression training as the service (adapters.heads.train_head) on the
+embeddings of each variant; validation accuracy on the held-out split; then ONNX Runtime
+throughput of each variant at batch 32 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from adapters.heads import predict_proba, train_head  # noqa: E402
+from bench.accuracy import image_split, read_texts, text_split  # noqa: E402
+from models.export import ensure_variant  # noqa: E402
+from models.preprocess import decode_image  # noqa: E402
+from models.registry import get_backbone  # noqa: E402
+from models.runtime import Backbone  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+
+def accuracy(x_train, y_train, x_val, y_val) -> float:
+    head = train_head(x_train, list(y_train))
+    predicted = np.array(head.labels)[predict_proba(x_val, head.weights, head.bias).argmax(axis=1)]
+    return float((predicted == np.array(y_val)).mean())
+
+
+def throughput(embed, rows, seconds: float = 5) -> float:
+    embed(rows)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        embed(rows)
+        done += len(rows)
+    return done / (time.perf_counter() - start)
+
+
+def compare(name: str, backbone_id: str, train, y_train, val, y_val, embed_name: str) -> None:
+    spec = get_backbone(backbone_id)
+    print(f"\n{name} ({backbone_id}, {len(y_train)} train, {len(y_val)} val)")
+    print(
+        f"{'variant':>8} {'val accuracy':>12} {'rows/s (batch 32)':>18} {'file MB':>8} {'cos to fp32':>11}"
+    )
+    reference = None
+    for variant in ("fp32", "int8"):
+        path = ensure_variant(spec, Settings().backbone_dir, variant)
+        backbone = Backbone(spec, path)
+        embed = getattr(backbone, embed_name)
+        x_train, x_val = embed(train), embed(val)
+        if reference is None:
+            reference = x_val
+        cosine = float((x_val * reference).sum(axis=1).mean())
+        acc = accuracy(x_train, y_train, x_val, y_val)
+        speed = throughput(embed, val[:32])
+        print(
+            f"{variant:>8} {acc:12.3f} {speed:18.1f} {path.stat().st_size / 1e6:8.1f} {cosine:11.4f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=Path)
+    parser.add_argument("--text", type=Path)
+    args = parser.parse_args()
+    if args.images:
+        spec = get_backbone("efficientnet_lite0")
+        splits = []
+        for part in ("train", "val"):
+            items = image_split(args.images / part)
+            rows = np.stack(
+                [decode_image(p.read_bytes(), spec.preprocessing, 10**9) for _, p in items]
+            )
+            splits += [rows, [label for label, _ in items]]
+        compare(
+            args.images.name, spec.id, splits[0], splits[1], splits[2], splits[3], "embed_images"
+        )
+    if args.text:
+        train, val = text_split(
+            read_texts(args.text), seed=0, train_per_label=None, val_per_label=None
+        )
+        compare(
+            args.text.name, "minilm_l6",
+            [t for _, t in train], [label for label, _ in train],
+            [t for _, t in val], [label for label, _ in val], "embed_texts",
+        )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
