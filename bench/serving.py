@@ -249,11 +249,15 @@ def main() -> None:
         f"{os.cpu_count()} cores, backbone {BACKBONE}"
     )
 
-    ceiling = raw_ceiling(backbone, (1, 8, settings.backbone_batch_size), 3)
     print("\n## 1. Raw ceiling: ONNX Runtime alone, preprocessed uint8 input")
-    for size, per_s in ceiling.items():
-        print(f"batch {size:>3}: {per_s:7.1f} images/s")
-    raw = max(ceiling.values())
+    print("(ONNX Runtime's default spinning threads, and without spinning as the service runs)")
+    raw = 0.0
+    for spinning in (True, False):
+        alone = Backbone(spec, backbone.onnx_path, allow_spinning=spinning)
+        ceiling = raw_ceiling(alone, (1, 8, settings.backbone_batch_size), 3)
+        raw = max(raw, *ceiling.values())
+        for size, per_s in ceiling.items():
+            print(f"spinning {spinning!s:>5}, batch {size:>3}: {per_s:7.1f} images/s")
 
     print("\n## 2. Graft over HTTP (single-image predicts, random head per request)")
     heads = seed_heads(scratch / "graft", max(head_counts) + 100, spec.embedding_dim)

@@ -77,6 +77,22 @@ def test_text_head_lifecycle(server) -> None:
         np.testing.assert_allclose(quantised, probabilities, atol=0.1)
 
 
+def test_stats_show_the_batchers_and_the_head_cache(server) -> None:
+    with server.new_tenant("stats") as tenant:
+        head = tenant.post(
+            "/v1/heads",
+            json={"name": "s", "backbone": "minilm_l6", "examples": text_examples(2)},
+        ).json()
+        for _ in range(2):
+            tenant.post(f"/v1/heads/{head['id']}/predict", json={"inputs": [{"text": "goal!"}]})
+        assert tenant.get("/v1/stats").status_code == 403
+    with server.admin() as admin:
+        stats = admin.get("/v1/stats").json()
+    assert stats["batchers"]["minilm_l6"]["rows"] >= 2
+    assert stats["head_cache"]["heads"] >= 1 and stats["head_cache"]["hits"] >= 1
+    assert 0 < stats["head_cache"]["bytes"] <= stats["head_cache"]["max_bytes"]
+
+
 def test_backbones_and_openapi_are_served(server) -> None:
     with server.client() as client:
         backbones = client.get("/v1/backbones").json()["backbones"]

@@ -1,0 +1,38 @@
+"""Serving imports no torch: the service module, the backbones and a prediction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.server import ROOT
+
+SCRIPT = """
+import sys
+from service.core import Graft, RawInput
+from service.settings import Settings
+import service.service  # the BentoML service module, as `bentoml serve` imports it
+graft = Graft(Settings())
+tenant, _ = graft.store.create_tenant(name="t")
+examples = [("a", RawInput("text", "a cat")), ("b", RawInput("text", "a car"))]
+head = graft.create_head(tenant, name="h", backbone_id="minilm_l6", examples=examples)
+graft.predict(tenant, head.id, [RawInput("text", "a kitten")], top_k=1)
+graft.close()
+print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
+"""
+
+
+def test_the_predict_path_imports_no_torch(tmp_path, backbone_dir) -> None:
+    env = {**os.environ, "GRAFT_DATA_DIR": str(tmp_path), "GRAFT_BACKBONE_DIR": str(backbone_dir)}
+    env["GRAFT_ADMIN_KEY"] = "x" * 20
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
