@@ -39,7 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.store import Store  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
+from models.export import ensure_variant  # noqa: E402
 from models.preprocess import decode_image  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
 from models.runtime import Backbone  # noqa: E402
@@ -62,19 +62,24 @@ def client_images(n: int = 16) -> list[str]:
     return out
 
 
-def raw_ceiling(backbone: Backbone, batch_sizes, seconds: float) -> dict[int, float]:
+def raw_ceiling(
+    backbone: Backbone, batch_sizes, seconds: float, rounds: int = 3
+) -> dict[int, float]:
+    """Images/s of the session alone per batch size: the median of `rounds` timings (this
+    machine is shared and noisy)."""
     pre = backbone.spec.preprocessing
     rows = np.stack([decode_image(base64.b64decode(x), pre, 10**8) for x in client_images(32)])
-    result = {}
-    for size in batch_sizes:
-        batch = rows[:size]
-        backbone.session.run(["embedding"], {"image": batch})  # warm-up
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            backbone.session.run(["embedding"], {"image": batch})
-            done += size
-        result[size] = done / (time.perf_counter() - start)
-    return result
+    timings: dict[int, list[float]] = {size: [] for size in batch_sizes}
+    for _ in range(rounds):
+        for size in batch_sizes:
+            batch = rows[:size]
+            backbone.session.run(["embedding"], {"image": batch})  # warm-up
+            done, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                backbone.session.run(["embedding"], {"image": batch})
+                done += size
+            timings[size].append(done / (time.perf_counter() - start))
+    return {size: statistics.median(values) for size, values in timings.items()}
 
 
 def seed_heads(data_dir: Path, n: int, dim: int) -> list[tuple[str, str]]:
@@ -235,18 +240,17 @@ def main() -> None:
     parser.add_argument("--heads", default="1,100,1000,10000")
     parser.add_argument("--peer-tenants", default="100,1000")
     parser.add_argument("--peer-models", type=int, default=32, help="the peer's LRU size M")
-    parser.add_argument("--variant", default=os.environ.get("GRAFT_VARIANT", "fp32"))
     args = parser.parse_args()
     head_counts = [int(x) for x in args.heads.split(",")]
     peer_tenants = [int(x) for x in args.peer_tenants.split(",")] if args.peer_tenants else []
     settings = Settings()
     spec = get_backbone(BACKBONE)
-    backbone = Backbone(spec, ensure_onnx(spec, settings.backbone_dir))
+    backbone = Backbone(spec, ensure_variant(spec, settings.backbone_dir, settings.variant))
     images = client_images()
     scratch = Path(tempfile.mkdtemp(prefix="graft-serving-"))
     print(
         f"# bench/serving.py: {args.clients} clients, {args.duration:.0f} s per phase, "
-        f"{os.cpu_count()} cores, backbone {BACKBONE}"
+        f"{os.cpu_count()} cores, backbone {BACKBONE} ({settings.variant})"
     )
 
     print("\n## 1. Raw ceiling: ONNX Runtime alone, preprocessed uint8 input")
@@ -254,7 +258,7 @@ def main() -> None:
     raw = 0.0
     for spinning in (True, False):
         alone = Backbone(spec, backbone.onnx_path, allow_spinning=spinning)
-        ceiling = raw_ceiling(alone, (1, 8, settings.backbone_batch_size), 3)
+        ceiling = raw_ceiling(alone, (1, 8, settings.backbone_batch_size), 2)
         raw = max(raw, *ceiling.values())
         for size, per_s in ceiling.items():
             print(f"spinning {spinning!s:>5}, batch {size:>3}: {per_s:7.1f} images/s")
