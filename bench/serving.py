@@ -133,7 +133,7 @@ async def closed_loop(url, targets, images, clients: int, seconds: float) -> dic
         start = time.perf_counter()
         await asyncio.gather(*(one_client(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    return _summary(latencies, elapsed, errors) | {"touched": len(touched)}
+    return _summary(latencies, elapsed, errors) | {"touched": touched}
 
 
 async def open_loop(url, targets, images, rate: float, seconds: float) -> dict:
@@ -167,12 +167,22 @@ async def open_loop(url, targets, images, rate: float, seconds: float) -> dict:
 def _summary(latencies: list[float], elapsed: float, errors: int) -> dict:
     ms = np.array(latencies) * 1000
     return {
+        "latencies": latencies,
+        "elapsed": elapsed,
         "per_s": len(latencies) / elapsed,
         "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
         "errors": errors,
         "requests": len(latencies),
     }
+
+
+def _combine(parts: list[dict]) -> dict:
+    latencies = [x for p in parts for x in p["latencies"]]
+    combined = _summary(
+        latencies, sum(p["elapsed"] for p in parts), sum(p["errors"] for p in parts)
+    )
+    return combined | {"touched": set().union(*(p["touched"] for p in parts))}
 
 
 def graft_url(base: str):
@@ -237,6 +247,7 @@ def main() -> None:
     )
     parser.add_argument("--duration", type=float, default=15, help="seconds per load phase")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="turns the head counts take")
     parser.add_argument("--heads", default="1,100,1000,10000")
     parser.add_argument("--peer-tenants", default="100,1000")
     parser.add_argument("--peer-models", type=int, default=32, help="the peer's LRU size M")
@@ -271,17 +282,30 @@ def main() -> None:
         url = graft_url(server.base_url)
         asyncio.run(closed_loop(url, heads[:1], images, args.clients, 3))  # warm-up
         admin = {"Authorization": f"Bearer {server.admin_key}"}
-        print(f"{'heads':>6} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'heads hit':>9} {'mean batch':>10} {'cached heads':>12} {'cache KiB':>9} {'RSS MiB':>8}")  # fmt: skip
+        print(f"{'heads':>6} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'heads hit':>9} {'mean batch':>10}")  # fmt: skip
+        # Head counts take turns, `rounds` times, so that drift in this shared machine's
+        # speed falls on all of them alike.
+        parts: dict[int, list[dict]] = {n: [] for n in head_counts}
+        batches: dict[int, list[int]] = {n: [0, 0] for n in head_counts}
+        for _ in range(args.rounds):
+            for n in head_counts:
+                before = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
+                seconds = args.duration / args.rounds
+                parts[n].append(
+                    asyncio.run(closed_loop(url, heads[:n], images, args.clients, seconds))
+                )
+                stats = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
+                now, was = stats["batchers"][BACKBONE], before["batchers"][BACKBONE]
+                batches[n][0] += now["rows"] - was["rows"]
+                batches[n][1] += now["batches"] - was["batches"]
         for n in head_counts:
-            before = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
-            r = asyncio.run(closed_loop(url, heads[:n], images, args.clients, args.duration))
+            r = _combine(parts[n])
             r["rss"] = tree_rss(server.process.pid)
-            stats = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
             r["cache"] = stats["head_cache"]
-            now, was = stats["batchers"][BACKBONE], before["batchers"][BACKBONE]
-            mean_batch = (now["rows"] - was["rows"]) / max(1, now["batches"] - was["batches"])
+            mean_batch = batches[n][0] / max(1, batches[n][1])
             results[n] = r
-            print(f"{n:>6} {r['per_s']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} {r['errors']:>6} {r['touched']:>9} {mean_batch:10.1f} {r['cache']['heads']:>12} {r['cache']['bytes'] / 1024:9.0f} {r['rss'] / 2**20:8.0f}")  # fmt: skip
+            print(f"{n:>6} {r['per_s']:9.1f} {r['p50']:7.1f} {r['p99']:7.1f} {r['errors']:>6} {len(r['touched']):>9} {mean_batch:10.1f}")  # fmt: skip
+        print(f"after all phases: {r['cache']['heads']} heads cached, {r['cache']['bytes'] / 1024:.0f} KiB; server RSS {r['rss'] / 2**20:.0f} MiB")  # fmt: skip
         cold, warm = cold_head_latency(server.base_url, heads[-50:], images[0])
         saturating = results[min(head_counts)]["per_s"]
         half = asyncio.run(
