@@ -107,8 +107,11 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
 
 
-async def closed_loop(url, targets, images, clients: int, seconds: float) -> dict:
-    """`clients` concurrent clients, each sending single-image predicts back to back."""
+async def closed_loop(
+    url, targets, images, clients: int, seconds: float, per_request: int = 1
+) -> dict:
+    """`clients` concurrent clients, each sending predicts of `per_request` images back to
+    back. `per_s` counts images."""
     latencies: list[float] = []
     errors = 0
     touched: set = set()
@@ -119,7 +122,7 @@ async def closed_loop(url, targets, images, clients: int, seconds: float) -> dic
         while time.perf_counter() < deadline:
             target = random.choice(targets)
             path, headers = url(target)
-            body = {"inputs": [{"image": random.choice(images)}]}
+            body = {"inputs": [{"image": random.choice(images)} for _ in range(per_request)]}
             t0 = time.perf_counter()
             response = await client.post(path, json=body, headers=headers)
             if response.status_code == 200:
@@ -133,7 +136,7 @@ async def closed_loop(url, targets, images, clients: int, seconds: float) -> dic
         start = time.perf_counter()
         await asyncio.gather(*(one_client(client) for _ in range(clients)))
         elapsed = time.perf_counter() - start
-    return _summary(latencies, elapsed, errors) | {"touched": touched}
+    return _summary(latencies, elapsed, errors, per_request) | {"touched": touched}
 
 
 async def open_loop(url, targets, images, rate: float, seconds: float) -> dict:
@@ -164,12 +167,13 @@ async def open_loop(url, targets, images, rate: float, seconds: float) -> dict:
     return _summary(latencies, elapsed, errors)
 
 
-def _summary(latencies: list[float], elapsed: float, errors: int) -> dict:
+def _summary(latencies: list[float], elapsed: float, errors: int, per_request: int = 1) -> dict:
     ms = np.array(latencies) * 1000
     return {
         "latencies": latencies,
         "elapsed": elapsed,
-        "per_s": len(latencies) / elapsed,
+        "per_request": per_request,
+        "per_s": len(latencies) * per_request / elapsed,
         "p50": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         "p99": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
         "errors": errors,
@@ -179,9 +183,8 @@ def _summary(latencies: list[float], elapsed: float, errors: int) -> dict:
 
 def _combine(parts: list[dict]) -> dict:
     latencies = [x for p in parts for x in p["latencies"]]
-    combined = _summary(
-        latencies, sum(p["elapsed"] for p in parts), sum(p["errors"] for p in parts)
-    )
+    elapsed, errors = sum(p["elapsed"] for p in parts), sum(p["errors"] for p in parts)
+    combined = _summary(latencies, elapsed, errors, parts[0]["per_request"])
     return combined | {"touched": set().union(*(p["touched"] for p in parts))}
 
 
@@ -248,6 +251,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=15, help="seconds per load phase")
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="turns the head counts take")
+    parser.add_argument("--per-request", type=int, default=1, help="images per predict")
     parser.add_argument("--heads", default="1,100,1000,10000")
     parser.add_argument("--peer-tenants", default="100,1000")
     parser.add_argument("--peer-models", type=int, default=32, help="the peer's LRU size M")
@@ -293,9 +297,8 @@ def main() -> None:
             for n in head_counts:
                 before = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
                 seconds = args.duration / args.rounds
-                parts[n].append(
-                    asyncio.run(closed_loop(url, heads[:n], images, args.clients, seconds))
-                )
+                load = closed_loop(url, heads[:n], images, args.clients, seconds, args.per_request)
+                parts[n].append(asyncio.run(load))
                 stats = httpx.get(f"{server.base_url}/v1/stats", headers=admin).json()
                 now, was = stats["batchers"][BACKBONE], before["batchers"][BACKBONE]
                 batches[n][0] += now["rows"] - was["rows"]
