@@ -57,7 +57,8 @@ class HeadCache:
         known = cached.version if cached is not None and cached.tenant_id == tenant_id else None
         row = self._store.serving_head(tenant_id=tenant_id, head_id=head_id, known_version=known)
         if row is None:
-            self._evict(head_id)
+            if known is not None:  # deleted: drop it (never on another tenant's say-so)
+                self._evict(head_id)
             return None
         if row.weights is None and row.version == known:
             with self._lock:

@@ -52,6 +52,7 @@ def test_another_tenant_never_gets_the_cached_head(store) -> None:
     cache = HeadCache(store, max_bytes=10**6)
     assert cache.get(tenant_id=owner.id, head_id=head_id) is not None
     assert cache.get(tenant_id=other.id, head_id=head_id) is None
+    assert len(cache) == 1  # the probe did not evict the owner's head
 
 
 def test_untrained_heads_are_unservable(store) -> None:
