@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import psutil
 from PIL import Image
+from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,7 +89,7 @@ def seed_heads(data_dir: Path, n: int, dim: int) -> list[tuple[str, str]]:
     store._db.execute("PRAGMA synchronous=OFF")  # seeding only: not what is measured
     rng = np.random.default_rng(0)
     heads = []
-    for i in range(n):
+    for i in tqdm(range(n), desc="seeding the registry", mininterval=5, file=sys.stderr):
         tenant, key = store.create_tenant(name=f"tenant-{i}")
         head = store.create_head(tenant_id=tenant.id, name=f"head-{i}", backbone=BACKBONE)
         store.save_version(
@@ -252,6 +253,9 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3, help="turns the head counts take")
     parser.add_argument("--per-request", type=int, default=1, help="images per predict")
+    parser.add_argument(
+        "--registry", type=int, default=0, help="heads in the registry (more than used)"
+    )
     parser.add_argument("--heads", default="1,100,1000,10000")
     parser.add_argument("--peer-tenants", default="100,1000")
     parser.add_argument("--peer-models", type=int, default=32, help="the peer's LRU size M")
@@ -279,7 +283,9 @@ def main() -> None:
             print(f"spinning {spinning!s:>5}, batch {size:>3}: {per_s:7.1f} images/s")
 
     print("\n## 2. Graft over HTTP (single-image predicts, random head per request)")
-    heads = seed_heads(scratch / "graft", max(head_counts) + 100, spec.embedding_dim)
+    registry = max(args.registry, max(head_counts) + 100)
+    heads = seed_heads(scratch / "graft", registry, spec.embedding_dim)
+    print(f"(the registry holds {registry} heads of {registry} tenants)")
     server = start_server(BENTOML, scratch / "graft", settings.backbone_dir)
     results: dict[int, dict] = {}
     rss_before = 0

@@ -360,8 +360,10 @@ class Graft:
         )
         to_decode: list[tuple[int, RawInput]] = []
         to_embed: list[str] = []
+        queued: set[str] = set()
         for position, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
-            if h not in cached and h not in to_embed:
+            if h not in cached and h not in queued:
+                queued.add(h)
                 to_decode.append((position, raw))
                 to_embed.append(h)
         rows = self._decode(spec, to_decode)
