@@ -257,8 +257,7 @@ class Store:
         backbone, status, version, labels, weights, bias = row
         if weights is None:
             return ServingRow(backbone, status, version, [], None, None)
-        b = np.frombuffer(bias, dtype=np.float32)
-        w = np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b))
+        w, b = _head_arrays(weights, bias)
         return ServingRow(backbone, status, version, json.loads(labels), w, b)
 
     def list_heads(self, *, tenant_id: str) -> list[Head]:
@@ -381,14 +380,17 @@ _HEAD_COLUMNS = (
 )
 
 
+def _head_arrays(weights: bytes, bias: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A head's stored blobs as its (embedding_dim, n_labels) weights and its bias."""
+    b = np.frombuffer(bias, dtype=np.float32)
+    return np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b)), b
+
+
 def _head_from_row(row: tuple) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, metrics,
      error, created_at, updated_at) = row  # fmt: skip
     label_list = json.loads(labels)
-    w = b = None
-    if weights is not None:
-        b = np.frombuffer(bias, dtype=np.float32)
-        w = np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b))
+    w, b = _head_arrays(weights, bias) if weights is not None else (None, None)
     return Head(
         id=head_id,
         tenant_id=tenant_id,
