@@ -203,6 +203,19 @@ class Store:
         with self._tx() as db:
             return db.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,)).rowcount > 0
 
+    def rotate_key(self, *, tenant_id: str) -> str | None:
+        """A new API key for the tenant; the old one stops working at once."""
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        with self._tx() as db:
+            cursor = db.execute(
+                "UPDATE tenants SET key_salt = ?, key_hash = ? WHERE id = ?",
+                (salt, _hash_secret(salt, secret), tenant_id),
+            )
+            if cursor.rowcount == 0:
+                return None
+        return f"{KEY_PREFIX}_{tenant_id}_{secret}"
+
     def authenticate(self, *, api_key: str) -> Tenant | None:
         prefix, _, rest = api_key.partition("_")
         tenant_id, _, secret = rest.partition("_")
@@ -219,10 +232,20 @@ class Store:
 
     # Heads ---------------------------------------------------------------------------
 
-    def create_head(self, *, tenant_id: str, name: str, backbone: str) -> Head:
+    def create_head(
+        self, *, tenant_id: str, name: str, backbone: str, max_heads: int | None = None
+    ) -> Head | None:
+        """A new head in `training` state; None if the tenant already has `max_heads`."""
         now = _now()
         head_id = uuid.uuid4().hex
+        # Counted in the insert's transaction, so concurrent creates cannot overshoot.
         with self._tx() as db:
+            if max_heads is not None:
+                (count,) = db.execute(
+                    "SELECT COUNT(*) FROM heads WHERE tenant_id = ?", (tenant_id,)
+                ).fetchone()
+                if count >= max_heads:
+                    return None
             db.execute(
                 "INSERT INTO heads (id, tenant_id, name, backbone, status, created_at, updated_at)"
                 " VALUES (?,?,?,?,'training',?,?)",
@@ -314,6 +337,16 @@ class Store:
                 )
                 found.update({h: np.frombuffer(v, dtype=np.float32) for h, v in rows})
         return found
+
+    def example_keys(self, *, tenant_id: str, head_id: str) -> set[tuple[str, str]]:
+        """(content_hash, label) of every example of the head's current version."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT x.content_hash, x.label FROM head_examples x"
+                " JOIN heads h ON h.id = x.head_id WHERE x.head_id = ? AND h.tenant_id = ?",
+                (head_id, tenant_id),
+            ).fetchall()
+        return set(rows)
 
     def training_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, str, np.ndarray]]:
         """(content_hash, label, embedding) of every example of the head's current version."""

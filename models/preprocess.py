@@ -48,11 +48,15 @@ def decode_image(data: bytes, pre: ImagePreprocessing, max_pixels: int) -> np.nd
             # JPEG can decode at a reduced scale for free; never below what we resize to.
             image.draft("RGB", (pre.resize_size, pre.resize_size))
             image = ImageOps.exif_transpose(image)
-            image = image.convert("RGB")
-            return _resize_and_crop(image, pre)
+            return _resize_and_crop(_to_rgb(image), pre)
     except InvalidInput:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own guard, raised at open for headers far over its limit.
+        raise InvalidInput(
+            "image_too_large", f"image is over the limit of {max_pixels} pixels"
+        ) from None
+    except UnidentifiedImageError:
         raise InvalidInput(
             "invalid_image", "the bytes are not a readable JPEG, PNG or WebP image"
         ) from None
@@ -60,15 +64,34 @@ def decode_image(data: bytes, pre: ImagePreprocessing, max_pixels: int) -> np.nd
         raise InvalidInput("invalid_image", f"the image could not be decoded: {exc}") from None
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any accepted mode to 8-bit RGB, as a viewer would show it."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+        # 16-bit greyscale: PIL's own conversion clips at 255 (nearly all white); scale it.
+        pixels = np.asarray(image, dtype=np.uint32)
+        image = Image.fromarray((pixels >> 8).clip(0, 255).astype(np.uint8), "L")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        # Transparent pixels hold arbitrary colours: show them on white, as viewers do.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
 def _resize_and_crop(image: Image.Image, pre: ImagePreprocessing) -> np.ndarray:
+    """Shorter side to `resize_size`, then the centre `image_size` square.
+
+    Only the source region under the crop is resampled, so a 20000x1 strip costs what a
+    square does (resizing it whole first would make a 4.7-gigapixel intermediate).
+    """
     width, height = image.size
     scale = pre.resize_size / min(width, height)
-    size = (max(pre.image_size, round(width * scale)), max(pre.image_size, round(height * scale)))
-    image = image.resize(size, _RESAMPLE[pre.interpolation])
-    left = (size[0] - pre.image_size) // 2
-    top = (size[1] - pre.image_size) // 2
-    image = image.crop((left, top, left + pre.image_size, top + pre.image_size))
-    return np.asarray(image, dtype=np.uint8)
+    side = pre.image_size / scale  # the crop's side, in source pixels
+    left = (width - side) / 2
+    top = (height - side) / 2
+    box = (left, top, left + side, top + side)
+    size = (pre.image_size, pre.image_size)
+    return np.asarray(image.resize(size, _RESAMPLE[pre.interpolation], box=box), np.uint8)
 
 
 @cache

@@ -31,10 +31,13 @@ from service.schemas import (
     ServingStats,
     TenantCreate,
     TenantCreated,
+    TenantKey,
     TenantList,
 )
 
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422)}
+ERRORS = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429)
+}
 
 tenants = APIRouter(prefix="/tenants", tags=["tenants (admin)"], dependencies=[AdminOnly])
 operations = APIRouter(prefix="/stats", tags=["operations (admin)"], dependencies=[AdminOnly])
@@ -61,6 +64,15 @@ def delete_tenant(tenant_id: str, graft: GraftDep) -> Response:
     if not graft.store.delete_tenant(tenant_id=tenant_id):
         raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
     return Response(status_code=204)
+
+
+@tenants.post("/{tenant_id}/key", response_model=TenantKey, responses=ERRORS)
+def rotate_key(tenant_id: str, graft: GraftDep) -> dict:
+    """Issue the tenant a new API key; the old one is refused from now on."""
+    api_key = graft.store.rotate_key(tenant_id=tenant_id)
+    if api_key is None:
+        raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
+    return {"id": tenant_id, "api_key": api_key}
 
 
 @operations.get("", response_model=ServingStats, responses=ERRORS)
@@ -196,7 +208,9 @@ def add_examples(
     return _head_answer(head, 200)
 
 
-@heads.post("/{head_id}/predict", response_model=PredictResponse, responses=ERRORS)
+@heads.post(
+    "/{head_id}/predict", response_model=PredictResponse, responses={**ERRORS, 503: ERRORS[400]}
+)
 def predict(head_id: str, body: PredictRequest, tenant: CurrentTenant, graft: GraftDep) -> dict:
     inputs = [RawInput.from_json(x.image, x.text) for x in body.inputs]
     head, ranked = graft.predict(tenant, head_id, inputs, body.top_k)

@@ -10,12 +10,24 @@ For a text backbone each file holds one example (UTF-8 text).
 from __future__ import annotations
 
 import io
+import stat
 import zipfile
+import zlib
 from pathlib import PurePosixPath
 
 from service.core import RawInput
 from service.errors import PayloadTooLarge, Unprocessable
 from service.settings import Settings
+
+# Magic numbers of archive formats: an archive inside the archive is refused, not unpacked.
+_ARCHIVE_MAGIC = (b"PK\x03\x04", b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"7z\xbc\xaf", b"Rar!")
+# What reading a damaged or unsupported member raises (bad CRC, broken deflate stream,
+# an unknown compression method, a password).
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
+
+
+def _invalid(message: str) -> Unprocessable:
+    return Unprocessable(message, code="invalid_archive")
 
 
 def _ignored(parts: tuple[str, ...]) -> bool:
@@ -23,11 +35,26 @@ def _ignored(parts: tuple[str, ...]) -> bool:
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts)
 
 
+def _declared_entries(data: bytes) -> int | None:
+    """The entry count in the end record, read before zipfile builds an object per entry
+    (a 64 MiB body can declare 700,000 of them: 400 MiB and seconds to parse)."""
+    end = zipfile._EndRecData(io.BytesIO(data))  # the stdlib's own reader of that record
+    return None if end is None else end[zipfile._ECD_ENTRIES_TOTAL]
+
+
 def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tuple[str, RawInput]]:
+    declared = _declared_entries(data)
+    if declared is None:
+        raise _invalid("'archive' is not a zip file")
+    if declared > 2 * settings.max_archive_files:  # leave room for folders and hidden files
+        raise PayloadTooLarge(
+            f"{declared} entries in the archive; at most {settings.max_archive_files} files",
+            code="archive_too_large",
+        )
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError):
-        raise Unprocessable("'archive' is not a zip file", code="invalid_archive") from None
+    except (zipfile.BadZipFile, ValueError, *_READ_ERRORS):
+        raise _invalid("'archive' is not a zip file") from None
     with archive:
         files = []
         for info in archive.infolist():
@@ -35,13 +62,15 @@ def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tu
                 continue
             path = PurePosixPath(info.filename.replace("\\", "/"))
             if path.is_absolute() or ".." in path.parts:
-                raise Unprocessable(
-                    f"unsafe path in archive: {info.filename}", code="invalid_archive"
-                )
+                raise _invalid(f"unsafe path in archive: {info.filename}")
+            if stat.S_ISLNK(info.external_attr >> 16):
+                raise _invalid(f"{info.filename} is a symbolic link; send the file itself")
+            if info.flag_bits & 0x1:
+                raise _invalid(f"{info.filename} is encrypted; send an archive without a password")
             if not _ignored(path.parts):
                 files.append((path.parts, info))
         if not files:
-            raise Unprocessable("the archive holds no files", code="invalid_archive")
+            raise _invalid("the archive holds no files")
         if len(files) > settings.max_archive_files:
             raise PayloadTooLarge(
                 f"{len(files)} files in the archive; at most {settings.max_archive_files}",
@@ -55,19 +84,21 @@ def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tu
         for parts, info in files:
             parts = parts[strip:]
             if len(parts) != 2:
-                raise Unprocessable(
-                    f"{info.filename}: put each file in a folder named after its label",
-                    code="invalid_archive",
-                )
-            with archive.open(info) as f:
-                # Read at most the remaining budget + 1: a header may lie about sizes.
-                content = f.read(settings.max_archive_bytes - total + 1)
+                raise _invalid(f"{info.filename}: put each file in a folder named after its label")
+            try:
+                with archive.open(info) as f:
+                    # Read at most the remaining budget + 1: a header may lie about sizes.
+                    content = f.read(settings.max_archive_bytes - total + 1)
+            except _READ_ERRORS as exc:
+                raise _invalid(f"{info.filename} could not be read: {exc}") from None
             total += len(content)
             if total > settings.max_archive_bytes:
                 raise PayloadTooLarge(
                     f"archive uncompresses to over {settings.max_archive_bytes} bytes",
                     code="archive_too_large",
                 )
+            if content.startswith(_ARCHIVE_MAGIC):
+                raise _invalid(f"{info.filename} is an archive; nested archives are not unpacked")
             examples.append((parts[0], _raw(content, modality, info.filename)))
     return examples
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
 import os
 import secrets
 from typing import Annotated
@@ -13,7 +14,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapters.store import Tenant
 from service.core import Graft
-from service.errors import Forbidden, Unauthorized
+from service.errors import Forbidden, TooManyRequests, Unauthorized
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,21 @@ def resolve_admin_key(settings: Settings) -> str:
     path = settings.admin_key_path
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        # Written whole to a private temporary file, then linked into place: a crash never
+        # leaves an empty key file, and of two processes starting at once one key wins.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_urlsafe(32) + "\n")
-        log.warning("generated an admin key in %s (readable by this user only)", path)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+            log.warning("generated an admin key in %s (readable by this user only)", path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path.read_text().strip()
 
 
@@ -60,6 +72,13 @@ def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) 
         if _is_admin(request, key):
             raise Forbidden("the admin key cannot act as a tenant", code="tenant_key_required")
         raise Unauthorized("the API key is not valid", code="invalid_api_key")
+    wait = graft.rate_limiter.wait_needed(tenant.id)
+    if wait:
+        raise TooManyRequests(
+            f"over {graft.settings.rate_limit_per_s:g} requests per second for this tenant;"
+            f" retry in {wait:.2f} s",
+            headers={"Retry-After": str(math.ceil(wait))},
+        )
     return tenant
 
 

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import threading
+import unicodedata
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,7 +31,15 @@ from models.quantize import VARIANTS
 from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone
 from service.batcher import Batcher
-from service.errors import Conflict, NotFound, PayloadTooLarge, Unavailable, Unprocessable
+from service.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unavailable,
+    Unprocessable,
+)
+from service.limits import RateLimiter
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,6 +105,7 @@ class Graft:
         self._training = ThreadPoolExecutor(
             max_workers=settings.training_workers, thread_name_prefix="graft-train"
         )
+        self.rate_limiter = RateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
         self._head_locks: dict[str, threading.Lock] = {}
         self._head_locks_guard = threading.Lock()
 
@@ -170,7 +180,19 @@ class Graft:
         backbone = self.backbone(backbone_id)
         labels = self._check_labels([label for label, _ in examples], existing=())
         prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
-        head = self.store.create_head(tenant_id=tenant.id, name=name, backbone=backbone_id)
+        self._check_head_size(set(), prepared.content_hashes, labels)
+        head = self.store.create_head(
+            tenant_id=tenant.id,
+            name=name,
+            backbone=backbone_id,
+            max_heads=self.settings.max_heads_per_tenant,
+        )
+        if head is None:
+            raise Forbidden(
+                f"this tenant has {self.settings.max_heads_per_tenant} heads, the most it may"
+                " hold; delete one first",
+                code="head_limit_reached",
+            )
         return self._train_and_wait(tenant, head, backbone, labels, prepared)
 
     def add_examples(
@@ -180,6 +202,8 @@ class Graft:
         backbone = self.backbone(head.backbone)
         labels = self._check_labels([label for label, _ in examples], existing=head.labels)
         prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
+        stored = self.store.example_keys(tenant_id=tenant.id, head_id=head.id)
+        self._check_head_size(stored, prepared.content_hashes, labels)
         self.store.set_status(tenant_id=tenant.id, head_id=head.id, status="training")
         return self._train_and_wait(tenant, head, backbone, labels, prepared)
 
@@ -223,6 +247,12 @@ class Graft:
                     if pair not in seen:
                         seen.add(pair)
                         examples.append(pair)
+                # Checked when the request came in; this holds it against concurrent adds.
+                if len(examples) > self.settings.max_examples_per_head:
+                    raise ValueError(
+                        f"{len(examples)} examples; at most"
+                        f" {self.settings.max_examples_per_head} per head"
+                    )
                 x = np.stack([vectors[h] for h, _ in examples])
                 trained = heads.train_head(x, [label for _, label in examples])
                 self.store.save_version(
@@ -299,9 +329,13 @@ class Graft:
                 f"{len(labels)} examples; at most {s.max_examples_per_request} per request",
                 code="too_many_examples",
             )
-        for label in labels:
+        for label in set(labels):
             if not label.strip():
                 raise Unprocessable("labels must not be empty or blank", code="invalid_label")
+            if any(unicodedata.category(c) in ("Cc", "Cs") for c in label):
+                raise Unprocessable(
+                    f"label {label[:40]!r} holds a control character", code="invalid_label"
+                )
             if len(label) > s.max_label_chars:
                 raise Unprocessable(
                     f"label of {len(label)} characters; at most {s.max_label_chars}",
@@ -317,6 +351,17 @@ class Graft:
                 f"{len(distinct)} labels; at most {s.max_labels}", code="too_many_labels"
             )
         return labels
+
+    def _check_head_size(
+        self, stored: set[tuple[str, str]], content_hashes: list[str], labels: list[str]
+    ) -> None:
+        total = len(stored | set(zip(content_hashes, labels, strict=True)))
+        if total > self.settings.max_examples_per_head:
+            raise Forbidden(
+                f"the head would hold {total} distinct examples; at most"
+                f" {self.settings.max_examples_per_head}",
+                code="example_limit_reached",
+            )
 
     @staticmethod
     def _check_modality(spec: BackboneSpec, inputs: Sequence[RawInput]) -> None:

@@ -23,9 +23,12 @@ class ApiError(Exception):
     status = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers
         if code:
             self.code = code
 
@@ -52,6 +55,10 @@ class Conflict(ApiError):
 
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
+
+
+class TooManyRequests(ApiError):
+    status, code = 429, "rate_limited"
 
 
 class Unavailable(ApiError):
@@ -87,7 +94,7 @@ def _describe(errors: list[dict]) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _respond(exc.status, exc.code, exc.message)
+        return _respond(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(InvalidInput)
     async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:

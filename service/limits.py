@@ -1,8 +1,11 @@
-"""Request body size limit, enforced while the body streams in (not only by header)."""
+"""Request limits: the body size, enforced while the body streams in (not only by its
+header), and a request rate per tenant."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -63,3 +66,42 @@ class BodySizeLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+class RateLimiter:
+    """A token bucket per tenant: `rate` requests per second sustained, `burst` at once."""
+
+    # Past this many buckets, those that have refilled (idle tenants) are dropped.
+    PRUNE_AT = 100_000
+
+    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
+        self._lock = threading.Lock()
+
+    def wait_needed(self, key: str) -> float:
+        """Takes a token and returns 0, or returns the seconds until one is free."""
+        if self.rate <= 0:
+            return 0.0
+        now = self._clock()
+        with self._lock:
+            tokens, at = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
+            if tokens >= 1:
+                self._buckets[key] = (tokens - 1, now)
+                if len(self._buckets) > self.PRUNE_AT:
+                    self._prune(now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1 - tokens) / self.rate
+
+    def _prune(self, now: float) -> None:
+        full = [
+            key
+            for key, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.rate >= self.burst
+        ]
+        for key in full:
+            del self._buckets[key]

@@ -37,6 +37,11 @@ class TenantCreated(TenantPublic):
     api_key: str = Field(description="shown once; only a salted hash is stored")
 
 
+class TenantKey(BaseModel):
+    id: str
+    api_key: str = Field(description="shown once; the tenant's previous key no longer works")
+
+
 class TenantList(BaseModel):
     tenants: list[TenantPublic]
 

@@ -51,6 +51,14 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(10_000, ge=1)
     max_archive_bytes: int = Field(512 * 1024 * 1024, ge=1)
 
+    # Per-tenant limits: what one tenant may hold and how fast it may call
+    max_heads_per_tenant: int = Field(1000, ge=1)
+    max_examples_per_head: int = Field(20_000, ge=2)
+    rate_limit_per_s: float = Field(
+        200.0, ge=0, description="sustained requests per second per tenant key; 0 = no limit"
+    )
+    rate_limit_burst: int = Field(400, ge=1, description="requests a tenant may send at once")
+
     @model_validator(mode="after")
     def _resolve_paths(self) -> Settings:
         self.data_dir = self.data_dir.expanduser().resolve()

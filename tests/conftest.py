@@ -4,6 +4,7 @@ server on a free loopback port with its own data directory."""
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,20 @@ from models.export import ensure_onnx
 from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
 from tests.server import BENTOML, Server, start_server, stop_server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--long",
+        action="store_true",
+        help="run the attack, crash and load tests at full length (make test-long)",
+    )
+
+
+@pytest.fixture(scope="session")
+def long_run(request: pytest.FixtureRequest) -> bool:
+    """True under --long: the trust tests run more kills, cases and seconds."""
+    return request.config.getoption("--long")
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +57,13 @@ TEST_LIMITS = {
     "GRAFT_MAX_IMAGE_PIXELS": str(4_000_000),
     "GRAFT_MAX_TEXT_CHARS": "2000",
     "GRAFT_MAX_PREDICT_INPUTS": "16",
+    "GRAFT_MAX_ARCHIVE_BYTES": str(4 * 1024 * 1024),
+    "GRAFT_MAX_ARCHIVE_FILES": "200",
+    # On, so that the check for leaked keys below also reads a line per request.
+    "GRAFT_ACCESS_LOG": "true",
 }
+# What any tenant key looks like: graft_<tenant id>_<secret>.
+TENANT_KEY = re.compile(r"graft_[0-9a-f]{32}_[A-Za-z0-9_-]{20,}")
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +72,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path) -> Iter
     running = start_server(BENTOML, tmp_path_factory.mktemp("data"), backbone_dir, TEST_LIMITS)
     yield running
     stop_server(running)
+    # Everything the suite sent went through this server: no key may be in its log.
+    log = running.log()
+    assert running.admin_key not in log, "the admin key was logged"
+    assert not TENANT_KEY.findall(log), "a tenant key was logged"

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Graft"]
@@ -88,10 +91,30 @@ def start_server(
     raise RuntimeError(f"server not ready in time:\n{server.log()[-4000:]}")
 
 
+def _process_tree(server: Server) -> list[psutil.Process]:
+    try:
+        arbiter = psutil.Process(server.process.pid)
+        return [arbiter, *arbiter.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def stop_server(server: Server) -> None:
+    workers = _process_tree(server)[1:]
     server.process.terminate()
     try:
         server.process.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        server.process.kill()
-        server.process.wait()
+        kill_server(server)
+    for worker in workers:  # one that outlived its arbiter
+        with contextlib.suppress(psutil.NoSuchProcess):
+            worker.kill()
+
+
+def kill_server(server: Server) -> None:
+    """A power cut: SIGKILL to the arbiter and every worker at once (BentoML puts each
+    worker in a process group of its own, so the arbiter's group is not enough)."""
+    for process in _process_tree(server):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    server.process.wait()

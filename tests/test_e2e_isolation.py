@@ -67,3 +67,22 @@ def test_deleting_a_tenant_revokes_its_key_and_removes_its_heads(server) -> None
             assert_error(tenant.get(f"/v1/heads/{head['id']}"), 401, "invalid_api_key")
         assert created["id"] not in [t["id"] for t in admin.get("/v1/tenants").json()["tenants"]]
         assert_error(admin.delete(f"/v1/tenants/{created['id']}"), 404, "tenant_not_found")
+
+
+def test_keys_never_reach_the_log(server) -> None:
+    with server.admin() as admin:
+        created = admin.post("/v1/tenants", json={"name": "logged"}).json()
+        key = created["api_key"]
+        wrong_secret = key[:-4] + "AAAA"
+        with server.client(key) as tenant, server.client(wrong_secret) as impostor:
+            assert tenant.get("/v1/heads").status_code == 200
+            assert_error(impostor.get("/v1/heads"), 401, "invalid_api_key")
+        rotated = admin.post(f"/v1/tenants/{created['id']}/key").json()["api_key"]
+        with server.client(rotated) as tenant:
+            assert tenant.get("/v1/heads").status_code == 200
+    log = server.log()
+    # The access log is on: every request, refused ones too, has its line.
+    assert f"path=/v1/tenants/{created['id']}/key" in log and "status=401" in log
+    for secret in (key, wrong_secret, rotated, server.admin_key):
+        assert secret not in log
+        assert secret.rsplit("_", 1)[-1] not in log  # nor the secret part alone
