@@ -5,6 +5,7 @@ Every error answer is `{"error": {"code": "snake_case", "message": "human text"}
 
 from __future__ import annotations
 
+import json
 import logging
 from http import HTTPStatus
 
@@ -131,3 +132,42 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return _respond(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+
+class JsonNotFoundUnderV1:
+    """ASGI middleware for the BentoML app. A /v1 path its mount does not match (one with
+    an encoded newline, say) gets BentoML's plain-text 404; this answers it in the JSON
+    error shape like every other /v1 answer."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        replaced = False
+
+        async def send_json(message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 404:
+                content_type = dict(message.get("headers", [])).get(b"content-type", b"")
+                if not content_type.startswith(b"application/json"):
+                    replaced = True
+                    body = json.dumps(error_body("not_found", "no such route; see /v1/docs"))
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 404,
+                            "headers": [
+                                (b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": body.encode()})
+                    return
+            if not (replaced and message["type"] == "http.response.body"):
+                await send(message)
+
+        await self.app(scope, receive, send_json)
