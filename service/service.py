@@ -14,6 +14,7 @@ import bentoml  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
+from service.errors import JsonNotFoundUnderV1  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
@@ -44,3 +45,6 @@ class Graft:
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.graft.close()
+
+
+Graft.add_asgi_middleware(JsonNotFoundUnderV1)
