@@ -8,6 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from prometheus_client import CollectorRegistry
 from starlette.datastructures import UploadFile
 
 from adapters.store import Head
@@ -17,6 +18,7 @@ from service.core import RawInput
 from service.errors import NotFound as NotFoundError
 from service.errors import Unprocessable, UnsupportedMediaType, install_error_handlers
 from service.limits import BodySizeLimit
+from service.metrics import RequestMetrics, render
 from service.schemas import (
     BackboneList,
     BackbonePublic,
@@ -261,8 +263,16 @@ def create_app(max_body_bytes: int) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    registry = CollectorRegistry()
+    app.add_middleware(RequestMetrics, registry=registry)
     for router in (tenants, operations, backbones, heads):
         app.include_router(router)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text format: requests and latency by route template."""
+        body, content_type = render(registry)
+        return Response(body, media_type=content_type)
 
     # BentoML mounts this app "passively": a path no route matches would fall through to
     # BentoML's plain-text 404. This last route keeps every /v1 answer in the JSON shape.

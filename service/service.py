@@ -8,6 +8,10 @@ import os
 
 # A self-hosted service phones nowhere; set before bentoml is imported.
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+# BentoML builds an OpenTelemetry span per request even though none is exported (its
+# sample rate is 0); without the SDK the server's memory grows half as fast under load
+# (BENCHMARKS.md). Set OTEL_SDK_DISABLED=false to trace.
+os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 import bentoml  # noqa: E402
 
@@ -29,6 +33,9 @@ app = create_app(settings.max_body_bytes)
     workers=1,
     traffic={"timeout": 600},
     logging={"access": {"enabled": settings.access_log}},
+    # BentoML labels its HTTP metrics by raw path: a series per head id and per made-up URL,
+    # without bound. /v1/metrics (service/metrics.py) labels by route template instead.
+    metrics={"enabled": False},
 )
 @bentoml.asgi_app(app, path="/v1")
 class Graft:

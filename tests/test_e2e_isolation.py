@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.inputs import assert_error, text_examples
@@ -86,3 +88,19 @@ def test_keys_never_reach_the_log(server) -> None:
     for secret in (key, wrong_secret, rotated, server.admin_key):
         assert secret not in log
         assert secret.rsplit("_", 1)[-1] not in log  # nor the secret part alone
+
+
+def test_metrics_are_labelled_by_route_never_by_raw_path(server) -> None:
+    """A series per made-up URL would let anyone, without a key, grow the server's memory."""
+    made_up = [uuid.uuid4().hex for _ in range(20)]
+    with server.client() as anonymous, server.new_tenant("metered") as tenant:
+        for head_id in made_up:
+            assert_error(anonymous.get(f"/v1/heads/{head_id}"), 401)
+            assert_error(tenant.get(f"/v1/heads/{head_id}/nothing"), 404)
+        metrics = anonymous.get("/v1/metrics")
+        bentoml_metrics = anonymous.get("/metrics").text
+    assert metrics.status_code == 200
+    assert 'route="/heads/{head_id}",status="401"' in metrics.text
+    assert 'route="/{path:path}",status="404"' in metrics.text
+    for head_id in made_up:
+        assert head_id not in metrics.text and head_id not in bentoml_metrics
