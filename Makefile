@@ -7,7 +7,7 @@ HOST ?= 127.0.0.1
 export GRAFT_DATA_DIR ?= $(CURDIR)/.graft
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install prepare serve test lint format bench clean
+.PHONY: install prepare serve test test-long lint format bench clean
 
 # Reinstall when pyproject.toml changes; the stamp marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -36,6 +36,11 @@ format: install
 
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
+# operation and mode, 3 minutes of load on 72 tenants (about 12 minutes).
+test-long: lint
+	$(VENV)/bin/pytest --long -s tests/test_e2e_crash.py tests/test_e2e_fuzz.py tests/test_e2e_load.py
 
 # Accuracy and speed on the shared data sets (not part of the test suite).
 bench: prepare

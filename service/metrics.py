@@ -1,7 +1,7 @@
 """Prometheus metrics of the REST API, labelled by route template, never by raw path.
 
 BentoML's own HTTP metrics label every series with the raw URL path, so each head id, and
-each made-up URL anyone sends (no key needed), adds series for good: +26 MiB of server
+each made-up URL anyone sends (no key needed), adds series for good: +24 MiB of server
 memory per 1,000 random URLs, measured (SECURITY.md). They are switched off in
 `service/service.py`; these take their place at `GET /v1/metrics`.
 """
