@@ -29,9 +29,11 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from adapters.heads import expected_calibration_error  # noqa: E402
 from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 BATCH = 32
@@ -97,18 +99,44 @@ def create_head(client: httpx.Client, name: str, backbone: str, *, examples=None
     return head, time.perf_counter() - start
 
 
-def evaluate(client: httpx.Client, head_id: str, inputs: list[dict], labels: list[str]):
-    predicted, seconds = [], 0.0
+def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[str]):
+    """Validation accuracy, macro-F1 and ECE (from the returned scores), and inputs/s."""
+    probabilities, seconds = [], 0.0
+    k = len(head["labels"])
     for start in range(0, len(inputs), BATCH):
         t0 = time.perf_counter()
         response = client.post(
-            f"/v1/heads/{head_id}/predict", json={"inputs": inputs[start : start + BATCH]}
+            f"/v1/heads/{head['id']}/predict",
+            json={"inputs": inputs[start : start + BATCH], "top_k": k},
         )
         seconds += time.perf_counter() - t0
         response.raise_for_status()
-        predicted += [p["label"] for p in response.json()["predictions"]]
-    accuracy = float(np.mean(np.array(predicted) == np.array(labels)))
-    return accuracy, len(inputs) / seconds
+        for prediction in response.json()["predictions"]:
+            scores = {item["label"]: item["score"] for item in prediction["top_k"]}
+            probabilities.append([scores[label] for label in head["labels"]])
+    y = np.array([head["labels"].index(label) for label in labels])
+    probabilities = np.array(probabilities)
+    predicted = probabilities.argmax(axis=1)
+    quality = {
+        "accuracy": float(np.mean(predicted == y)),
+        "macro_f1": float(f1_score(y, predicted, average="macro")),
+        "ece": expected_calibration_error(y, probabilities),
+    }
+    return quality, len(inputs) / seconds
+
+
+def own_report(metrics: dict) -> str:
+    """The head's held-out self-report, to set beside the validation figures."""
+    if metrics["cv_accuracy"] is None:
+        return "none (too few examples)"
+    return (
+        f"accuracy {metrics['cv_accuracy']:.3f}, macro-F1 {metrics['cv_macro_f1']:.3f},"
+        f" ECE {metrics['cv_ece']:.3f} (C={metrics['regularization_c']})"
+    )
+
+
+def quality_line(q: dict, spread: str = "") -> str:
+    return f"accuracy {q['accuracy']:.3f}{spread}, macro-F1 {q['macro_f1']:.3f}, ECE {q['ece']:.3f}"
 
 
 def single_latency(
@@ -130,17 +158,15 @@ def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
             archive.write(path, f"{label}/{path.name}")
     head, train_seconds = create_head(client, root.name, backbone, archive=buffer.getvalue())
     inputs = [{"image": base64.b64encode(p.read_bytes()).decode()} for _, p in val]
-    accuracy, per_second = evaluate(client, head["id"], inputs, [label for label, _ in val])
+    quality, per_second = evaluate(client, head, inputs, [label for label, _ in val])
     p50, p95 = single_latency(client, head["id"], inputs[0])
     metrics = head["metrics"]
     report(
         ("data set", f"{root} ({len(train)} train, {len(val)} val, {len(head['labels'])} labels)"),
         ("backbone", backbone),
-        ("val accuracy", f"{accuracy:.3f}"),
-        (
-            "cv accuracy",
-            f"{metrics['cv_accuracy']} (head's own report; C={metrics['regularization_c']})",
-        ),
+        ("validation", quality_line(quality)),
+        ("head's report", own_report(metrics)),
+        ("warnings", "; ".join(metrics["warnings"]) or "none"),
         ("create head", f"{train_seconds:.2f} s (upload, decode, embed, CV + fit)"),
         ("  of which fit", f"{metrics['train_seconds']} s (CV over C + final fit)"),
         ("predict", f"{per_second:.1f} images/s (batches of {BATCH}, one client, base64 JPEG)"),
@@ -152,7 +178,7 @@ def bench_texts(
     client: httpx.Client, path: Path, backbone: str, train_per_label, val_per_label, draws: int
 ) -> None:
     rows = read_texts(path)
-    accuracies, cv, train_times = [], [], []
+    qualities, reports, train_times = [], [], []
     for seed in range(draws):
         train, val = text_split(
             rows, seed=seed, train_per_label=train_per_label, val_per_label=val_per_label
@@ -160,18 +186,21 @@ def bench_texts(
         examples = [{"label": label, "text": text} for label, text in train]
         head, seconds = create_head(client, f"{path.stem}-{seed}", backbone, examples=examples)
         inputs = [{"text": text} for _, text in val]
-        accuracy, per_second = evaluate(client, head["id"], inputs, [label for label, _ in val])
-        accuracies.append(accuracy)
-        cv.append(head["metrics"]["cv_accuracy"])
+        quality, per_second = evaluate(client, head, inputs, [label for label, _ in val])
+        qualities.append(quality)
+        reports.append(head["metrics"])
         train_times.append(seconds)
     p50, p95 = single_latency(client, head["id"], inputs[0])
     size = f"{train_per_label} per label" if train_per_label else f"{len(train)} (80%)"
+    accuracies = [q["accuracy"] for q in qualities]
     spread = f" ± {statistics.stdev(accuracies):.3f} over {draws} draws" if draws > 1 else ""
+    mean = {key: statistics.mean(q[key] for q in qualities) for key in qualities[0]}
     report(
         ("data set", f"{path} (train {size}, val {len(val)}, {len(head['labels'])} labels)"),
         ("backbone", backbone),
-        ("val accuracy", f"{statistics.mean(accuracies):.3f}{spread}"),
-        ("cv accuracy", f"{cv[-1]} (head's own report, last draw)"),
+        ("validation", quality_line(mean, spread)),
+        ("head's report", f"{own_report(reports[-1])} (last draw)"),
+        ("warnings", "; ".join(reports[-1]["warnings"]) or "none"),
         ("create head", f"{statistics.median(train_times):.2f} s median (embed, CV + fit)"),
         ("predict", f"{per_second:.1f} texts/s (batches of {BATCH}, one client)"),
         ("single text", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"),

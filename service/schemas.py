@@ -101,6 +101,12 @@ class ExamplesAdd(_Strict):
     examples: list[Example] = Field(min_length=1)
 
 
+class LabelMetrics(BaseModel):
+    precision: float
+    recall: float
+    support: int
+
+
 class HeadMetrics(BaseModel):
     n_examples: int
     label_counts: dict[str, int]
@@ -109,7 +115,23 @@ class HeadMetrics(BaseModel):
         "too few examples to hold any out"
     )
     cv_folds: int | None = None
+    cv_macro_f1: float | None = Field(None, description="held-out macro-averaged F1")
+    cv_ece: float | None = Field(
+        None, description="expected calibration error of held-out scores (10 bins)"
+    )
+    cv_per_label: dict[str, LabelMetrics] | None = Field(
+        None, description="held-out precision and recall per label"
+    )
+    cv_confusion_matrix: list[list[int]] | None = Field(
+        None, description="held-out counts; rows: true label, columns: predicted, in `labels` order"
+    )
+    majority_baseline: float | None = Field(
+        None, description="accuracy of always answering the most common label"
+    )
     regularization_c: float | None = None
+    warnings: list[str] = Field(
+        default_factory=list, description="what to know before trusting these metrics"
+    )
     train_seconds: float | None = None
 
 

@@ -5,7 +5,13 @@ import pytest
 from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
 
-from adapters.heads import SOLVER, predict_proba, top_k, train_head
+from adapters.heads import (
+    SOLVER,
+    expected_calibration_error,
+    predict_proba,
+    top_k,
+    train_head,
+)
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -26,6 +32,16 @@ def test_multiclass_head_is_accurate_and_reports_cv() -> None:
     metrics = head.metrics
     assert metrics["n_examples"] == 600 and sum(metrics["label_counts"].values()) == 600
     assert 0.85 < metrics["cv_accuracy"] <= 1.0 and metrics["cv_folds"] == 5
+    # The held-out metrics agree with each other.
+    matrix = np.array(metrics["cv_confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 600
+    assert np.trace(matrix) / 600 == pytest.approx(metrics["cv_accuracy"], abs=1e-4)
+    per_label = metrics["cv_per_label"]
+    assert [per_label[label]["support"] for label in head.labels] == list(matrix.sum(axis=1))
+    recall = np.diag(matrix) / matrix.sum(axis=1)
+    assert [per_label[label]["recall"] for label in head.labels] == pytest.approx(recall, abs=1e-4)
+    assert 0.8 < metrics["cv_macro_f1"] <= 1.0 and 0 <= metrics["cv_ece"] < 0.2
+    assert metrics["majority_baseline"] < 0.15 and metrics["warnings"] == []
 
 
 def test_binary_head_equals_sklearn_probabilities() -> None:
@@ -44,8 +60,36 @@ def test_binary_head_equals_sklearn_probabilities() -> None:
 def test_too_few_examples_give_no_cv_accuracy() -> None:
     x = _normalised(np.random.default_rng(0).normal(size=(5, 8)))
     head = train_head(x, ["a", "a", "a", "b", "b"])
-    assert head.metrics["cv_accuracy"] is None
+    assert head.metrics["cv_accuracy"] is None and head.metrics["cv_confusion_matrix"] is None
     assert head.metrics["label_counts"] == {"a": 3, "b": 2}
+    assert "no held-out metrics" in head.metrics["warnings"][0]
+
+
+def test_features_that_carry_nothing_are_flagged() -> None:
+    rng = np.random.default_rng(1)
+    x = _normalised(rng.normal(size=(60, 16)))
+    head = train_head(x, ["a"] * 30 + ["b"] * 30)  # labels unrelated to the features
+    assert head.metrics["majority_baseline"] == 0.5
+    warnings = " ".join(head.metrics["warnings"])
+    assert "not clearly above always answering the most common label" in warnings
+
+
+def test_few_examples_come_with_their_uncertainty() -> None:
+    digits = load_digits()
+    keep = np.concatenate([np.flatnonzero(digits.target == d)[:4] for d in (0, 1)])
+    head = train_head(_normalised(digits.data[keep]), [str(d) for d in digits.target[keep]])
+    assert head.metrics["cv_folds"] == 4
+    assert any("rest on few examples" in w for w in head.metrics["warnings"])
+
+
+def test_expected_calibration_error() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    # Always 0.6 for the first label while it is right 40% of the time: gap 0.2.
+    overconfident = np.tile([0.6, 0.4], (10, 1))
+    assert expected_calibration_error(y, overconfident) == pytest.approx(0.2)
+    # Always 0.6 for the second label, right 60% of the time: calibrated.
+    calibrated = np.tile([0.4, 0.6], (10, 1))
+    assert expected_calibration_error(y, calibrated) == pytest.approx(0.0)
 
 
 def test_one_label_is_refused() -> None:
