@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy.optimize import minimize_scalar
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 from sklearn.model_selection import GridSearchCV, StratifiedKFold, cross_val_predict
@@ -50,6 +51,8 @@ def train_head(embeddings: np.ndarray, labels: list[str], *, seed: int = 0) -> T
     min_count = min(counts.values())
 
     c = DEFAULT_C
+    temperature = 1.0
+    uncalibrated_ece = None
     held_out: dict[str, Any] = {}
     folds = min(MAX_FOLDS, min_count)
     if min_count >= MIN_EXAMPLES_PER_LABEL_FOR_CV:
@@ -67,10 +70,21 @@ def train_head(embeddings: np.ndarray, labels: list[str], *, seed: int = 0) -> T
             cv=splits,
             method="predict_proba",
         )
-        held_out = held_out_metrics(y, probabilities, classes)
+        uncalibrated_ece = round(expected_calibration_error(y, probabilities), 4)
+        # The temperature is fitted on held-out scores; the scores it is judged on are
+        # calibrated by a temperature fitted on the other folds only (cross-fitting).
+        log_p = np.log(np.clip(probabilities, 1e-12, 1.0))
+        calibrated = np.empty_like(probabilities)
+        for fitted, judged in splits.split(embeddings, y):
+            t = fit_temperature(log_p[fitted], y[fitted])
+            calibrated[judged] = _softmax(log_p[judged] / t)
+        held_out = held_out_metrics(y, calibrated, classes)
+        temperature = fit_temperature(log_p, y)
     model = LogisticRegression(C=c, solver=SOLVER, max_iter=1000).fit(embeddings, y)
 
-    weights, bias = _as_softmax(model.coef_, model.intercept_)
+    # softmax((x W + b) / T): the temperature is folded into the weights, so serving and
+    # the exported ONNX model apply it for free.
+    weights, bias = _as_softmax(model.coef_ / temperature, model.intercept_ / temperature)
     majority = max(counts.values()) / len(labels)
     metrics = {
         "n_examples": len(labels),
@@ -79,6 +93,8 @@ def train_head(embeddings: np.ndarray, labels: list[str], *, seed: int = 0) -> T
         "cv_folds": folds if held_out else None,
         "cv_macro_f1": held_out.get("macro_f1"),
         "cv_ece": held_out.get("ece"),
+        "cv_ece_uncalibrated": uncalibrated_ece,
+        "temperature": round(temperature, 4),
         "cv_per_label": held_out.get("per_label"),
         "cv_confusion_matrix": held_out.get("confusion_matrix"),
         "majority_baseline": round(majority, 4),
@@ -112,6 +128,25 @@ def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str
         },
         "confusion_matrix": confusion_matrix(y, predicted, labels=indices).tolist(),
     }
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
+    """The T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al.
+    2017, temperature scaling). Dividing by one scalar keeps every ranking as it was."""
+
+    def nll(log_t: float) -> float:
+        log_p = logits / np.exp(log_t)
+        log_p = log_p - log_p.max(axis=1, keepdims=True)
+        log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
+        return float(-log_p[np.arange(len(y)), y].mean())
+
+    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def expected_calibration_error(y: np.ndarray, probabilities: np.ndarray) -> float:

@@ -117,7 +117,13 @@ class HeadMetrics(BaseModel):
     cv_folds: int | None = None
     cv_macro_f1: float | None = Field(None, description="held-out macro-averaged F1")
     cv_ece: float | None = Field(
-        None, description="expected calibration error of held-out scores (10 bins)"
+        None, description="expected calibration error of held-out scores, as served (10 bins)"
+    )
+    cv_ece_uncalibrated: float | None = Field(
+        None, description="the same before temperature scaling"
+    )
+    temperature: float | None = Field(
+        None, description="fitted on held-out scores and applied to every score; 1 = none"
     )
     cv_per_label: dict[str, LabelMetrics] | None = Field(
         None, description="held-out precision and recall per label"

@@ -44,17 +44,33 @@ def test_multiclass_head_is_accurate_and_reports_cv() -> None:
     assert metrics["majority_baseline"] < 0.15 and metrics["warnings"] == []
 
 
-def test_binary_head_equals_sklearn_probabilities() -> None:
+def test_binary_head_is_sklearns_model_with_the_temperature_folded_in() -> None:
     iris = load_iris()
-    keep = iris.target < 2
-    x, y = _normalised(iris.data[keep]), [["setosa", "versicolor"][t] for t in iris.target[keep]]
+    keep = iris.target > 0  # versicolor and virginica overlap: not separable
+    x = _normalised(iris.data[keep])
+    y = [["versicolor", "virginica"][t - 1] for t in iris.target[keep]]
     head = train_head(x, y)
     reference = LogisticRegression(
         C=head.metrics["regularization_c"], solver=SOLVER, max_iter=1000
     ).fit(x, y)
-    np.testing.assert_allclose(
-        predict_proba(x, head.weights, head.bias), reference.predict_proba(x), atol=1e-5
-    )
+    t = head.metrics["temperature"]
+    assert 0.05 <= t <= 20 and t != 1.0
+    expected = reference.predict_proba(x) ** (1 / t)  # softmax(log p / T)
+    expected /= expected.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(predict_proba(x, head.weights, head.bias), expected, atol=1e-4)
+    # A temperature never changes which label wins.
+    winners = predict_proba(x, head.weights, head.bias).argmax(axis=1)
+    assert [head.labels[i] for i in winners] == list(reference.predict(x))
+
+
+def test_temperature_scaling_calibrates_held_out_scores() -> None:
+    digits = load_digits()
+    x, y = _normalised(digits.data[:500]), [str(d) for d in digits.target[:500]]
+    metrics = train_head(x, y, seed=3).metrics
+    # Strong L2 leaves logistic regression underconfident here; the temperature sharpens.
+    assert metrics["temperature"] < 1
+    assert metrics["cv_ece"] < metrics["cv_ece_uncalibrated"]
+    assert metrics["cv_ece"] < 0.05
 
 
 def test_too_few_examples_give_no_cv_accuracy() -> None:
