@@ -78,6 +78,25 @@ def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
 
+async def send_error(
+    send, status: int, code: str, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """The JSON error shape sent straight through ASGI, for middleware outside the app."""
+    body = json.dumps(error_body(code, message)).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
 def _respond(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
@@ -154,18 +173,7 @@ class JsonNotFoundUnderV1:
                 content_type = dict(message.get("headers", [])).get(b"content-type", b"")
                 if not content_type.startswith(b"application/json"):
                     replaced = True
-                    body = json.dumps(error_body("not_found", "no such route; see /v1/docs"))
-                    await send(
-                        {
-                            "type": "http.response.start",
-                            "status": 404,
-                            "headers": [
-                                (b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode()),
-                            ],
-                        }
-                    )
-                    await send({"type": "http.response.body", "body": body.encode()})
+                    await send_error(send, 404, "not_found", "no such route; see /v1/docs")
                     return
             if not (replaced and message["type"] == "http.response.body"):
                 await send(message)

@@ -3,13 +3,12 @@ header), and a request rate per tenant."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_body
+from service.errors import PayloadTooLarge, send_error
 
 
 class BodySizeLimit:
@@ -51,21 +50,8 @@ class BodySizeLimit:
                 await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            error_body("payload_too_large", f"request body over {self.max_bytes} bytes")
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close"),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+        message = f"request body over {self.max_bytes} bytes"
+        await send_error(send, 413, "payload_too_large", message, ((b"connection", b"close"),))
 
 
 class RateLimiter:

@@ -1,0 +1,46 @@
+"""The per-tenant token bucket, on a clock the test moves by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.limits import RateLimiter
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_burst_then_the_sustained_rate() -> None:
+    clock = Clock()
+    limiter = RateLimiter(rate=2.0, burst=3, clock=clock)
+    assert [limiter.wait_needed("a") for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.wait_needed("a") == pytest.approx(0.5)  # one token refills in 1/rate
+    assert limiter.wait_needed("b") == 0.0  # another tenant has its own bucket
+    clock.now = 0.5
+    assert limiter.wait_needed("a") == 0.0
+    assert limiter.wait_needed("a") == pytest.approx(0.5)
+    clock.now = 100.0  # a long pause refills to the burst, never beyond it
+    assert [limiter.wait_needed("a") for _ in range(4)][-1] == pytest.approx(0.5)
+
+
+def test_zero_rate_means_no_limit() -> None:
+    limiter = RateLimiter(rate=0, burst=1)
+    assert all(limiter.wait_needed("a") == 0.0 for _ in range(1000))
+
+
+def test_idle_buckets_are_dropped(monkeypatch) -> None:
+    monkeypatch.setattr(RateLimiter, "PRUNE_AT", 10)
+    clock = Clock()
+    limiter = RateLimiter(rate=1.0, burst=2, clock=clock)
+    for i in range(10):
+        limiter.wait_needed(f"idle-{i}")
+    clock.now = 5.0  # every bucket has refilled
+    limiter.wait_needed("busy")
+    limiter.wait_needed("busy")
+    limiter.wait_needed("new")  # the 12th bucket: over PRUNE_AT, the full ones go
+    assert set(limiter._buckets) == {"busy", "new"}  # both still short of their burst
