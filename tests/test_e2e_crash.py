@@ -14,12 +14,14 @@ import time
 import httpx
 import pytest
 
+from models.registry import get_backbone
 from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
 from tests.server import BENTOML, kill_server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
 TEXT = "minilm_l6"
+DIM = get_backbone(TEXT).embedding_dim
 
 
 def _fresh_examples(rng: random.Random, per_label: int) -> list[dict]:
@@ -113,7 +115,7 @@ def _check_database(path) -> None:
         rows = db.execute("SELECT labels, weights, bias FROM heads WHERE version > 0").fetchall()
         for labels, weights, bias in rows:
             n_labels = len(json.loads(labels))
-            assert len(bias) == 4 * n_labels and len(weights) == 4 * 384 * n_labels
+            assert len(bias) == 4 * n_labels and len(weights) == 4 * DIM * n_labels
     finally:
         db.close()
 

@@ -103,18 +103,14 @@ def _zip(files: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> by
     return buffer.getvalue()
 
 
-def _zip_with(entry: zipfile.ZipInfo, data: bytes) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("b/1.jpg", JPEG)
-        archive.writestr(entry, data)
-    return buffer.getvalue()
-
-
 def _symlink_zip() -> bytes:
     link = zipfile.ZipInfo("a/passwd.jpg")
     link.external_attr = (0o120777 << 16) | 0x20  # a symbolic link, as `zip -y` stores it
-    return _zip_with(link, b"/etc/passwd")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("b/1.jpg", JPEG)
+        archive.writestr(link, b"/etc/passwd")
+    return buffer.getvalue()
 
 
 def _patched(data: bytes, find: bytes, offset: int, value: bytes) -> bytes:
