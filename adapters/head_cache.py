@@ -25,12 +25,21 @@ class ServingHead:
     labels: list[str]
     weights: np.ndarray  # (embedding_dim, n_labels) float32
     bias: np.ndarray
+    prototypes: np.ndarray | None  # (embedding_dim, n_labels) normalised class means
+    unknown_threshold: float | None
 
     @property
     def nbytes(self) -> int:
-        return (
-            self.weights.nbytes + self.bias.nbytes + sum(len(label) + 50 for label in self.labels)
-        )
+        arrays = self.weights.nbytes + self.bias.nbytes
+        if self.prototypes is not None:
+            arrays += self.prototypes.nbytes
+        return arrays + sum(len(label) + 50 for label in self.labels)
+
+    def unknown(self, similarity: np.ndarray) -> np.ndarray:
+        """Which rows are further from every class mean than the head's threshold."""
+        if self.unknown_threshold is None:
+            return np.zeros(len(similarity), dtype=bool)
+        return similarity < self.unknown_threshold
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,8 @@ class HeadCache:
             labels=row.labels,
             weights=row.weights,
             bias=row.bias,
+            prototypes=row.prototypes,
+            unknown_threshold=row.unknown_threshold,
         )
         self._put(head)
         return head

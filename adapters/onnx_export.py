@@ -1,4 +1,5 @@
-"""Backbone + head as one ONNX model: the backbone's graph, then MatMul, Add and Softmax."""
+"""Backbone + head as one ONNX model: the backbone's graph, then MatMul, Add and Softmax
+for the scores, and the best similarity to the class means for the unknown flag."""
 
 from __future__ import annotations
 
@@ -12,28 +13,53 @@ from onnx import TensorProto, compose, helper, numpy_helper
 from adapters.store import Head
 from models.registry import BackboneSpec
 
+# Below any cosine similarity: a head without a threshold never flags an input unknown.
+NO_THRESHOLD = -2.0
 
-def head_graph(weights: np.ndarray, bias: np.ndarray, like: onnx.ModelProto) -> onnx.ModelProto:
-    """`embedding` [batch, dim] → `probabilities` [batch, n_labels], in `like`'s opset.
+
+def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
+    """`embedding` [batch, dim] → `probabilities` [batch, n_labels], plus `similarity`
+    [batch] (best cosine similarity to a class mean) and `unknown` [batch] (similarity
+    below the head's threshold) for a head version that has class means, in `like`'s
+    opset (ReduceMax takes `axes` as an attribute up to opset 17).
 
     Names carry a `graft_head_` prefix so they cannot collide with the backbone's.
     """
-    dim, n_labels = weights.shape
+    assert head.weights is not None and head.bias is not None
+    dim, n_labels = head.weights.shape
+    nodes = [
+        helper.make_node("MatMul", ["embedding", "graft_head_weights"], ["graft_head_xw"]),
+        helper.make_node("Add", ["graft_head_xw", "graft_head_bias"], ["graft_head_logits"]),
+        helper.make_node("Softmax", ["graft_head_logits"], ["probabilities"], axis=1),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_labels])
+    ]
+    initializers = [
+        numpy_helper.from_array(head.weights.astype(np.float32), "graft_head_weights"),
+        numpy_helper.from_array(head.bias.astype(np.float32), "graft_head_bias"),
+    ]
+    if head.prototypes is not None:
+        threshold = NO_THRESHOLD if head.unknown_threshold is None else head.unknown_threshold
+        nodes += [
+            helper.make_node("MatMul", ["embedding", "graft_head_prototypes"], ["graft_head_cos"]),
+            helper.make_node("ReduceMax", ["graft_head_cos"], ["similarity"], axes=[1], keepdims=0),
+            helper.make_node("Less", ["similarity", "graft_head_threshold"], ["unknown"]),
+        ]
+        outputs += [
+            helper.make_tensor_value_info("similarity", TensorProto.FLOAT, ["batch"]),
+            helper.make_tensor_value_info("unknown", TensorProto.BOOL, ["batch"]),
+        ]
+        initializers += [
+            numpy_helper.from_array(head.prototypes.astype(np.float32), "graft_head_prototypes"),
+            numpy_helper.from_array(np.array(threshold, dtype=np.float32), "graft_head_threshold"),
+        ]
     graph = helper.make_graph(
-        nodes=[
-            helper.make_node("MatMul", ["embedding", "graft_head_weights"], ["graft_head_xw"]),
-            helper.make_node("Add", ["graft_head_xw", "graft_head_bias"], ["graft_head_logits"]),
-            helper.make_node("Softmax", ["graft_head_logits"], ["probabilities"], axis=1),
-        ],
-        name="graft_head",
-        inputs=[helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
-        outputs=[
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_labels])
-        ],
-        initializer=[
-            numpy_helper.from_array(weights.astype(np.float32), "graft_head_weights"),
-            numpy_helper.from_array(bias.astype(np.float32), "graft_head_bias"),
-        ],
+        nodes,
+        "graft_head",
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        outputs,
+        initializers,
     )
     return helper.make_model(graph, opset_imports=like.opset_import, ir_version=like.ir_version)
 
@@ -42,11 +68,10 @@ def combined_model(
     spec: BackboneSpec, backbone_path: Path, head: Head, *, variant: str = "fp32"
 ) -> bytes:
     """The serialised model a tenant downloads; labels and preprocessing in its metadata."""
-    assert head.weights is not None and head.bias is not None
     backbone = onnx.load(str(backbone_path))
     merged = compose.merge_models(
         backbone,
-        head_graph(head.weights, head.bias, backbone),
+        head_graph(head, backbone),
         io_map=[("embedding", "embedding")],
         producer_name="graft",
     )
@@ -60,6 +85,7 @@ def combined_model(
             "graft.backbone": spec.id,
             "graft.variant": variant,
             "graft.labels": json.dumps(head.labels),
+            "graft.unknown_threshold": json.dumps(head.unknown_threshold),
             "graft.inputs": json.dumps(list(spec.onnx_inputs)),
             "graft.preprocessing": json.dumps(spec.public()["preprocessing"]),
         },

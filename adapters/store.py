@@ -42,6 +42,9 @@ CREATE TABLE IF NOT EXISTS heads (
     labels TEXT NOT NULL DEFAULT '[]',
     weights BLOB,
     bias BLOB,
+    prototypes BLOB,
+    unknown_threshold REAL,
+    label_descriptions TEXT NOT NULL DEFAULT '{}',
     metrics TEXT,
     error TEXT,
     created_at TEXT NOT NULL,
@@ -65,6 +68,13 @@ CREATE TABLE IF NOT EXISTS head_examples (
     PRIMARY KEY (head_id, content_hash, label)
 );
 """
+
+# Columns added to `heads` after its first release (SQLite adds them in place).
+ADDED_HEAD_COLUMNS = {
+    "prototypes": "BLOB",
+    "unknown_threshold": "REAL",
+    "label_descriptions": "TEXT NOT NULL DEFAULT '{}'",
+}
 
 KEY_PREFIX = "graft"
 INTERRUPTED = "training was interrupted by a restart; post the examples again"
@@ -99,6 +109,9 @@ class Head:
     labels: list[str]
     weights: np.ndarray | None
     bias: np.ndarray | None
+    prototypes: np.ndarray | None  # (embedding_dim, n_labels): normalised class means
+    unknown_threshold: float | None
+    label_descriptions: dict[str, str]
     metrics: dict[str, Any] | None
     error: str | None
     created_at: str
@@ -115,6 +128,7 @@ class Head:
             "name": self.name,
             "backbone": self.backbone,
             "labels": self.labels,
+            "label_descriptions": self.label_descriptions,
             "status": self.status,
             "version": self.version,
             "metrics": self.metrics,
@@ -135,6 +149,8 @@ class ServingRow:
     labels: list[str]
     weights: np.ndarray | None
     bias: np.ndarray | None
+    prototypes: np.ndarray | None
+    unknown_threshold: float | None
 
 
 class Store:
@@ -153,6 +169,14 @@ class Store:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Brings a data directory written by an older Graft up to this schema."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(heads)")}
+        for column, declaration in ADDED_HEAD_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE heads ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         with self._lock:
@@ -233,7 +257,13 @@ class Store:
     # Heads ---------------------------------------------------------------------------
 
     def create_head(
-        self, *, tenant_id: str, name: str, backbone: str, max_heads: int | None = None
+        self,
+        *,
+        tenant_id: str,
+        name: str,
+        backbone: str,
+        label_descriptions: dict[str, str] | None = None,
+        max_heads: int | None = None,
     ) -> Head | None:
         """A new head in `training` state; None if the tenant already has `max_heads`."""
         now = _now()
@@ -247,9 +277,17 @@ class Store:
                 if count >= max_heads:
                     return None
             db.execute(
-                "INSERT INTO heads (id, tenant_id, name, backbone, status, created_at, updated_at)"
-                " VALUES (?,?,?,?,'training',?,?)",
-                (head_id, tenant_id, name, backbone, now, now),
+                "INSERT INTO heads (id, tenant_id, name, backbone, status, label_descriptions,"
+                " created_at, updated_at) VALUES (?,?,?,?,'training',?,?,?)",
+                (
+                    head_id,
+                    tenant_id,
+                    name,
+                    backbone,
+                    json.dumps(label_descriptions or {}),
+                    now,
+                    now,
+                ),
             )
         head = self.get_head(tenant_id=tenant_id, head_id=head_id)
         assert head is not None
@@ -271,17 +309,18 @@ class Store:
             row = db.execute(
                 "SELECT backbone, status, version, labels,"
                 " CASE WHEN version IS ? THEN NULL ELSE weights END,"
-                " CASE WHEN version IS ? THEN NULL ELSE bias END"
+                " CASE WHEN version IS ? THEN NULL ELSE bias END,"
+                " CASE WHEN version IS ? THEN NULL ELSE prototypes END, unknown_threshold"
                 " FROM heads WHERE id = ? AND tenant_id = ?",
-                (known_version, known_version, head_id, tenant_id),
+                (known_version, known_version, known_version, head_id, tenant_id),
             ).fetchone()
         if row is None:
             return None
-        backbone, status, version, labels, weights, bias = row
+        backbone, status, version, labels, weights, bias, prototypes, threshold = row
         if weights is None:
-            return ServingRow(backbone, status, version, [], None, None)
-        w, b = _head_arrays(weights, bias)
-        return ServingRow(backbone, status, version, json.loads(labels), w, b)
+            return ServingRow(backbone, status, version, [], None, None, None, None)
+        w, b, p = _head_arrays(weights, bias, prototypes)
+        return ServingRow(backbone, status, version, json.loads(labels), w, b, p, threshold)
 
     def list_heads(self, *, tenant_id: str) -> list[Head]:
         with self._read() as db:
@@ -372,18 +411,25 @@ class Store:
         labels: list[str],
         weights: np.ndarray,
         bias: np.ndarray,
+        prototypes: np.ndarray,
+        unknown_threshold: float | None,
         metrics: dict[str, Any],
     ) -> bool:
-        """Stores a trained version atomically; False if the head was deleted meanwhile."""
+        """Stores a trained version atomically; False if the head was deleted meanwhile.
+        `backbone` is the one the version was trained on (an `auto` head's choice)."""
         with self._tx() as db:
             cursor = db.execute(
                 "UPDATE heads SET status = 'ready', error = NULL, version = version + 1,"
-                " labels = ?, weights = ?, bias = ?, metrics = ?, updated_at = ?"
+                " backbone = ?, labels = ?, weights = ?, bias = ?, prototypes = ?,"
+                " unknown_threshold = ?, metrics = ?, updated_at = ?"
                 " WHERE id = ? AND tenant_id = ?",
                 (
+                    backbone,
                     json.dumps(labels),
                     np.ascontiguousarray(weights, dtype=np.float32).tobytes(),
                     np.ascontiguousarray(bias, dtype=np.float32).tobytes(),
+                    np.ascontiguousarray(prototypes, dtype=np.float32).tobytes(),
+                    unknown_threshold,
                     json.dumps(metrics),
                     _now(),
                     head_id,
@@ -408,22 +454,27 @@ class Store:
 
 
 _HEAD_COLUMNS = (
-    "id, tenant_id, name, backbone, status, version, labels, weights, bias, metrics, error,"
-    " created_at, updated_at"
+    "id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,"
+    " unknown_threshold, label_descriptions, metrics, error, created_at, updated_at"
 )
 
 
-def _head_arrays(weights: bytes, bias: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """A head's stored blobs as its (embedding_dim, n_labels) weights and its bias."""
+def _head_arrays(
+    weights: bytes, bias: bytes, prototypes: bytes | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A head's stored blobs as its (embedding_dim, n_labels) weights, its bias and its
+    class means (None for a version trained before heads kept them)."""
     b = np.frombuffer(bias, dtype=np.float32)
-    return np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b)), b
+    w = np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b))
+    p = None if prototypes is None else np.frombuffer(prototypes, dtype=np.float32).reshape(w.shape)
+    return w, b, p
 
 
 def _head_from_row(row: tuple) -> Head:
-    (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, metrics,
-     error, created_at, updated_at) = row  # fmt: skip
+    (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
+     threshold, descriptions, metrics, error, created_at, updated_at) = row  # fmt: skip
     label_list = json.loads(labels)
-    w, b = _head_arrays(weights, bias) if weights is not None else (None, None)
+    w, b, p = _head_arrays(weights, bias, prototypes) if weights is not None else (None,) * 3
     return Head(
         id=head_id,
         tenant_id=tenant_id,
@@ -434,6 +485,9 @@ def _head_from_row(row: tuple) -> Head:
         labels=label_list,
         weights=w,
         bias=b,
+        prototypes=p,
+        unknown_threshold=threshold,
+        label_descriptions=json.loads(descriptions),
         metrics=json.loads(metrics) if metrics else None,
         error=error,
         created_at=created_at,

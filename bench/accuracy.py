@@ -4,8 +4,18 @@
     python bench/accuracy.py --text $UCI/yelp_labelled.txt
     python bench/accuracy.py --text ../shared/data/text/ag_news/test.csv --train-per-label 8 \
         --val-per-label 250 --draws 10
+    python bench/accuracy.py --text $UCI/yelp_labelled.txt --train-per-label 8 --draws 10 \
+        --describe "0=a negative review" --describe "1=a positive review" \
+        --ood ../shared/data/text/ag_news/test.csv
+    python bench/accuracy.py --images ../shared/data/images/flowers --ood digits \
+        --ood ../shared/data/text/ag_news/test.csv
 
 ($UCI = ../shared/data/text/uci_sentiment_labelled_sentences)
+
+--ood adds out-of-distribution inputs: the validation inputs must be kept (`unknown`
+false) and these rejected. For a text head: a UCI or AG News file. For an image head:
+`digits` (scikit-learn's 8x8 digits, enlarged), an image folder, or a text file whose
+lines are rendered as images of text (the other modality's data).
 
 Starts a real server on a free loopback port (or uses --url/--admin-key), creates a
 tenant, trains a head on the training split, then predicts the validation split in
@@ -20,11 +30,13 @@ import argparse
 import base64
 import csv
 import io
+import json
 import statistics
 import sys
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -37,6 +49,7 @@ from adapters.heads import expected_calibration_error  # noqa: E402
 from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 BATCH = 32
+OOD_INPUTS = 300  # per --ood source
 
 
 def image_split(root: Path) -> list[tuple[str, Path]]:
@@ -77,7 +90,15 @@ def text_split(rows, *, seed: int, train_per_label: int | None, val_per_label: i
     return train, val
 
 
-def create_head(client: httpx.Client, name: str, backbone: str, *, examples=None, archive=None):
+def create_head(
+    client: httpx.Client,
+    name: str,
+    backbone: str,
+    *,
+    examples=None,
+    archive=None,
+    descriptions: dict[str, str] | None = None,
+):
     start = time.perf_counter()
     if archive is not None:
         response = client.post(
@@ -86,9 +107,10 @@ def create_head(client: httpx.Client, name: str, backbone: str, *, examples=None
             files={"archive": ("train.zip", archive, "application/zip")},
         )
     else:
-        response = client.post(
-            "/v1/heads", json={"name": name, "backbone": backbone, "examples": examples}
-        )
+        body = {"name": name, "backbone": backbone, "examples": examples}
+        if descriptions:
+            body["label_descriptions"] = descriptions
+        response = client.post("/v1/heads", json=body)
     response.raise_for_status()
     head = response.json()
     while head["status"] == "training":
@@ -99,21 +121,29 @@ def create_head(client: httpx.Client, name: str, backbone: str, *, examples=None
     return head, time.perf_counter() - start
 
 
-def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[str]):
-    """Validation accuracy, macro-F1 and ECE (from the returned scores), and inputs/s."""
-    probabilities, seconds = [], 0.0
-    k = len(head["labels"])
+def predict_all(client: httpx.Client, head: dict, inputs: list[dict]) -> tuple[list[dict], float]:
+    """Every input's prediction (all labels' scores), in batches; and the seconds spent."""
+    predictions, seconds = [], 0.0
     for start in range(0, len(inputs), BATCH):
         t0 = time.perf_counter()
         response = client.post(
             f"/v1/heads/{head['id']}/predict",
-            json={"inputs": inputs[start : start + BATCH], "top_k": k},
+            json={"inputs": inputs[start : start + BATCH], "top_k": len(head["labels"])},
         )
         seconds += time.perf_counter() - t0
         response.raise_for_status()
-        for prediction in response.json()["predictions"]:
-            scores = {item["label"]: item["score"] for item in prediction["top_k"]}
-            probabilities.append([scores[label] for label in head["labels"]])
+        predictions += response.json()["predictions"]
+    return predictions, seconds
+
+
+def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[str]):
+    """Validation accuracy, macro-F1, ECE (from the returned scores) and the share of inputs
+    kept (not flagged unknown); and inputs/s."""
+    predictions, seconds = predict_all(client, head, inputs)
+    probabilities = []
+    for prediction in predictions:
+        scores = {item["label"]: item["score"] for item in prediction["top_k"]}
+        probabilities.append([scores[label] for label in head["labels"]])
     y = np.array([head["labels"].index(label) for label in labels])
     probabilities = np.array(probabilities)
     predicted = probabilities.argmax(axis=1)
@@ -121,8 +151,73 @@ def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[
         "accuracy": float(np.mean(predicted == y)),
         "macro_f1": float(f1_score(y, predicted, average="macro")),
         "ece": expected_calibration_error(y, probabilities),
+        "kept": float(np.mean([not p["unknown"] for p in predictions])),
     }
     return quality, len(inputs) / seconds
+
+
+def rejected(client: httpx.Client, head: dict, oods: dict[str, list[dict]]) -> dict[str, float]:
+    """Share of each out-of-distribution source that the head flags unknown."""
+    return {
+        name: float(np.mean([p["unknown"] for p in predict_all(client, head, inputs)[0]]))
+        for name, inputs in oods.items()
+    }
+
+
+def ood_inputs(sources: list[str], modality: str) -> dict[str, list[dict]]:
+    """Up to OOD_INPUTS inputs per --ood source, as predict inputs of `modality`."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for source in sources:
+        if source == "digits":
+            from sklearn.datasets import load_digits
+
+            digits = load_digits().images[:OOD_INPUTS]
+            out["digits"] = [{"image": _png(_enlarged_digit(d))} for d in digits]
+            continue
+        path = Path(source)
+        if path.is_dir():
+            files = sorted(f for f in path.rglob("*") if f.is_file())[:OOD_INPUTS]
+            out[path.name] = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
+            continue
+        rows = read_texts(path)
+        texts = [rows[i][1] for i in rng.choice(len(rows), OOD_INPUTS, replace=False)]
+        if modality == "text":
+            out[path.name] = [{"text": t} for t in texts]
+        else:
+            out[f"{path.name} as images"] = [{"image": _png(_text_image(t))} for t in texts]
+    return out
+
+
+def _enlarged_digit(digit: np.ndarray):
+    from PIL import Image
+
+    grey = (255 - digit * 16).clip(0, 255).astype(np.uint8)  # dark ink on white
+    return Image.fromarray(grey).resize((240, 240), Image.Resampling.BILINEAR).convert("RGB")
+
+
+def _text_image(text: str):
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(image).multiline_text(
+        (8, 8), "\n".join(textwrap.wrap(text, 40)[:12]), fill="black"
+    )
+    return image
+
+
+def _png(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def unknown_line(kept: float, rejected_share: dict[str, float]) -> str:
+    parts = [f"validation kept {kept:.3f}"]
+    parts += [f"{name} rejected {share:.3f}" for name, share in rejected_share.items()]
+    return ", ".join(parts)
 
 
 def own_report(metrics: dict) -> str:
@@ -131,8 +226,16 @@ def own_report(metrics: dict) -> str:
         return "none (too few examples)"
     return (
         f"accuracy {metrics['cv_accuracy']:.3f}, macro-F1 {metrics['cv_macro_f1']:.3f},"
-        f" ECE {metrics['cv_ece']:.3f} (C={metrics['regularization_c']})"
+        f" ECE {metrics['cv_ece']:.3f} (before calibration {metrics['cv_ece_uncalibrated']:.3f}),"
+        f" unknown keeps {metrics['cv_unknown_kept']:.3f}"
     )
+
+
+def head_type(metrics: dict) -> str:
+    chosen = metrics["head_type"]
+    if metrics["regularization_c"] is not None:
+        chosen += f" C={metrics['regularization_c']:g}"
+    return chosen + (" with label names" if metrics["label_names"] else "")
 
 
 def quality_line(q: dict, spread: str = "") -> str:
@@ -150,7 +253,7 @@ def single_latency(
     return statistics.median(times) * 1000, float(np.percentile(times, 95)) * 1000
 
 
-def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
+def bench_images(client: httpx.Client, root: Path, backbone: str, ood: list[str]) -> None:
     train, val = image_split(root / "train"), image_split(root / "val")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -164,7 +267,12 @@ def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
     report(
         ("data set", f"{root} ({len(train)} train, {len(val)} val, {len(head['labels'])} labels)"),
         ("backbone", backbone),
+        ("head type", head_type(metrics)),
         ("validation", quality_line(quality)),
+        (
+            "unknown",
+            unknown_line(quality["kept"], rejected(client, head, ood_inputs(ood, "image"))),
+        ),
         ("head's report", own_report(metrics)),
         ("warnings", "; ".join(metrics["warnings"]) or "none"),
         ("create head", f"{train_seconds:.2f} s (upload, decode, embed, CV + fit)"),
@@ -175,18 +283,29 @@ def bench_images(client: httpx.Client, root: Path, backbone: str) -> None:
 
 
 def bench_texts(
-    client: httpx.Client, path: Path, backbone: str, train_per_label, val_per_label, draws: int
+    client: httpx.Client,
+    path: Path,
+    backbone: str,
+    train_per_label,
+    val_per_label,
+    draws: int,
+    descriptions: dict[str, str],
+    ood: list[str],
 ) -> None:
     rows = read_texts(path)
-    qualities, reports, train_times = [], [], []
+    oods = ood_inputs(ood, "text")
+    qualities, reports, train_times, rejections = [], [], [], []
     for seed in range(draws):
         train, val = text_split(
             rows, seed=seed, train_per_label=train_per_label, val_per_label=val_per_label
         )
         examples = [{"label": label, "text": text} for label, text in train]
-        head, seconds = create_head(client, f"{path.stem}-{seed}", backbone, examples=examples)
+        head, seconds = create_head(
+            client, f"{path.stem}-{seed}", backbone, examples=examples, descriptions=descriptions
+        )
         inputs = [{"text": text} for _, text in val]
         quality, per_second = evaluate(client, head, inputs, [label for label, _ in val])
+        rejections.append(rejected(client, head, oods))
         qualities.append(quality)
         reports.append(head["metrics"])
         train_times.append(seconds)
@@ -195,10 +314,15 @@ def bench_texts(
     accuracies = [q["accuracy"] for q in qualities]
     spread = f" ± {statistics.stdev(accuracies):.3f} over {draws} draws" if draws > 1 else ""
     mean = {key: statistics.mean(q[key] for q in qualities) for key in qualities[0]}
+    mean_rejected = {name: statistics.mean(r[name] for r in rejections) for name in oods}
+    chosen = Counter(head_type(m) for m in reports)
     report(
         ("data set", f"{path} (train {size}, val {len(val)}, {len(head['labels'])} labels)"),
         ("backbone", backbone),
+        ("descriptions", json.dumps(descriptions) if descriptions else "none (label names)"),
+        ("head type", ", ".join(f"{kind} ×{n}" for kind, n in chosen.most_common())),
         ("validation", quality_line(mean, spread)),
+        ("unknown", unknown_line(mean["kept"], mean_rejected)),
         ("head's report", f"{own_report(reports[-1])} (last draw)"),
         ("warnings", "; ".join(reports[-1]["warnings"]) or "none"),
         ("create head", f"{statistics.median(train_times):.2f} s median (embed, CV + fit)"),
@@ -223,6 +347,16 @@ def main() -> None:
     parser.add_argument("--train-per-label", type=int, help="text: few-shot training size")
     parser.add_argument("--val-per-label", type=int, help="text: cap the validation split")
     parser.add_argument("--draws", type=int, default=1, help="text: repeat over seeds")
+    parser.add_argument(
+        "--describe",
+        action="append",
+        default=[],
+        metavar="LABEL=TEXT",
+        help="text: a label's description (label_descriptions); repeat per label",
+    )
+    parser.add_argument(
+        "--ood", action="append", default=[], help="out-of-distribution source; repeatable"
+    )
     parser.add_argument("--url", help="use a running server instead of starting one")
     parser.add_argument("--admin-key")
     args = parser.parse_args()
@@ -246,7 +380,7 @@ def main() -> None:
             base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}
         ) as client:
             if args.images:
-                bench_images(client, args.images, args.backbone or "efficientnet_lite0")
+                bench_images(client, args.images, args.backbone or "efficientnet_lite0", args.ood)
             else:
                 bench_texts(
                     client,
@@ -255,6 +389,8 @@ def main() -> None:
                     args.train_per_label,
                     args.val_per_label,
                     args.draws,
+                    dict(item.split("=", 1) for item in args.describe),
+                    args.ood,
                 )
     finally:
         if server is not None:

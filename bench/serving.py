@@ -96,6 +96,7 @@ def seed_heads(data_dir: Path, n: int, dim: int) -> list[tuple[str, str]]:
             tenant_id=tenant.id, head_id=head.id, backbone=BACKBONE, new_embeddings={},
             examples=[], labels=["a", "b"],
             weights=rng.normal(size=(dim, 2)).astype(np.float32), bias=np.zeros(2, np.float32),
+            prototypes=rng.normal(size=(dim, 2)).astype(np.float32), unknown_threshold=0.0,
             metrics={"n_examples": 0},
         )  # fmt: skip
         heads.append((head.id, key))

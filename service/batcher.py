@@ -34,9 +34,11 @@ class _Request:
     taken: int = 0  # rows handed to a batch so far
     done: int = 0  # rows answered so far
     probabilities: np.ndarray | None = None
+    similarity: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.probabilities = np.empty((len(self.rows), len(self.head.labels)), dtype=np.float32)
+        self.similarity = np.full(len(self.rows), np.nan, dtype=np.float32)
 
 
 class Batcher:
@@ -61,7 +63,9 @@ class Batcher:
         self._thread.start()
 
     def submit(self, head: ServingHead, rows: np.ndarray | list[str]) -> Future:
-        """Future of the (rows, labels) probabilities of these rows under this head."""
+        """Future of (probabilities, similarity) of these rows under this head: the
+        (rows, labels) scores and each row's best cosine similarity to a class mean (NaN
+        for a head version without class means)."""
         request = _Request(head=head, rows=rows, arrived=time.monotonic())
         with self._ready:
             if self._stopping:
@@ -145,10 +149,15 @@ class Batcher:
             head = parts[0][0].head
             rows = np.concatenate([np.arange(o, o + c) for _, _, c, o in parts])
             probabilities = predict_proba(embeddings[rows], head.weights, head.bias)
+            similarity = None
+            if head.prototypes is not None:
+                similarity = (embeddings[rows] @ head.prototypes).max(axis=1)
             at = 0
             for request, start, count, _ in parts:
                 request.probabilities[start : start + count] = probabilities[at : at + count]
+                if similarity is not None:
+                    request.similarity[start : start + count] = similarity[at : at + count]
                 at += count
                 request.done += count
                 if request.done == len(request.rows):
-                    request.future.set_result(request.probabilities)
+                    request.future.set_result((request.probabilities, request.similarity))

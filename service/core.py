@@ -25,6 +25,7 @@ from adapters import heads
 from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
+from adapters.transferability import choose_backbone
 from models.export import ensure_variant
 from models.preprocess import InvalidInput, decode_image
 from models.quantize import VARIANTS
@@ -44,6 +45,10 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
+# The backbone id that asks Graft to choose: every backbone of the examples' modality is
+# scored (LogME), the best are tried, and the head keeps the one it validates best on.
+AUTO_BACKBONE = "auto"
+
 
 @dataclass(frozen=True)
 class RawInput:
@@ -60,6 +65,16 @@ class RawInput:
             return cls("image", base64.b64decode(image or "", validate=True))
         except (binascii.Error, ValueError):
             raise InvalidInput("invalid_base64", "'image' is not valid base64") from None
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A head's whole training set under one backbone, ready to fit."""
+
+    new_vectors: dict[str, np.ndarray]  # embeddings computed for this training
+    examples: list[tuple[str, str]]  # (content hash, label)
+    x: np.ndarray  # (len(examples), embedding_dim)
+    labels: list[str]
 
 
 @dataclass
@@ -175,16 +190,25 @@ class Graft:
         name: str,
         backbone_id: str,
         examples: Sequence[tuple[str, RawInput]],
+        label_descriptions: dict[str, str] | None = None,
     ) -> Head:
-        """Validates everything, then trains; returns the head, trained or still training."""
-        backbone = self.backbone(backbone_id)
+        """Validates everything, then trains; returns the head, trained or still training.
+        `backbone_id` "auto" tries every backbone of the examples' modality."""
+        raws = [raw for _, raw in examples]
+        if backbone_id == AUTO_BACKBONE:
+            modality = raws[0].kind if raws else "image"
+            candidates = [b for b in self.backbones.values() if b.spec.modality == modality]
+        else:
+            candidates = [self.backbone(backbone_id)]
         labels = self._check_labels([label for label, _ in examples], existing=())
-        prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
-        self._check_head_size(set(), prepared.content_hashes, labels)
+        self._check_descriptions(candidates[0].spec, label_descriptions or {}, labels)
+        options = [(backbone, self._prepare(tenant, backbone, raws)) for backbone in candidates]
+        self._check_head_size(set(), options[0][1].content_hashes, labels)
         head = self.store.create_head(
             tenant_id=tenant.id,
             name=name,
             backbone=backbone_id,
+            label_descriptions=label_descriptions,
             max_heads=self.settings.max_heads_per_tenant,
         )
         if head is None:
@@ -193,29 +217,33 @@ class Graft:
                 " hold; delete one first",
                 code="head_limit_reached",
             )
-        return self._train_and_wait(tenant, head, backbone, labels, prepared)
+        return self._train_and_wait(tenant, head, options, labels)
 
     def add_examples(
         self, tenant: Tenant, head_id: str, examples: Sequence[tuple[str, RawInput]]
     ) -> Head:
         head = self.get_head(tenant, head_id)
+        if head.backbone == AUTO_BACKBONE:
+            raise Conflict(
+                f"head {head.id} is still choosing its backbone; add examples once it is ready",
+                code="head_not_ready",
+            )
         backbone = self.backbone(head.backbone)
         labels = self._check_labels([label for label, _ in examples], existing=head.labels)
         prepared = self._prepare(tenant, backbone, [raw for _, raw in examples])
         stored = self.store.example_keys(tenant_id=tenant.id, head_id=head.id)
         self._check_head_size(stored, prepared.content_hashes, labels)
         self.store.set_status(tenant_id=tenant.id, head_id=head.id, status="training")
-        return self._train_and_wait(tenant, head, backbone, labels, prepared)
+        return self._train_and_wait(tenant, head, [(backbone, prepared)], labels)
 
     def _train_and_wait(
         self,
         tenant: Tenant,
         head: Head,
-        backbone: Backbone,
+        options: list[tuple[Backbone, PreparedInputs]],
         labels: list[str],
-        prepared: PreparedInputs,
     ) -> Head:
-        job: Future = self._training.submit(self._train, tenant, head, backbone, labels, prepared)
+        job: Future = self._training.submit(self._train, tenant, head, options, labels)
         with contextlib.suppress(FutureTimeout):  # still training: 202, the caller polls
             job.result(timeout=self.settings.sync_training_timeout_s)
         return self.get_head(tenant, head.id)
@@ -224,46 +252,51 @@ class Graft:
         self,
         tenant: Tenant,
         head: Head,
-        backbone: Backbone,
+        options: list[tuple[Backbone, PreparedInputs]],
         new_labels: list[str],
-        prepared: PreparedInputs,
     ) -> None:
-        """Embeds what is new, trains on the head's whole set, stores the version whole."""
+        """Embeds what is new, trains on the head's whole set, stores the version whole.
+        With several backbone options (`auto`) the examples are embedded by each and
+        `choose_backbone` picks one."""
         with self._head_lock(head.id):
             try:
-                new_vectors = self._embed(backbone, prepared)
-                cached = self.store.cached_embeddings(
-                    tenant_id=tenant.id,
-                    backbone=backbone.spec.id,
-                    content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
-                )
-                vectors = {**cached, **new_vectors}
-                stored = self.store.training_set(tenant_id=tenant.id, head_id=head.id)
-                for h, _, vector in stored:
-                    vectors.setdefault(h, vector)
-                examples = [(h, label) for h, label, _ in stored]
-                seen = set(examples)
-                for pair in zip(prepared.content_hashes, new_labels, strict=True):
-                    if pair not in seen:
-                        seen.add(pair)
-                        examples.append(pair)
-                # Checked when the request came in; this holds it against concurrent adds.
-                if len(examples) > self.settings.max_examples_per_head:
-                    raise ValueError(
-                        f"{len(examples)} examples; at most"
-                        f" {self.settings.max_examples_per_head} per head"
+                sets = {
+                    backbone.spec.id: self._training_set(
+                        tenant, head, backbone, prepared, new_labels
                     )
-                x = np.stack([vectors[h] for h, _ in examples])
-                trained = heads.train_head(x, [label for _, label in examples])
+                    for backbone, prepared in options
+                }
+                backbones = {backbone.spec.id: backbone for backbone, _ in options}
+                label_embeddings = {
+                    b: self._label_embeddings(backbones[b], head, s.labels) for b, s in sets.items()
+                }
+                if head.backbone == AUTO_BACKBONE:
+                    choice = choose_backbone(
+                        {b: s.x for b, s in sets.items()},
+                        next(iter(sets.values())).labels,
+                        label_embeddings,
+                    )
+                    chosen, training_set = choice.backbone, sets[choice.backbone]
+                    trained = choice.trained
+                    trained.metrics["backbone_selection"] = choice.report
+                else:
+                    [(chosen, training_set)] = sets.items()
+                    trained = heads.train_head(
+                        training_set.x,
+                        training_set.labels,
+                        label_embeddings=label_embeddings[chosen],
+                    )
                 self.store.save_version(
                     tenant_id=tenant.id,
                     head_id=head.id,
-                    backbone=backbone.spec.id,
-                    new_embeddings=new_vectors,
-                    examples=examples,
+                    backbone=chosen,
+                    new_embeddings=training_set.new_vectors,
+                    examples=training_set.examples,
                     labels=trained.labels,
                     weights=trained.weights,
                     bias=trained.bias,
+                    prototypes=trained.prototypes,
+                    unknown_threshold=trained.unknown_threshold,
                     metrics=trained.metrics,
                 )
             except Exception as exc:
@@ -277,14 +310,60 @@ class Graft:
                         error=f"training failed: {exc}",
                     )
 
+    def _training_set(
+        self,
+        tenant: Tenant,
+        head: Head,
+        backbone: Backbone,
+        prepared: PreparedInputs,
+        new_labels: list[str],
+    ) -> TrainingSet:
+        """The head's stored examples plus the new ones, as this backbone's embeddings."""
+        new_vectors = self._embed(backbone, prepared)
+        cached = self.store.cached_embeddings(
+            tenant_id=tenant.id,
+            backbone=backbone.spec.id,
+            content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
+        )
+        vectors = {**cached, **new_vectors}
+        stored = self.store.training_set(tenant_id=tenant.id, head_id=head.id)
+        for h, _, vector in stored:
+            vectors.setdefault(h, vector)
+        examples = [(h, label) for h, label, _ in stored]
+        seen = set(examples)
+        for pair in zip(prepared.content_hashes, new_labels, strict=True):
+            if pair not in seen:
+                seen.add(pair)
+                examples.append(pair)
+        # Checked when the request came in; this holds it against concurrent adds.
+        if len(examples) > self.settings.max_examples_per_head:
+            raise ValueError(
+                f"{len(examples)} examples; at most {self.settings.max_examples_per_head} per head"
+            )
+        x = np.stack([vectors[h] for h, _ in examples])
+        return TrainingSet(new_vectors, examples, x, [label for _, label in examples])
+
+    @staticmethod
+    def _label_embeddings(
+        backbone: Backbone, head: Head, labels: list[str]
+    ) -> dict[str, np.ndarray] | None:
+        """Text heads: each label's description (default: the label itself), embedded."""
+        if backbone.spec.modality != "text":
+            return None
+        names = sorted(set(labels))
+        texts = [head.label_descriptions.get(label, label) for label in names]
+        return dict(zip(names, backbone.embed_texts(texts), strict=True))
+
     def _head_lock(self, head_id: str) -> threading.Lock:
         with self._head_locks_guard:
             return self._head_locks.setdefault(head_id, threading.Lock())
 
     def predict(
         self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput], top_k: int
-    ) -> tuple[ServingHead, list[list[tuple[str, float]]]]:
-        """The hot path: one light registry read, decode here, then the shared batcher."""
+    ) -> tuple[ServingHead, list[list[tuple[str, float]]], np.ndarray]:
+        """The hot path: one light registry read, decode here, then the shared batcher.
+        Returns the head, each row's top-k labels and each row's best similarity to the
+        head's class means."""
         if len(inputs) > self.settings.max_predict_inputs:
             raise PayloadTooLarge(
                 f"{len(inputs)} inputs; at most {self.settings.max_predict_inputs} per call",
@@ -303,10 +382,10 @@ class Graft:
         rows = self._decode(spec, list(enumerate(inputs)))
         job = self.batchers[head.backbone].submit(head, rows)
         try:
-            probabilities = job.result(timeout=self.settings.predict_timeout_s)
+            probabilities, similarity = job.result(timeout=self.settings.predict_timeout_s)
         except FutureTimeout:
             raise Unavailable("prediction timed out; the service is overloaded") from None
-        return head, heads.top_k(probabilities, head.labels, top_k)
+        return head, heads.top_k(probabilities, head.labels, top_k), similarity
 
     def export_onnx(
         self, tenant: Tenant, head_id: str, variant: str | None = None
@@ -361,6 +440,25 @@ class Graft:
                 f"the head would hold {total} distinct examples; at most"
                 f" {self.settings.max_examples_per_head}",
                 code="example_limit_reached",
+            )
+
+    @staticmethod
+    def _check_descriptions(
+        spec: BackboneSpec, descriptions: dict[str, str], labels: list[str]
+    ) -> None:
+        if not descriptions:
+            return
+        if spec.modality != "text":
+            raise Unprocessable(
+                f"label_descriptions need a text backbone; {spec.id} is an {spec.modality}"
+                " backbone",
+                code="invalid_label_descriptions",
+            )
+        unknown = sorted(set(descriptions) - set(labels))
+        if unknown:
+            raise Unprocessable(
+                f"label_descriptions name labels without examples: {unknown[:5]}",
+                code="invalid_label_descriptions",
             )
 
     @staticmethod

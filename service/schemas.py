@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from adapters.heads import UNKNOWN_KEEP
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -90,11 +92,36 @@ class HeadSpec(_Strict):
     """What a head is called and which backbone it sits on (the multipart form fields)."""
 
     name: str = Field(min_length=1, max_length=200)
-    backbone: str
+    backbone: str = Field(
+        description="a backbone id (GET /backbones), or `auto`: every backbone of the"
+        " examples' modality is scored by LogME on the examples, the best two are trained"
+        " and the one with the lower held-out log-loss is kept (`metrics.backbone_selection`)."
+        " With an archive, `auto` means the image backbones.",
+        examples=["efficientnet_lite0", "auto"],
+    )
+
+
+MAX_DESCRIPTION_CHARS = 500
 
 
 class HeadCreate(HeadSpec):
     examples: list[Example] = Field(min_length=1)
+    label_descriptions: dict[str, str] = Field(
+        default_factory=dict,
+        description="text backbones only: a short description per label (default: the label"
+        " itself), embedded as prior knowledge; cross-validation decides whether it is used",
+        examples=[{"0": "a negative review", "1": "a positive review"}],
+    )
+
+    @model_validator(mode="after")
+    def _descriptions_fit(self) -> HeadCreate:
+        for label, description in self.label_descriptions.items():
+            if not description.strip() or len(description) > MAX_DESCRIPTION_CHARS:
+                raise ValueError(
+                    f"the description of {label!r} must have 1 to {MAX_DESCRIPTION_CHARS}"
+                    " characters"
+                )
+        return self
 
 
 class ExamplesAdd(_Strict):
@@ -105,6 +132,22 @@ class LabelMetrics(BaseModel):
     precision: float
     recall: float
     support: int
+
+
+class HeadCandidate(BaseModel):
+    head_type: Literal["logistic_regression", "prototype"]
+    regularization_c: float | None
+    label_names: bool
+    cv_accuracy: float
+    cv_log_loss: float = Field(description="at its best temperature; the lowest is chosen")
+
+
+class BackboneSelection(BaseModel):
+    logme: dict[str, float] = Field(description="LogME of each backbone on the examples")
+    shortlist: list[str] = Field(description="the best by LogME, on which heads were trained")
+    cv_log_loss: dict[str, float | None]
+    cv_accuracy: dict[str, float | None]
+    chosen: str
 
 
 class HeadMetrics(BaseModel):
@@ -134,7 +177,27 @@ class HeadMetrics(BaseModel):
     majority_baseline: float | None = Field(
         None, description="accuracy of always answering the most common label"
     )
-    regularization_c: float | None = None
+    head_type: Literal["logistic_regression", "prototype"] | None = Field(
+        None, description="the head type chosen by held-out log-loss among `cv_candidates`"
+    )
+    regularization_c: float | None = Field(None, description="logistic regression's C")
+    label_names: bool | None = Field(
+        None, description="whether the label names or descriptions were used as prior knowledge"
+    )
+    cv_candidates: list[HeadCandidate] | None = Field(
+        None, description="every head type compared; null when too few examples to compare"
+    )
+    unknown_threshold: float | None = Field(
+        None,
+        description="inputs whose best similarity to a class mean is below this are unknown;"
+        f" set to keep {UNKNOWN_KEEP:.0%} of held-out examples; null: too few examples",
+    )
+    cv_unknown_kept: float | None = Field(
+        None, description="share of held-out examples kept by a threshold set on other folds"
+    )
+    backbone_selection: BackboneSelection | None = Field(
+        None, description="how an `auto` head chose its backbone"
+    )
     warnings: list[str] = Field(
         default_factory=list, description="what to know before trusting these metrics"
     )
@@ -146,6 +209,7 @@ class HeadPublic(BaseModel):
     name: str
     backbone: str
     labels: list[str]
+    label_descriptions: dict[str, str]
     status: Literal["training", "ready", "failed"]
     version: int = Field(description="0 until the first training finishes")
     metrics: HeadMetrics | None
@@ -161,6 +225,11 @@ class HeadList(BaseModel):
 class PredictRequest(_Strict):
     inputs: list[Input] = Field(min_length=1)
     top_k: int = Field(1, ge=1, le=1000)
+    reject_unknown: bool = Field(
+        False,
+        description="answer `label: null` for inputs the head flags as unknown (far from all"
+        " of its labels); `unknown` and the scores are given either way",
+    )
 
 
 class LabelScore(BaseModel):
@@ -169,8 +238,18 @@ class LabelScore(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: str
-    score: float
+    label: str | None = Field(
+        description="the most probable label; null when `reject_unknown` and `unknown`"
+    )
+    score: float = Field(description="calibrated probability of the most probable label")
+    unknown: bool = Field(
+        description="the input's best similarity to the head's class means is below the"
+        " head's `unknown_threshold`"
+    )
+    similarity: float | None = Field(
+        description="best cosine similarity of the input's embedding to a class mean; null"
+        " for a head version trained before heads kept class means"
+    )
     top_k: list[LabelScore]
 
 

@@ -21,6 +21,7 @@ def _random_head(i: int, dim: int, n_labels: int) -> ServingHead:
         labels=[f"l{j}" for j in range(n_labels)],
         weights=rng.normal(size=(dim, n_labels)).astype(np.float32) * 5,
         bias=rng.normal(size=n_labels).astype(np.float32),
+        prototypes=rng.normal(size=(dim, n_labels)).astype(np.float32), unknown_threshold=0.0,
     )  # fmt: skip
 
 
@@ -52,9 +53,11 @@ def test_concurrent_requests_get_exactly_their_own_rows(request, backbone_name) 
             results = list(pool.map(lambda job: batcher.submit(job[0], job[1]).result(60), jobs))
     finally:
         batcher.close()
-    for (head, _, picks), got in zip(jobs, results, strict=True):
+    for (head, _, picks), (probabilities, similarity) in zip(jobs, results, strict=True):
         expected = predict_proba(reference[picks], head.weights, head.bias)
-        np.testing.assert_allclose(got, expected, atol=1e-4)
+        np.testing.assert_allclose(probabilities, expected, atol=1e-4)
+        expected = (reference[picks] @ head.prototypes).max(axis=1)
+        np.testing.assert_allclose(similarity, expected, atol=1e-4)
     total_rows = sum(len(p) for _, _, p in jobs)
     assert batcher.rows == total_rows
     assert batcher.batches < len(jobs), "no two requests ever shared a backbone pass"
@@ -68,6 +71,7 @@ def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on(text_backbon
         with pytest.raises(ValueError):
             batcher.submit(bad, ["a text"]).result(30)
         good = _random_head(1, text_backbone.spec.embedding_dim, 2)
-        assert batcher.submit(good, ["a text"]).result(30).shape == (1, 2)
+        probabilities, similarity = batcher.submit(good, ["a text"]).result(30)
+        assert probabilities.shape == (1, 2) and similarity.shape == (1,)
     finally:
         batcher.close()

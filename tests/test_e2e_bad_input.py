@@ -73,6 +73,22 @@ BAD_CREATES = [
     ("missing label", [{"image": b64(JPEG)}], 422, "invalid_request"),
 ]
 
+TEXTS = text_examples(3)
+# (description, label_descriptions, backbone, error code): all 422.
+BAD_DESCRIPTIONS = [
+    ("for an image backbone", {"a": "a temple"}, IMAGE, "invalid_label_descriptions"),
+    (
+        "of a label with no examples",
+        {"chess": "board games"},
+        "minilm_l6",
+        "invalid_label_descriptions",
+    ),
+    ("blank", {"sports": "  "}, "minilm_l6", "invalid_request"),
+    ("too long", {"sports": "s" * 501}, "minilm_l6", "invalid_request"),
+    ("not a string", {"sports": 3}, "minilm_l6", "invalid_request"),
+    ("not an object", ["sports"], "minilm_l6", "invalid_request"),
+]
+
 
 @pytest.fixture(scope="module")
 def tenant(server):
@@ -95,6 +111,17 @@ def stored(tenant) -> dict:
 )
 def test_bad_head_creation(tenant, stored, what, examples, status, code) -> None:
     assert_error(tenant.post("/v1/heads", json=_create(examples)), status, code)
+
+
+@pytest.mark.parametrize(
+    ("what", "descriptions", "backbone", "code"),
+    BAD_DESCRIPTIONS,
+    ids=[c[0] for c in BAD_DESCRIPTIONS],
+)
+def test_bad_label_descriptions(tenant, stored, what, descriptions, backbone, code) -> None:
+    examples = TEXTS if backbone == "minilm_l6" else image_examples(2, seed=4)
+    body = {**_create(examples, backbone), "label_descriptions": descriptions}
+    assert_error(tenant.post("/v1/heads", json=body), 422, code)
 
 
 def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
@@ -160,6 +187,14 @@ def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
         (tenant.post(f"{head}/predict", json={"inputs": []}), 422, "invalid_request"),
         (
             tenant.post(f"{head}/predict", json={"inputs": [{"image": b64(JPEG)}], "top_k": 0}),
+            422,
+            "invalid_request",
+        ),
+        (
+            tenant.post(
+                f"{head}/predict",
+                json={"inputs": [{"image": b64(JPEG)}], "reject_unknown": "sometimes"},
+            ),
             422,
             "invalid_request",
         ),

@@ -111,3 +111,61 @@ def test_head_from_zip_archive(server) -> None:
             json={"inputs": [{"image": b64(crops("flower.jpg", 1, seed=77)[0])}]},
         )
         assert answer.json()["predictions"][0]["label"] == "flower"
+
+
+def _picture_of_text() -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (320, 240), "white")
+    ImageDraw.Draw(image).multiline_text((8, 8), "Quarterly report\nRevenue up 4%", fill="black")
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_auto_chooses_a_backbone_and_says_how(server) -> None:
+    with server.new_tenant("auto") as client:
+        image_ids = [b["id"] for b in client.get("/v1/backbones").json()["backbones"]
+                     if b["modality"] == "image"]  # fmt: skip
+        assert len(image_ids) >= 3
+        created = client.post(
+            "/v1/heads",
+            json={"name": "places", "backbone": "auto", "examples": image_examples(4, seed=2)},
+        )
+        assert created.status_code == 201, created.text
+        head = created.json()
+        selection = head["metrics"]["backbone_selection"]
+        # Every image backbone scored; the best two by LogME trained; one kept.
+        assert set(selection["logme"]) == set(image_ids)
+        ranked = sorted(selection["logme"], key=lambda b: -selection["logme"][b])
+        assert selection["shortlist"] == ranked[:2]
+        assert head["backbone"] == selection["chosen"] in selection["shortlist"]
+        losses = selection["cv_log_loss"]
+        assert losses[selection["chosen"]] <= min(losses.values()) + 1e-3
+
+        # The head lives on its chosen backbone: predict, examples and export use it.
+        url = f"/v1/heads/{head['id']}"
+        flower, text = b64(crops("flower.jpg", 1, seed=70)[0]), b64(_picture_of_text())
+        query = {"inputs": [{"image": flower}, {"image": text}], "reject_unknown": True}
+        predictions = client.post(f"{url}/predict", json=query).json()["predictions"]
+        assert [(p["label"], p["unknown"]) for p in predictions] == [
+            ("flower", False),
+            (None, True),
+        ]
+        added = client.post(f"{url}/examples", json={"examples": image_examples(1, seed=3)})
+        assert added.status_code == 200 and added.json()["backbone"] == head["backbone"]
+        # Only the version that chose reports the choice.
+        assert added.json()["metrics"]["backbone_selection"] is None
+        model = ort.InferenceSession(
+            client.get(f"{url}/model.onnx").content, providers=["CPUExecutionProvider"]
+        )
+        assert model.get_modelmeta().custom_metadata_map["graft.backbone"] == head["backbone"]
+
+        # A text head on `auto` has one candidate, and still reports its score.
+        text = client.post(
+            "/v1/heads",
+            json={"name": "t", "backbone": "auto", "examples": [
+                {"label": "a", "text": "goal"}, {"label": "b", "text": "soup"}]},
+        ).json()  # fmt: skip
+        assert text["backbone"] == "minilm_l6"
+        assert list(text["metrics"]["backbone_selection"]["logme"]) == ["minilm_l6"]

@@ -77,6 +77,67 @@ def test_text_head_lifecycle(server) -> None:
         np.testing.assert_allclose(quantised, probabilities, atol=0.1)
 
 
+# Far from sports and from cooking; the head must flag them, and keep the clear cases.
+UNRELATED = [
+    "The invoice is attached; please pay it by Friday.",
+    "Install the package with pip and restart the kernel.",
+    "The central bank raised interest rates by half a point.",
+]
+RELATED = ["The referee sent off two players in the derby.", "Grill the fish with lemon."]
+
+
+def test_a_text_head_says_when_it_does_not_know(server) -> None:
+    with server.new_tenant("unknown") as client:
+        body = {
+            "name": "topics",
+            "backbone": "minilm_l6",
+            "examples": text_examples(8),
+            "label_descriptions": {"sports": "sport, games and athletes"},
+        }
+        head = client.post("/v1/heads", json=body).json()
+        assert head["label_descriptions"] == {"sports": "sport, games and athletes"}
+        metrics = head["metrics"]
+        # The model choice is reported: every candidate, with and without the label names.
+        compared = {(c["head_type"], c["label_names"]) for c in metrics["cv_candidates"]}
+        assert compared == {(kind, names) for kind in ("logistic_regression", "prototype")
+                            for names in (False, True)}  # fmt: skip
+        key = ("head_type", "regularization_c", "label_names")
+        [chosen] = [c for c in metrics["cv_candidates"] if all(c[k] == metrics[k] for k in key)]
+        best = min(c["cv_log_loss"] for c in metrics["cv_candidates"])
+        assert chosen["cv_log_loss"] <= best + 1e-3  # the lowest, or tied with it
+        assert 0 < metrics["unknown_threshold"] < 1 and metrics["cv_unknown_kept"] >= 0.9
+
+        queries = [{"text": t} for t in RELATED + UNRELATED]
+        url = f"/v1/heads/{head['id']}/predict"
+        plain = client.post(url, json={"inputs": queries}).json()["predictions"]
+        strict = client.post(url, json={"inputs": queries, "reject_unknown": True}).json()
+        strict = strict["predictions"]
+        assert [p["unknown"] for p in plain] == [False] * 2 + [True] * 3
+        assert [p["label"] for p in strict] == ["sports", "cooking", None, None, None]
+        # Rejecting changes only the label: the scores are given either way.
+        for a, b in zip(plain, strict, strict=True):
+            assert {**a, "label": None} == {**b, "label": None}
+            assert (a["similarity"] < metrics["unknown_threshold"]) == a["unknown"]
+
+        # The exported model flags the same inputs.
+        session = ort.InferenceSession(
+            client.get(f"/v1/heads/{head['id']}/model.onnx").content,
+            providers=["CPUExecutionProvider"],
+        )
+        tokenizer = Tokenizer.from_str(client.get("/v1/backbones/minilm_l6/tokenizer.json").text)
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
+        encoded = tokenizer.encode_batch([q["text"] for q in queries])
+        similarity, unknown = session.run(
+            ["similarity", "unknown"],
+            {
+                "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+            },
+        )
+        assert unknown.tolist() == [p["unknown"] for p in plain]
+        np.testing.assert_allclose(similarity, [p["similarity"] for p in plain], atol=1e-3)
+
+
 def test_stats_show_the_batchers_and_the_head_cache(server) -> None:
     with server.new_tenant("stats") as tenant:
         head = tenant.post(

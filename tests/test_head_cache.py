@@ -24,7 +24,8 @@ def _retrain(store, tenant_id, head_id, dim=64, fill=1.0):
     store.save_version(
         tenant_id=tenant_id, head_id=head_id, backbone="bb", new_embeddings={}, examples=[],
         labels=["a", "b"], weights=np.full((dim, 2), fill, np.float32),
-        bias=np.zeros(2, np.float32), metrics={},
+        bias=np.zeros(2, np.float32), prototypes=np.full((dim, 2), fill, np.float32),
+        unknown_threshold=0.5, metrics={},
     )  # fmt: skip
 
 

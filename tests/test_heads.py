@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from adapters.heads import (
+    C_GRID,
     SOLVER,
     expected_calibration_error,
     predict_proba,
@@ -117,3 +119,78 @@ def test_top_k_orders_and_clamps() -> None:
     probabilities = np.array([[0.2, 0.5, 0.3]])
     assert top_k(probabilities, ["a", "b", "c"], 2) == [[("b", 0.5), ("c", 0.3)]]
     assert len(top_k(probabilities, ["a", "b", "c"], 10)[0]) == 3
+
+
+def _blobs(rng, n_per_label: list[int], dim: int = 32, spread: float = 1.0, centres=None):
+    """Gaussian clusters around unit centres (random unless given), normalised like backbone
+    embeddings."""
+    if centres is None:
+        centres = _normalised(rng.normal(size=(len(n_per_label), dim)))
+    x = np.vstack(
+        [
+            c + spread * rng.normal(size=(n, dim)) / np.sqrt(dim)
+            for c, n in zip(centres, n_per_label, strict=True)
+        ]
+    )
+    y = [f"l{k}" for k, n in enumerate(n_per_label) for _ in range(n)]
+    return _normalised(x), y, centres
+
+
+def test_the_chosen_head_type_has_the_lowest_held_out_log_loss() -> None:
+    x, y, _ = _blobs(np.random.default_rng(0), [20, 20, 20], spread=1.5)
+    metrics = train_head(x, y).metrics
+    kinds = {(c["head_type"], c["regularization_c"]) for c in metrics["cv_candidates"]}
+    assert kinds == {("logistic_regression", c) for c in C_GRID} | {("prototype", None)}
+    key = ("head_type", "regularization_c")
+    [chosen] = [c for c in metrics["cv_candidates"] if all(c[k] == metrics[k] for k in key)]
+    assert chosen["cv_log_loss"] <= min(c["cv_log_loss"] for c in metrics["cv_candidates"]) + 1e-3
+
+
+def test_a_rare_label_is_not_drowned_by_a_common_one() -> None:
+    x, y, _ = _blobs(np.random.default_rng(2), [200, 15], spread=3.0)
+    metrics = train_head(x, y).metrics
+    # Unweighted logistic regression on the same folds, for comparison.
+    unweighted = cross_val_predict(
+        LogisticRegression(C=metrics["regularization_c"] or 10.0, solver=SOLVER, max_iter=1000),
+        x,
+        y,
+        cv=StratifiedKFold(5, shuffle=True, random_state=0),
+    )
+    unweighted_recall = np.mean(unweighted[np.array(y) == "l1"] == "l1")
+    assert metrics["cv_per_label"]["l1"]["recall"] >= unweighted_recall + 0.2
+
+
+def test_inputs_far_from_every_label_are_unknown() -> None:
+    rng = np.random.default_rng(4)
+    x, y, _ = _blobs(rng, [40, 40, 40], spread=1.0)
+    head = train_head(x[::2], y[::2])
+    assert head.prototypes.shape == (32, 3)
+    assert 0.9 <= head.metrics["cv_unknown_kept"] <= 1.0
+    similarity = lambda v: (v @ head.prototypes).max(axis=1)  # noqa: E731
+    kept = np.mean(similarity(x[1::2]) >= head.unknown_threshold)
+    elsewhere = _normalised(rng.normal(size=(200, 32)))  # random directions: far from all
+    rejected = np.mean(similarity(elsewhere) < head.unknown_threshold)
+    assert kept >= 0.9 and rejected >= 0.9
+
+
+def test_too_few_examples_set_no_unknown_threshold() -> None:
+    x, y, _ = _blobs(np.random.default_rng(5), [2, 2])
+    head = train_head(x, y)
+    assert head.unknown_threshold is None and head.metrics["unknown_threshold"] is None
+
+
+def test_label_names_help_when_examples_are_few() -> None:
+    rng = np.random.default_rng(6)
+    x, y, centres = _blobs(rng, [4] * 4, spread=3.0)
+    test_x, test_y, _ = _blobs(rng, [100] * 4, spread=3.0, centres=centres)
+    # Names that point at the true centres: what a good description is to a text backbone.
+    names = {f"l{k}": centre for k, centre in enumerate(centres)}
+
+    def accuracy(head) -> float:
+        predicted = predict_proba(test_x, head.weights, head.bias).argmax(axis=1)
+        return float(np.mean(np.array(head.labels)[predicted] == np.array(test_y)))
+
+    with_names = train_head(x, y, label_embeddings=names)
+    without = train_head(x, y)
+    assert with_names.metrics["label_names"] is True
+    assert accuracy(with_names) >= accuracy(without) + 0.05

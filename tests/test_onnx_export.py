@@ -25,14 +25,19 @@ def test_combined_model_equals_backbone_then_head(image_backbone) -> None:
     head = Head(
         id="h1", tenant_id="t", name="places", backbone=image_backbone.spec.id, status="ready",
         version=3, labels=trained.labels, weights=trained.weights, bias=trained.bias,
-        metrics=trained.metrics, error=None, created_at="", updated_at="",
+        prototypes=trained.prototypes, unknown_threshold=trained.unknown_threshold,
+        label_descriptions={}, metrics=trained.metrics, error=None, created_at="", updated_at="",
     )  # fmt: skip
     model = combined_model(image_backbone.spec, image_backbone.onnx_path, head)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-    got = session.run(["probabilities"], {"image": images})[0]
-    np.testing.assert_allclose(
-        got, predict_proba(embeddings, trained.weights, trained.bias), atol=1e-5
+    probabilities, similarity, unknown = session.run(
+        ["probabilities", "similarity", "unknown"], {"image": images}
     )
+    np.testing.assert_allclose(
+        probabilities, predict_proba(embeddings, trained.weights, trained.bias), atol=1e-5
+    )
+    np.testing.assert_allclose(similarity, (embeddings @ trained.prototypes).max(1), atol=1e-5)
+    assert unknown.dtype == bool and (unknown == (similarity < trained.unknown_threshold)).all()
     meta = session.get_modelmeta().custom_metadata_map
     assert json.loads(meta["graft.labels"]) == ["flower", "temple"]
     assert meta["graft.version"] == "3" and meta["graft.backbone"] == "efficientnet_lite0"

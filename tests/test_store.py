@@ -7,7 +7,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from adapters.store import INTERRUPTED, Store
+from adapters.store import ADDED_HEAD_COLUMNS, INTERRUPTED, SCHEMA, Store
 
 
 @pytest.fixture
@@ -28,6 +28,8 @@ def _save(store, tenant_id, head_id, hashes, labels=("a", "b")):
         labels=list(labels),
         weights=np.ones((4, 2), dtype=np.float32),
         bias=np.zeros(2, dtype=np.float32),
+        prototypes=np.eye(4, 2, dtype=np.float32),
+        unknown_threshold=0.25,
         metrics={"n_examples": len(hashes)},
     )
 
@@ -62,6 +64,8 @@ def test_a_version_is_saved_whole(store) -> None:
     saved = store.get_head(tenant_id=tenant.id, head_id=head.id)
     assert (saved.status, saved.version, saved.labels) == ("ready", 1, ["a", "b"])
     assert saved.weights.shape == (4, 2) and saved.servable
+    np.testing.assert_array_equal(saved.prototypes, np.eye(4, 2))
+    assert saved.unknown_threshold == 0.25
     assert [
         (h, label) for h, label, _ in store.training_set(tenant_id=tenant.id, head_id=head.id)
     ] == [
@@ -99,3 +103,32 @@ def test_deleting_a_tenant_removes_everything_it_owned(store, tmp_path) -> None:
     db = sqlite3.connect(tmp_path / "graft.sqlite3")
     for table in ("heads", "embeddings", "head_examples"):
         assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)
+
+
+def test_a_data_directory_from_before_class_means_opens_and_serves(tmp_path) -> None:
+    """A `heads` table without the columns added later gains them in place; its trained
+    versions still load, with no class means and no unknown threshold."""
+    path = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(path)
+    old_schema = SCHEMA
+    for column in ADDED_HEAD_COLUMNS:
+        old_schema = "\n".join(line for line in old_schema.split("\n") if column not in line)
+    db.executescript(old_schema)
+    db.execute("INSERT INTO tenants VALUES ('t', 'old', x'00', x'00', '')")
+    db.execute(
+        "INSERT INTO heads (id, tenant_id, name, backbone, status, version, labels, weights,"
+        " bias, created_at, updated_at) VALUES ('h', 't', 'n', 'bb', 'ready', 1, '[\"a\",\"b\"]',"
+        " ?, ?, '', '')",
+        (np.ones((4, 2), np.float32).tobytes(), np.zeros(2, np.float32).tobytes()),
+    )
+    db.commit()
+    db.close()
+    store = Store(path)
+    try:
+        head = store.get_head(tenant_id="t", head_id="h")
+        assert head.servable and head.prototypes is None and head.unknown_threshold is None
+        assert head.label_descriptions == {}
+        row = store.serving_head(tenant_id="t", head_id="h", known_version=None)
+        assert row.weights.shape == (4, 2) and row.prototypes is None
+    finally:
+        store.close()
