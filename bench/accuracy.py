@@ -231,6 +231,20 @@ def own_report(metrics: dict) -> str:
     )
 
 
+def selection_rows(head: dict) -> list[tuple[str, str]]:
+    """How an `auto` head chose its backbone, if it did."""
+    selection = head["metrics"].get("backbone_selection")
+    if not selection:
+        return []
+    scores = ", ".join(f"{b} {s:.4f}" for b, s in selection["logme"].items())
+    losses = ", ".join(f"{b} {s:.4f}" for b, s in selection["cv_log_loss"].items())
+    return [
+        ("  LogME", scores),
+        ("  held-out loss", losses),
+        ("  chosen", selection["chosen"]),
+    ]
+
+
 def head_type(metrics: dict) -> str:
     chosen = metrics["head_type"]
     if metrics["regularization_c"] is not None:
@@ -268,6 +282,7 @@ def bench_images(client: httpx.Client, root: Path, backbone: str, ood: list[str]
         ("data set", f"{root} ({len(train)} train, {len(val)} val, {len(head['labels'])} labels)"),
         ("backbone", backbone),
         ("head type", head_type(metrics)),
+        *selection_rows(head),
         ("validation", quality_line(quality)),
         (
             "unknown",
@@ -276,7 +291,7 @@ def bench_images(client: httpx.Client, root: Path, backbone: str, ood: list[str]
         ("head's report", own_report(metrics)),
         ("warnings", "; ".join(metrics["warnings"]) or "none"),
         ("create head", f"{train_seconds:.2f} s (upload, decode, embed, CV + fit)"),
-        ("  of which fit", f"{metrics['train_seconds']} s (CV over C + final fit)"),
+        ("  of which fit", f"{metrics['train_seconds']} s (model choice by CV, final fit)"),
         ("predict", f"{per_second:.1f} images/s (batches of {BATCH}, one client, base64 JPEG)"),
         ("single image", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"),
     )

@@ -111,29 +111,29 @@ def main() -> None:
         zip(AG_NEWS_CLASSES, text.embed_texts(list(AG_NEWS_CLASSES.values())), strict=True)
     )
 
-    print(f"\n{'examples':>8}  {'what':<44} {'seconds':>8}")
+    print(f"\n{'examples':>8}  {'what':<50} {'seconds':>8}")
     for n in SIZES:
         idx = balanced(image_labels, min(n, len(image_labels)))
         y = [image_labels[i] for i in idx]
         x = features["efficientnet_lite0"][idx]
         t, head = timed(lambda x=x, y=y: train_head(x, y))
         print(
-            f"{len(idx):>8}  {'image head (lite0, 1280-d), trained':<44} {t:>8.2f}   chose {head.metrics['head_type']}"
+            f"{len(idx):>8}  {'image head (lite0, 1280-d), trained':<50} {t:>8.2f}   chose {head.metrics['head_type']}"
         )
-        print(f"{len(idx):>8}  {'  embedding them (lite0)':<44} {len(idx) / image_rate:>8.2f}")
+        print(f"{len(idx):>8}  {'  embedding them (lite0)':<50} {len(idx) / image_rate:>8.2f}")
         t, _ = timed(lambda x=x, y=y: logme(x, y))
-        print(f"{len(idx):>8}  {'  LogME of one backbone':<44} {t:>8.2f}")
+        print(f"{len(idx):>8}  {'  LogME of one backbone':<50} {t:>8.2f}")
         subset = {b: f[idx] for b, f in features.items()}
         t, choice = timed(lambda s=subset, y=y: choose_backbone(s, y, {}), repeat=1)
         print(
-            f"{len(idx):>8}  {'  auto: LogME x3 + 2 head trainings':<44} {t:>8.2f}   chose {choice.backbone}"
+            f"{len(idx):>8}  {'  auto: LogME x3 + 2 head trainings':<50} {t:>8.2f}   chose {choice.backbone}"
         )
         y = text_labels[:n]
         t, head = timed(lambda n=n, y=y: train_head(text_x[:n], y, label_embeddings=names))
         print(
-            f"{n:>8}  {'text head (minilm, 384-d, label names), trained':<44} {t:>8.2f}   chose {head.metrics['head_type']}"
+            f"{n:>8}  {'text head (minilm, 384-d, label names), trained':<50} {t:>8.2f}   chose {head.metrics['head_type']}"
         )
-        print(f"{n:>8}  {'  embedding them (minilm)':<44} {n / text_rate:>8.2f}")
+        print(f"{n:>8}  {'  embedding them (minilm)':<50} {n / text_rate:>8.2f}")
 
 
 if __name__ == "__main__":
