@@ -9,11 +9,12 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import hashlib
 import logging
 import threading
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -202,8 +203,15 @@ class Graft:
             candidates = [self.backbone(backbone_id)]
         labels = self._check_labels([label for label, _ in examples], existing=())
         self._check_descriptions(candidates[0].spec, label_descriptions or {}, labels)
-        options = [(backbone, self._prepare(tenant, backbone, raws)) for backbone in candidates]
-        self._check_head_size(set(), options[0][1].content_hashes, labels)
+        # Every input is checked and decoded here, for the first candidate; `auto` decodes
+        # for the others during training, one backbone at a time, so the decoded images
+        # of only one backbone are held at once.
+        prepared = self._prepare(tenant, candidates[0], raws)
+        self._check_head_size(set(), prepared.content_hashes, labels)
+        options = [(candidates[0], lambda: prepared)] + [
+            (backbone, functools.partial(self._prepare, tenant, backbone, raws))
+            for backbone in candidates[1:]
+        ]
         head = self.store.create_head(
             tenant_id=tenant.id,
             name=name,
@@ -225,7 +233,8 @@ class Graft:
         head = self.get_head(tenant, head_id)
         if head.backbone == AUTO_BACKBONE:
             raise Conflict(
-                f"head {head.id} is still choosing its backbone; add examples once it is ready",
+                f"head {head.id} has not chosen its backbone yet (status: {head.status});"
+                " add examples once it is ready",
                 code="head_not_ready",
             )
         backbone = self.backbone(head.backbone)
@@ -234,13 +243,13 @@ class Graft:
         stored = self.store.example_keys(tenant_id=tenant.id, head_id=head.id)
         self._check_head_size(stored, prepared.content_hashes, labels)
         self.store.set_status(tenant_id=tenant.id, head_id=head.id, status="training")
-        return self._train_and_wait(tenant, head, [(backbone, prepared)], labels)
+        return self._train_and_wait(tenant, head, [(backbone, lambda: prepared)], labels)
 
     def _train_and_wait(
         self,
         tenant: Tenant,
         head: Head,
-        options: list[tuple[Backbone, PreparedInputs]],
+        options: list[tuple[Backbone, Callable[[], PreparedInputs]]],
         labels: list[str],
     ) -> Head:
         job: Future = self._training.submit(self._train, tenant, head, options, labels)
@@ -252,7 +261,7 @@ class Graft:
         self,
         tenant: Tenant,
         head: Head,
-        options: list[tuple[Backbone, PreparedInputs]],
+        options: list[tuple[Backbone, Callable[[], PreparedInputs]]],
         new_labels: list[str],
     ) -> None:
         """Embeds what is new, trains on the head's whole set, stores the version whole.
@@ -260,11 +269,12 @@ class Graft:
         `choose_backbone` picks one."""
         with self._head_lock(head.id):
             try:
+                # One backbone at a time: its decoded inputs are dropped once embedded.
                 sets = {
                     backbone.spec.id: self._training_set(
-                        tenant, head, backbone, prepared, new_labels
+                        tenant, head, backbone, prepare(), new_labels
                     )
-                    for backbone, prepared in options
+                    for backbone, prepare in options
                 }
                 backbones = {backbone.spec.id: backbone for backbone, _ in options}
                 label_embeddings = {
