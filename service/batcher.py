@@ -148,10 +148,9 @@ class Batcher:
         for parts in by_head.values():
             head = parts[0][0].head
             rows = np.concatenate([np.arange(o, o + c) for _, _, c, o in parts])
-            probabilities = predict_proba(embeddings[rows], head.weights, head.bias)
-            similarity = None
-            if head.prototypes is not None:
-                similarity = (embeddings[rows] @ head.prototypes).max(axis=1)
+            x = embeddings[rows]
+            probabilities = predict_proba(x, head.weights, head.bias)
+            similarity = None if head.prototypes is None else (x @ head.prototypes).max(axis=1)
             at = 0
             for request, start, count, _ in parts:
                 request.probabilities[start : start + count] = probabilities[at : at + count]

@@ -166,7 +166,10 @@ def test_inputs_far_from_every_label_are_unknown() -> None:
     head = train_head(x[::2], y[::2])
     assert head.prototypes.shape == (32, 3)
     assert 0.9 <= head.metrics["cv_unknown_kept"] <= 1.0
-    similarity = lambda v: (v @ head.prototypes).max(axis=1)  # noqa: E731
+
+    def similarity(v: np.ndarray) -> np.ndarray:
+        return (v @ head.prototypes).max(axis=1)
+
     kept = np.mean(similarity(x[1::2]) >= head.unknown_threshold)
     elsewhere = _normalised(rng.normal(size=(200, 32)))  # random directions: far from all
     rejected = np.mean(similarity(elsewhere) < head.unknown_threshold)
