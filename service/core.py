@@ -276,9 +276,11 @@ class Graft:
                     )
                     for backbone, prepare in options
                 }
-                backbones = {backbone.spec.id: backbone for backbone, _ in options}
                 label_embeddings = {
-                    b: self._label_embeddings(backbones[b], head, s.labels) for b, s in sets.items()
+                    backbone.spec.id: self._label_embeddings(
+                        backbone, head, sets[backbone.spec.id].labels
+                    )
+                    for backbone, _ in options
                 }
                 if head.backbone == AUTO_BACKBONE:
                     choice = choose_backbone(
