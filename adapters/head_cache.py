@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from adapters.heads import predict_proba
 from adapters.store import Store
 
 
@@ -34,6 +35,14 @@ class ServingHead:
         if self.prototypes is not None:
             arrays += self.prototypes.nbytes
         return arrays + sum(len(label) + 50 for label in self.labels)
+
+    def apply(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each row's label probabilities, and its best cosine similarity to a class mean
+        (NaN for a head version without class means)."""
+        probabilities = predict_proba(embeddings, self.weights, self.bias)
+        if self.prototypes is None:
+            return probabilities, np.full(len(embeddings), np.nan, dtype=np.float32)
+        return probabilities, (embeddings @ self.prototypes).max(axis=1)
 
     def unknown(self, similarity: np.ndarray) -> np.ndarray:
         """Which rows are further from every class mean than the head's threshold."""

@@ -100,14 +100,29 @@ def load_tokenizer(tokenizer_file: Path, max_tokens: int):
 
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     tokenizer.enable_truncation(max_length=max_tokens)
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"), pad_token="[PAD]")
+    # Rows are padded when they meet in a batch (`pad_tokens`); a tokenizer file may ask
+    # for a fixed padding (MiniLM's: 128), which would turn pads into tokens here.
+    tokenizer.no_padding()
     return tokenizer
 
 
+def token_ids(texts: list[str], tokenizer) -> list[np.ndarray]:
+    """One int64 array of token ids per text, truncated, unpadded: rows of several
+    requests are padded together when they meet in a batch (`pad_tokens`)."""
+    return [np.array(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(texts)]
+
+
+def pad_tokens(ids: list[np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
+    """`input_ids` and `attention_mask`, padded to the longest row of this batch only."""
+    longest = max((len(row) for row in ids), default=0)
+    input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(ids), longest), dtype=np.int64)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = row
+        attention_mask[i, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def tokenize(texts: list[str], tokenizer) -> dict[str, np.ndarray]:
-    """Pad to the longest text of this batch, not to a fixed length."""
-    encodings = tokenizer.encode_batch(texts)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
-        "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
-    }
+    """Texts to the text graph's feeds, padded to the longest text of this batch."""
+    return pad_tokens(token_ids(texts, tokenizer), tokenizer.token_to_id("[PAD]"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from models.preprocess import load_tokenizer, tokenize
+from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import BackboneSpec, TextPreprocessing
 
 
@@ -56,10 +56,18 @@ class Backbone:
         return self._run_in_chunks(len(images), lambda s: {"image": images[s]})
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
-        def feeds(s: slice) -> dict[str, np.ndarray]:
-            return tokenize(texts[s], self.tokenizer)
+        return self.embed_tokens(token_ids(texts, self.tokenizer))
 
-        return self._run_in_chunks(len(texts), feeds)
+    def embed_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
+        """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings."""
+        pad_id = self.tokenizer.token_to_id("[PAD]")
+        return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], pad_id))
+
+    def embed_rows(self, rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """What the runner calls: decoded images, or token-id rows for a text backbone."""
+        if self.spec.modality == "image":
+            return self.embed_images(rows)
+        return self.embed_tokens(rows)
 
     def _run_in_chunks(self, n: int, feeds) -> np.ndarray:
         out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)

@@ -15,9 +15,9 @@ from starlette.datastructures import UploadFile
 from adapters.store import Head
 from service.archive import examples_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
-from service.core import AUTO_BACKBONE, RawInput
 from service.errors import NotFound as NotFoundError
 from service.errors import Unprocessable, UnsupportedMediaType, install_error_handlers
+from service.inputs import RawInput
 from service.limits import BodySizeLimit
 from service.metrics import RequestMetrics, render
 from service.schemas import (
@@ -37,6 +37,7 @@ from service.schemas import (
     TenantKey,
     TenantList,
 )
+from service.training import AUTO_BACKBONE
 
 ERRORS = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429)
@@ -168,9 +169,7 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: GraftDep) 
             raise Unprocessable("multipart form needs a zip file 'archive'")
         body = HeadSpec.model_validate({k: v for k, v in form.items() if k != "archive"})
         modality = (
-            "image"
-            if body.backbone == AUTO_BACKBONE
-            else graft.backbone(body.backbone).spec.modality
+            "image" if body.backbone == AUTO_BACKBONE else graft.backbone(body.backbone).modality
         )
         data = await archive.read()
         examples = await run_in_threadpool(examples_from_zip, data, modality, graft.settings)
@@ -280,7 +279,8 @@ def create_app(max_body_bytes: int) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
-    registry = CollectorRegistry()
+    # The application object (service/core.py) publishes its head cache here too.
+    registry = app.state.metrics_registry = CollectorRegistry()
     app.add_middleware(RequestMetrics, registry=registry)
     for router in (tenants, operations, backbones, heads):
         app.include_router(router)

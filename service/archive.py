@@ -15,8 +15,8 @@ import zipfile
 import zlib
 from pathlib import PurePosixPath
 
-from service.core import RawInput
 from service.errors import PayloadTooLarge, Unprocessable
+from service.inputs import RawInput
 from service.settings import Settings
 
 # Magic numbers of archive formats: an archive inside the archive is refused, not unpacked.

@@ -3,8 +3,10 @@ header), and a request rate per tenant."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -55,39 +57,69 @@ class BodySizeLimit:
 
 
 class RateLimiter:
-    """A token bucket per tenant: `rate` requests per second sustained, `burst` at once."""
+    """A token bucket per tenant: `rate` requests per second sustained, `burst` at once.
+
+    The buckets live in a small SQLite file beside the runner's socket, so every API
+    worker of this machine takes from the same bucket, whichever worker a connection
+    lands on. Written without fsync: after a crash, buckets simply start full again.
+    """
 
     # Past this many buckets, those that have refilled (idle tenants) are dropped.
     PRUNE_AT = 100_000
 
-    def __init__(self, rate: float, burst: int, clock=time.monotonic) -> None:
+    def __init__(self, rate: float, burst: int, path: Path, clock=time.monotonic) -> None:
+        # time.monotonic is one clock for every process of a machine (CLOCK_MONOTONIC).
         self.rate = rate
         self.burst = burst
         self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
-        self._lock = threading.Lock()
+        self._path = path
+        self._local = threading.local()  # a connection per thread
+        if rate > 0:
+            with self._db() as db:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS buckets"
+                    " (key TEXT PRIMARY KEY, tokens REAL NOT NULL, at REAL NOT NULL)"
+                )
+
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self._path, isolation_level=None, timeout=10)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=OFF")
+            self._local.db = db
+        return db
 
     def wait_needed(self, key: str) -> float:
         """Takes a token and returns 0, or returns the seconds until one is free."""
         if self.rate <= 0:
             return 0.0
-        now = self._clock()
-        with self._lock:
-            tokens, at = self._buckets.get(key, (float(self.burst), now))
-            tokens = min(float(self.burst), tokens + (now - at) * self.rate)
-            if tokens >= 1:
-                self._buckets[key] = (tokens - 1, now)
-                if len(self._buckets) > self.PRUNE_AT:
-                    self._prune(now)
-                return 0.0
-            self._buckets[key] = (tokens, now)
-            return (1 - tokens) / self.rate
+        db = self._db()
+        db.execute("BEGIN IMMEDIATE")  # one worker at a time reads and writes a bucket
+        try:
+            now = self._clock()
+            row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
+            tokens, at = row if row else (float(self.burst), now)
+            tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
+            db.execute(
+                "INSERT OR REPLACE INTO buckets (key, tokens, at) VALUES (?, ?, ?)",
+                (key, tokens - 1 if wait == 0 else tokens, now),
+            )
+            if row is None:
+                self._prune(db, now)
+        finally:
+            db.execute("COMMIT")
+        return wait
 
-    def _prune(self, now: float) -> None:
-        full = [
-            key
-            for key, (tokens, at) in self._buckets.items()
-            if tokens + (now - at) * self.rate >= self.burst
-        ]
-        for key in full:
-            del self._buckets[key]
+    def _prune(self, db: sqlite3.Connection, now: float) -> None:
+        (count,) = db.execute("SELECT count(*) FROM buckets").fetchone()
+        if count > self.PRUNE_AT:
+            db.execute(
+                "DELETE FROM buckets WHERE tokens + (? - at) * ? >= ?",
+                (now, self.rate, self.burst),
+            )
+
+    def buckets(self) -> set[str]:
+        return {key for (key,) in self._db().execute("SELECT key FROM buckets")}

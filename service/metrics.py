@@ -4,15 +4,23 @@ BentoML's own HTTP metrics label every series with the raw URL path, so each hea
 each made-up URL anyone sends (no key needed), adds series for good: +24 MiB of server
 memory per 1,000 random URLs, measured (SECURITY.md). They are switched off in
 `service/service.py`; these take their place at `GET /v1/metrics`.
+
+BentoML runs several API worker processes and gives them a Prometheus multiprocess
+directory (PROMETHEUS_MULTIPROC_DIR): each worker writes its values there, and a read
+adds up every worker's, so /v1/metrics and /v1/stats answer for the whole server.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _render
+from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.head_cache import HeadCache
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
@@ -58,6 +66,56 @@ class RequestMetrics:
             self.seconds.labels(method, route).observe(time.perf_counter() - started)
 
 
+class HeadCacheGauges:
+    """This worker's head cache, published after each lookup (four writes to shared
+    memory, about a microsecond each) so that a read can add up every worker's."""
+
+    FIELDS = ("heads", "bytes", "hits", "misses")
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._gauges = {
+            field: Gauge(
+                f"graft_head_cache_{field}",
+                f"head cache {field}, summed over the live API workers",
+                multiprocess_mode="livesum",
+                registry=registry,
+            )
+            for field in self.FIELDS
+        }
+
+    def publish(self, cache: HeadCache) -> None:
+        for field, gauge in self._gauges.items():
+            gauge.set(len(cache) if field == "heads" else getattr(cache, field))
+
+
+class _Graft:
+    """Only Graft's own series of a collector (BentoML's workers write theirs beside)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self):
+        return [m for m in self.registry.collect() if m.name.startswith("graft_")]
+
+
+def _every_worker(registry: CollectorRegistry) -> CollectorRegistry | _Graft:
+    if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        return registry  # one process: its own registry is the whole server
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged)
+    return _Graft(merged)
+
+
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:
-    """The registry in Prometheus' text format, with its content type."""
-    return _render(registry), CONTENT_TYPE_LATEST
+    """Every worker's series in Prometheus' text format, with its content type."""
+    return _render(_every_worker(registry)), CONTENT_TYPE_LATEST
+
+
+def head_cache_totals(registry: CollectorRegistry) -> dict[str, int]:
+    """The head caches of every API worker, added up."""
+    totals = dict.fromkeys(HeadCacheGauges.FIELDS, 0)
+    for metric in _every_worker(registry).collect():
+        field = metric.name.removeprefix("graft_head_cache_")
+        if field in totals:
+            totals[field] = int(sum(sample.value for sample in metric.samples))
+    return totals

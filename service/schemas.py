@@ -263,19 +263,23 @@ class PredictResponse(BaseModel):
 
 
 class HeadCacheStats(BaseModel):
-    heads: int
+    heads: int = Field(description="heads held, summed over the API workers")
     bytes: int
-    max_bytes: int
+    max_bytes: int = Field(description="the bound of each API worker's cache")
     hits: int
     misses: int
+    workers: int = Field(description="API worker processes, each with a cache of its own")
 
 
 class BatcherStats(BaseModel):
     batches: int
     rows: int
+    training_rows: int = Field(description="rows of training jobs, run between predict batches")
     mean_batch_size: float | None
 
 
 class ServingStats(BaseModel):
-    head_cache: HeadCacheStats
-    batchers: dict[str, BatcherStats]
+    head_cache: HeadCacheStats = Field(description="this API worker's head cache")
+    batchers: dict[str, BatcherStats] = Field(
+        description="the backbone runner's batchers, shared by every API worker"
+    )

@@ -1,8 +1,10 @@
-"""The BentoML service: loads the shared backbones once per process and mounts the REST
-API at /v1. Start it with `make serve` (or `bentoml serve service.service:Graft`)."""
+"""The BentoML services: API workers that mount the REST API at /v1, and one backbone
+runner that owns the ONNX Runtime sessions. Start both with `make serve` (or `bentoml serve
+service.service:Graft`, which starts the runner it depends on)."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -15,39 +17,87 @@ os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 import bentoml  # noqa: E402
 
+from adapters.store import Store  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
+from service.runner import Runner, RunnerClient  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
 settings = Settings()
 app = create_app(settings.max_body_bytes)
+SERVICE_CONFIG = {
+    "traffic": {"timeout": 600},
+    "logging": {"access": {"enabled": settings.access_log}},
+    # BentoML labels its HTTP metrics by raw path: a series per head id and per made-up
+    # URL, without bound. /v1/metrics (service/metrics.py) labels by route template instead.
+    "metrics": {"enabled": False},
+}
+
+
+@bentoml.service(
+    name="graft-runner",
+    # One process per device owns the backbone sessions and batches every worker's rows.
+    workers=1,
+    resources={"gpu": 1} if settings.device == "cuda" else {},
+    **SERVICE_CONFIG,
+)
+class BackboneRunner:
+    def __init__(self) -> None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # One runner per server start: no training job can be running yet.
+        store = Store(settings.database_path)
+        recovered = store.recover_interrupted()
+        store.close()
+        if recovered:
+            log.warning("resolved %d heads whose training a restart interrupted", recovered)
+        self.runner = Runner(settings)
+        log.info(
+            "graft runner ready on %s: backbones %s on %s",
+            settings.runner_socket,
+            ", ".join(self.runner.backbones),
+            settings.device,
+        )
+
+    @bentoml.api
+    def stats(self) -> dict:
+        """Each backbone's batcher: batches, rows, training rows, mean batch size."""
+        return self.runner.stats()
+
+    @bentoml.on_shutdown
+    def shutdown(self) -> None:
+        self.runner.close()
 
 
 @bentoml.service(
     name="graft",
-    # One process holds the backbone sessions; ONNX Runtime and the threads of the API
-    # use the cores. More workers would each load every backbone again.
-    workers=1,
-    traffic={"timeout": 600},
-    logging={"access": {"enabled": settings.access_log}},
-    # BentoML labels its HTTP metrics by raw path: a series per head id and per made-up URL,
-    # without bound. /v1/metrics (service/metrics.py) labels by route template instead.
-    metrics={"enabled": False},
+    # API workers: HTTP, auth, decoding, tokenising, heads and training jobs. They hold no
+    # backbone session; rows go to the runner over its socket (service/runner.py).
+    workers=settings.api_workers,
+    **SERVICE_CONFIG,
 )
 @bentoml.asgi_app(app, path="/v1")
 class Graft:
+    # BentoML starts the runner as a process of its own; its `stats` API is called through
+    # BentoML, the hot path goes over the runner's socket (bench/handoff.py says why).
+    backbone_runner = bentoml.depends(BackboneRunner)
+
     def __init__(self) -> None:
-        self.graft = GraftCore(settings)
+        runner = RunnerClient(settings.runner_socket)
+        self.graft = GraftCore(
+            settings,
+            runner,
+            runner_stats=functools.partial(self.backbone_runner.call, "stats"),
+            metrics_registry=app.state.metrics_registry,
+        )
         app.state.graft = self.graft
         app.state.admin_key = resolve_admin_key(settings)
-        log.info(
-            "graft ready: data in %s, backbones %s",
-            settings.data_dir,
-            ", ".join(self.graft.backbones),
-        )
+        log.info("graft API worker ready: data in %s", settings.data_dir)
+
+    def __is_ready__(self) -> bool:
+        return self.graft.runner.is_connected()
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# AF_UNIX socket paths are limited to 108 bytes, the final NUL included.
+MAX_SOCKET_PATH = 107
 
 
 class Settings(BaseSettings):
@@ -26,10 +30,25 @@ class Settings(BaseSettings):
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")
+    api_workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        le=256,
+        description="API worker processes (HTTP, decoding, heads, training); default: the cores",
+    )
+    runner_socket: Path | None = Field(
+        None, description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock"
+    )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = all cores")
     backbone_batch_size: int = Field(32, ge=1, le=1024, description="max rows per backbone pass")
     batch_max_latency_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a row waits for its batch to fill"
+    )
+    training_slice_ms: float = Field(
+        20.0,
+        gt=0,
+        le=10_000,
+        description="longest backbone pass of training rows, run only while no predict waits",
     )
     head_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="LRU of served heads")
     predict_timeout_s: float = Field(60.0, gt=0)
@@ -65,9 +84,21 @@ class Settings(BaseSettings):
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
+        if self.runner_socket is None:
+            self.runner_socket = self.run_dir / "runner.sock"
+        if len(os.fsencode(self.runner_socket)) > MAX_SOCKET_PATH:
+            raise ValueError(
+                f"the runner socket path {self.runner_socket} is over {MAX_SOCKET_PATH} bytes"
+                " (a Unix socket limit): set GRAFT_RUNNER_SOCKET to a shorter path"
+            )
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError("GRAFT_ADMIN_KEY must be at least 16 characters")
         return self
+
+    @property
+    def run_dir(self) -> Path:
+        """State of this machine's running server only: the runner's socket, rate buckets."""
+        return self.data_dir / "run"
 
     @property
     def database_path(self) -> Path:

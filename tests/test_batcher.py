@@ -1,77 +1,146 @@
-"""Cross-tenant batching: many requests share backbone passes, none sees another's rows."""
+"""Batching across requests: many requests share backbone passes, none sees another's rows,
+and training rows never hold a predict up for longer than one short slice."""
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from adapters.head_cache import ServingHead
-from adapters.heads import predict_proba
-from models.preprocess import decode_image
+from models.preprocess import decode_image, token_ids
 from service.batcher import Batcher
 from tests.inputs import COOKING, SPORTS, crops
 
 
-def _random_head(i: int, dim: int, n_labels: int) -> ServingHead:
-    rng = np.random.default_rng(i)
-    return ServingHead(
-        id=f"head-{i}", tenant_id=f"tenant-{i % 3}", backbone="b", version=1,
-        labels=[f"l{j}" for j in range(n_labels)],
-        weights=rng.normal(size=(dim, n_labels)).astype(np.float32) * 5,
-        bias=rng.normal(size=n_labels).astype(np.float32),
-        prototypes=rng.normal(size=(dim, n_labels)).astype(np.float32), unknown_threshold=0.0,
-    )  # fmt: skip
+def _rows(backbone):
+    """Real rows of the backbone's kind, and their embeddings computed one pass alone."""
+    if backbone.spec.modality == "image":
+        pool = crops("china.jpg", 6, seed=0) + crops("flower.jpg", 6, seed=0)
+        rows = np.stack([decode_image(x, backbone.spec.preprocessing, 10**8) for x in pool])
+    else:
+        rows = token_ids(SPORTS + COOKING, backbone.tokenizer)
+    return rows, backbone.embed_rows(rows)
+
+
+def _pick(rows, picks):
+    return rows[picks] if isinstance(rows, np.ndarray) else [rows[p] for p in picks]
 
 
 @pytest.mark.parametrize("backbone_name", ["text_backbone", "image_backbone"])
 def test_concurrent_requests_get_exactly_their_own_rows(request, backbone_name) -> None:
     backbone = request.getfixturevalue(backbone_name)
-    if backbone.spec.modality == "image":
-        pool = crops("china.jpg", 6, seed=0) + crops("flower.jpg", 6, seed=0)
-        all_rows = np.stack([decode_image(x, backbone.spec.preprocessing, 10**8) for x in pool])
-    else:
-        all_rows = SPORTS + COOKING
-    reference = (
-        backbone.embed_images(all_rows)
-        if backbone.spec.modality == "image"
-        else backbone.embed_texts(all_rows)
+    all_rows, reference = _rows(backbone)
+    batcher = Batcher(
+        backbone.embed_rows, name="t", max_batch_size=8, max_latency_ms=20, training_slice_ms=20
     )
-    batcher = Batcher(backbone, max_batch_size=8, max_latency_ms=20)
     rng = np.random.default_rng(1)
-    # 40 requests of 1-5 rows each, over 7 heads with 2-4 labels; 8 rows per pass at most,
+    # 40 requests of 1-5 rows each, a quarter of them training; 8 rows per pass at most,
     # so requests are also split across passes.
     jobs = []
     for i in range(40):
         picks = rng.choice(len(all_rows), size=int(rng.integers(1, 6)), replace=False)
-        head = _random_head(i % 7, backbone.spec.embedding_dim, 2 + i % 3)
-        rows = all_rows[picks] if isinstance(all_rows, np.ndarray) else [all_rows[p] for p in picks]
-        jobs.append((head, rows, picks))
+        jobs.append((_pick(all_rows, picks), picks, "training" if i % 4 == 0 else "predict"))
     try:
         with ThreadPoolExecutor(16) as pool:
-            results = list(pool.map(lambda job: batcher.submit(job[0], job[1]).result(60), jobs))
+            results = list(pool.map(lambda job: batcher.submit(job[0], job[2]).result(60), jobs))
     finally:
         batcher.close()
-    for (head, _, picks), (probabilities, similarity) in zip(jobs, results, strict=True):
-        expected = predict_proba(reference[picks], head.weights, head.bias)
-        np.testing.assert_allclose(probabilities, expected, atol=1e-4)
-        expected = (reference[picks] @ head.prototypes).max(axis=1)
-        np.testing.assert_allclose(similarity, expected, atol=1e-4)
-    total_rows = sum(len(p) for _, _, p in jobs)
+    for (_, picks, _), embeddings in zip(jobs, results, strict=True):
+        # Text rows are padded with other requests' rows: the mask keeps them apart.
+        np.testing.assert_allclose(embeddings, reference[picks], atol=1e-4)
+    total_rows = sum(len(p) for _, p, _ in jobs)
     assert batcher.rows == total_rows
+    assert batcher.training_rows == sum(len(p) for _, p, kind in jobs if kind == "training")
     assert batcher.batches < len(jobs), "no two requests ever shared a backbone pass"
     assert batcher.batches >= total_rows / 8
 
 
-def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on(text_backbone) -> None:
-    batcher = Batcher(text_backbone, max_batch_size=4, max_latency_ms=0)
+def test_training_runs_in_slices_between_predicts() -> None:
+    """A training job of 400 rows goes through in slices of about `training_slice_ms`;
+    predicts sent while it runs each wait for at most one slice."""
+    passes: list[tuple[str, int]] = []
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        time.sleep(0.002 * len(rows))  # 2 ms a row, like a small CPU backbone
+        passes.append(("predict" if rows[0, 0] == 1 else "training", len(rows)))
+        return np.repeat(rows[:, :1].astype(np.float32), 4, axis=1)
+
+    batcher = Batcher(embed, name="t", max_batch_size=64, max_latency_ms=0, training_slice_ms=20)
     try:
-        bad = _random_head(0, 7, 2)  # wrong embedding size: the head's product fails
+        training = batcher.submit(np.zeros((400, 1), np.uint8), "training")
+        waits = []
+        for _ in range(10):
+            time.sleep(0.03)
+            start = time.perf_counter()
+            got = batcher.submit(np.ones((1, 1), np.uint8)).result(10)
+            waits.append(time.perf_counter() - start)
+            assert got.shape == (1, 4) and got[0, 0] == 1
+        assert training.result(30).shape == (400, 4) and not training.result().any()
+    finally:
+        batcher.close()
+    # The first slice is one row; it measures the backbone, and slices then hold ~10 rows.
+    slices = [n for kind, n in passes if kind == "training"]
+    assert slices[0] == 1
+    assert max(slices) <= 15, slices
+    assert sum(n for kind, n in passes if kind == "training") == 400
+    # Never behind a whole 64-row training batch (128 ms): one slice and one predict pass.
+    assert sorted(waits)[-2] < 0.1, waits
+
+
+def test_training_ends_under_a_predict_load_with_no_gaps() -> None:
+    def embed(rows: np.ndarray) -> np.ndarray:
+        time.sleep(0.002 * len(rows))
+        return rows[:, :1].astype(np.float32)
+
+    batcher = Batcher(embed, name="t", max_batch_size=8, max_latency_ms=0, training_slice_ms=10)
+    stop = threading.Event()
+
+    def predict_back_to_back() -> None:
+        while not stop.is_set():
+            batcher.submit(np.ones((2, 1), np.uint8)).result(10)
+
+    clients = [threading.Thread(target=predict_back_to_back) for _ in range(8)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(0.1)
+        # 100 rows at 2 ms: 0.2 s of backbone; a fifth of it takes about 1 s.
+        assert batcher.submit(np.zeros((100, 1), np.uint8), "training").result(10).shape == (
+            100,
+            1,
+        )
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        batcher.close()
+
+
+def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
+    def embed(rows: np.ndarray) -> np.ndarray:
+        if (rows == 7).any():
+            raise ValueError("a row the backbone cannot take")
+        return rows.astype(np.float32)
+
+    batcher = Batcher(embed, name="t", max_batch_size=4, max_latency_ms=0, training_slice_ms=20)
+    try:
         with pytest.raises(ValueError):
-            batcher.submit(bad, ["a text"]).result(30)
-        good = _random_head(1, text_backbone.spec.embedding_dim, 2)
-        probabilities, similarity = batcher.submit(good, ["a text"]).result(30)
-        assert probabilities.shape == (1, 2) and similarity.shape == (1,)
+            batcher.submit(np.full((1, 3), 7, np.uint8)).result(30)
+        np.testing.assert_array_equal(batcher.submit(np.ones((2, 3), np.uint8)).result(30), 1)
+    finally:
+        batcher.close()
+
+
+def test_an_empty_request_is_answered_without_a_batch() -> None:
+    batcher = Batcher(
+        lambda rows: np.zeros((len(rows), 4), np.float32),
+        name="t", max_batch_size=4, max_latency_ms=0, training_slice_ms=20,
+    )  # fmt: skip
+    try:
+        assert batcher.submit(np.zeros((0, 3), np.uint8)).result(5).shape == (0, 4)
+        assert batcher.batches == 0
     finally:
         batcher.close()

@@ -15,9 +15,9 @@ class Clock:
         return self.now
 
 
-def test_burst_then_the_sustained_rate() -> None:
+def test_burst_then_the_sustained_rate(tmp_path) -> None:
     clock = Clock()
-    limiter = RateLimiter(rate=2.0, burst=3, clock=clock)
+    limiter = RateLimiter(rate=2.0, burst=3, path=tmp_path / "rl.sqlite3", clock=clock)
     assert [limiter.wait_needed("a") for _ in range(3)] == [0.0, 0.0, 0.0]
     assert limiter.wait_needed("a") == pytest.approx(0.5)  # one token refills in 1/rate
     assert limiter.wait_needed("b") == 0.0  # another tenant has its own bucket
@@ -28,19 +28,28 @@ def test_burst_then_the_sustained_rate() -> None:
     assert [limiter.wait_needed("a") for _ in range(4)][-1] == pytest.approx(0.5)
 
 
-def test_zero_rate_means_no_limit() -> None:
-    limiter = RateLimiter(rate=0, burst=1)
+def test_zero_rate_means_no_limit(tmp_path) -> None:
+    limiter = RateLimiter(rate=0, burst=1, path=tmp_path / "rl.sqlite3")
     assert all(limiter.wait_needed("a") == 0.0 for _ in range(1000))
 
 
-def test_idle_buckets_are_dropped(monkeypatch) -> None:
+def test_idle_buckets_are_dropped(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(RateLimiter, "PRUNE_AT", 10)
     clock = Clock()
-    limiter = RateLimiter(rate=1.0, burst=2, clock=clock)
+    limiter = RateLimiter(rate=1.0, burst=2, path=tmp_path / "rl.sqlite3", clock=clock)
     for i in range(10):
         limiter.wait_needed(f"idle-{i}")
     clock.now = 5.0  # every bucket has refilled
     limiter.wait_needed("busy")
     limiter.wait_needed("busy")
     limiter.wait_needed("new")  # the 12th bucket: over PRUNE_AT, the full ones go
-    assert set(limiter._buckets) == {"busy", "new"}  # both still short of their burst
+    assert limiter.buckets() == {"busy", "new"}  # both still short of their burst
+
+
+def test_every_worker_takes_from_the_same_bucket(tmp_path) -> None:
+    """Two limiters on one file, as two API worker processes: one bucket per tenant."""
+    clock = Clock()
+    path = tmp_path / "rl.sqlite3"
+    workers = [RateLimiter(rate=1.0, burst=4, path=path, clock=clock) for _ in range(2)]
+    taken = [workers[i % 2].wait_needed("a") for i in range(6)]
+    assert taken[:4] == [0.0] * 4 and taken[4] > 0 and taken[5] > 0

@@ -1,4 +1,4 @@
-"""Serving imports no torch: the service module, the backbones and a prediction."""
+"""Serving imports no torch: the service module, the runner, training and a prediction."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ from tests.server import ROOT
 
 SCRIPT = """
 import sys
-from service.core import Graft, RawInput
+from service.core import Graft
+from service.inputs import RawInput
+from service.runner import Runner, RunnerClient
 from service.settings import Settings
 import service.service  # the BentoML service module, as `bentoml serve` imports it
-graft = Graft(Settings())
+settings = Settings()
+runner = Runner(settings)
+graft = Graft(settings, RunnerClient(settings.runner_socket))
 tenant, _ = graft.store.create_tenant(name="t")
 examples = [("a", RawInput("text", "a cat")), ("b", RawInput("text", "a car"))]
 head = graft.create_head(tenant, name="h", backbone_id="minilm_l6", examples=examples)
 graft.predict(tenant, head.id, [RawInput("text", "a kitten")], top_k=1)
 graft.close()
+runner.close()
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
 """
 

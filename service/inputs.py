@@ -1,0 +1,158 @@
+"""What users send, checked and turned into backbone rows, in the API worker.
+
+Images become uint8 NHWC arrays (decoded, resized, cropped), texts token-id arrays: the
+rows that the runner (`service/runner.py`) batches. Every check raises a typed error that
+names the input's position; nothing here touches the store or the runner.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from models.preprocess import InvalidInput, decode_image, load_tokenizer, token_ids
+from models.registry import BackboneSpec, ImagePreprocessing
+from service.errors import Forbidden, PayloadTooLarge, Unprocessable
+from service.settings import Settings
+
+
+@dataclass(frozen=True)
+class RawInput:
+    """One input as the user sent it: image bytes or a text."""
+
+    kind: Literal["image", "text"]
+    data: bytes | str
+
+    @classmethod
+    def from_json(cls, image: str | None, text: str | None) -> RawInput:
+        if text is not None:
+            return cls("text", text)
+        try:
+            return cls("image", base64.b64decode(image or "", validate=True))
+        except (binascii.Error, ValueError):
+            raise InvalidInput("invalid_base64", "'image' is not valid base64") from None
+
+
+def content_hash(raw: RawInput) -> str:
+    # surrogatepass: never fails here; invalid text is refused when it is checked, and
+    # for valid text this is plain UTF-8.
+    data = raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8", "surrogatepass")
+    return hashlib.sha256(raw.kind.encode() + b"\0" + data).hexdigest()
+
+
+def to_rows(
+    spec: BackboneSpec, items: Sequence[tuple[int, RawInput]], settings: Settings
+) -> np.ndarray | list[np.ndarray]:
+    """(position, input) pairs to the backbone's rows: one uint8 NHWC array of images, or
+    a token-id array per text. Errors name the input's position."""
+    pre = spec.preprocessing
+    rows: list = []
+    for position, raw in items:
+        try:
+            if isinstance(pre, ImagePreprocessing):
+                assert isinstance(raw.data, bytes)
+                rows.append(decode_image(raw.data, pre, settings.max_image_pixels))
+            else:
+                assert isinstance(raw.data, str)
+                rows.append(check_text(raw.data, settings))
+        except InvalidInput as exc:
+            raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
+    if isinstance(pre, ImagePreprocessing):
+        side = pre.image_size
+        return np.stack(rows) if rows else np.empty((0, side, side, 3), np.uint8)
+    return text_rows(spec, rows)
+
+
+def text_rows(spec: BackboneSpec, texts: list[str]) -> list[np.ndarray]:
+    """Checked texts to the text backbone's token-id rows."""
+    pre = spec.preprocessing
+    return token_ids(texts, load_tokenizer(pre.tokenizer_file(), pre.max_tokens))
+
+
+def check_text(text: str, settings: Settings) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: valid as a JSON escape, not as text
+        raise InvalidInput("invalid_text", "text is not valid Unicode") from None
+    if not text.strip():
+        raise InvalidInput("empty_text", "text is empty")
+    if len(text) > settings.max_text_chars:
+        raise InvalidInput(
+            "text_too_long", f"text of {len(text)} characters; at most {settings.max_text_chars}"
+        )
+    return text
+
+
+def check_modality(spec: BackboneSpec, inputs: Sequence[RawInput]) -> None:
+    for i, raw in enumerate(inputs):
+        if raw.kind != spec.modality:
+            raise Unprocessable(
+                f"input {i} is {raw.kind} but backbone {spec.id} takes {spec.modality}",
+                code="wrong_modality",
+            )
+
+
+def check_labels(labels: list[str], existing: Sequence[str], settings: Settings) -> list[str]:
+    s = settings
+    if len(labels) > s.max_examples_per_request:
+        raise PayloadTooLarge(
+            f"{len(labels)} examples; at most {s.max_examples_per_request} per request",
+            code="too_many_examples",
+        )
+    for label in set(labels):
+        if not label.strip():
+            raise Unprocessable("labels must not be empty or blank", code="invalid_label")
+        if any(unicodedata.category(c) in ("Cc", "Cs") for c in label):
+            raise Unprocessable(
+                f"label {label[:40]!r} holds a control character", code="invalid_label"
+            )
+        if len(label) > s.max_label_chars:
+            raise Unprocessable(
+                f"label of {len(label)} characters; at most {s.max_label_chars}",
+                code="invalid_label",
+            )
+    distinct = set(existing) | set(labels)
+    if len(distinct) < 2:
+        raise Unprocessable(
+            f"a head needs at least 2 labels; got {sorted(distinct)}", code="too_few_labels"
+        )
+    if len(distinct) > s.max_labels:
+        raise Unprocessable(
+            f"{len(distinct)} labels; at most {s.max_labels}", code="too_many_labels"
+        )
+    return labels
+
+
+def check_head_size(
+    stored: set[tuple[str, str]], content_hashes: list[str], labels: list[str], settings: Settings
+) -> None:
+    total = len(stored | set(zip(content_hashes, labels, strict=True)))
+    if total > settings.max_examples_per_head:
+        raise Forbidden(
+            f"the head would hold {total} distinct examples; at most"
+            f" {settings.max_examples_per_head}",
+            code="example_limit_reached",
+        )
+
+
+def check_descriptions(spec: BackboneSpec, descriptions: dict[str, str], labels: list[str]) -> None:
+    if not descriptions:
+        return
+    if spec.modality != "text":
+        raise Unprocessable(
+            f"label_descriptions need a text backbone; {spec.id} is an {spec.modality} backbone",
+            code="invalid_label_descriptions",
+        )
+    unknown = sorted(set(descriptions) - set(labels))
+    if unknown:
+        raise Unprocessable(
+            f"label_descriptions name labels without examples: {unknown[:5]}",
+            code="invalid_label_descriptions",
+        )

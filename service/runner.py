@@ -1,0 +1,275 @@
+"""The link between API workers and the backbone runner: a Unix socket carrying arrays.
+
+The runner process (`service/runner_service.py`) owns the ONNX Runtime sessions; each API
+worker process holds one `RunnerClient`, a persistent connection shared by its request
+threads. A request is `(id, backbone, priority, rows)` and its answer `(id, embeddings,
+error)`, pickled (protocol 5) with its arrays sent as raw bytes beside it. Why not
+BentoML's own calls between services: bench/handoff.py measures both (BENCHMARKS.md).
+
+Only processes of the same user reach the socket: it lives in a directory of mode 0700.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import pickle
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+
+import numpy as np
+
+from models.export import ensure_variant
+from models.registry import list_backbones
+from models.runtime import Backbone
+from service.batcher import Batcher, Priority, Rows
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+class RunnerUnavailable(RuntimeError):
+    """The runner could not be reached, or the connection broke with the request in it."""
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    # Arrays go out of band, as their own raw messages: pickling them in band copies
+    # them again (about 1 ms for 8 images).
+    buffers: list[pickle.PickleBuffer] = []
+    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
+    conn.send_bytes(len(buffers).to_bytes(4, "little") + head)
+    for buffer in buffers:
+        conn.send_bytes(buffer.raw())
+
+
+def _recv(conn: Connection) -> tuple:
+    """The message `_send` sent; its arrays are read-only views of the received bytes."""
+    data = conn.recv_bytes()
+    buffers = [conn.recv_bytes() for _ in range(int.from_bytes(data[:4], "little"))]
+    return pickle.loads(memoryview(data)[4:], buffers=buffers)
+
+
+def _widen(conn: Connection) -> Connection:
+    """Socket buffers that hold a batch of images: with the default (208 KiB) a message of
+    8 images crosses in six wake-ups of each side."""
+    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+    return conn
+
+
+# The runner's side -----------------------------------------------------------------------
+
+
+class RunnerServer:
+    """Accepts API workers' connections and feeds their rows to one batcher per backbone."""
+
+    def __init__(self, path: Path, batchers: Mapping[str, Batcher]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o700)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # left by a runner that was killed
+        self.path = path
+        self.batchers = batchers
+        self._listener = Listener(str(path), family="AF_UNIX")
+        self._thread = threading.Thread(
+            target=self._accept, name="graft-runner-accept", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        self._listener.close()
+        for batcher in self.batchers.values():
+            batcher.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn = _widen(self._listener.accept())
+            except OSError:
+                return  # closed
+            threading.Thread(
+                target=self._serve, args=(conn,), name="graft-runner-conn", daemon=True
+            ).start()
+
+    def _serve(self, conn: Connection) -> None:
+        # Answers go out from a thread of their own: a worker slow to read never holds up
+        # a batcher thread, and with it every other worker.
+        answers: queue.SimpleQueue = queue.SimpleQueue()
+        writer = threading.Thread(target=self._write, args=(conn, answers), daemon=True)
+        writer.start()
+
+        def answer(request_id: int, future: Future) -> None:
+            error = future.exception()
+            answers.put(
+                (request_id, None, repr(error)) if error else (request_id, future.result(), None)
+            )
+
+        try:
+            while True:
+                request_id, backbone_id, priority, rows = _recv(conn)
+                batcher = self.batchers.get(backbone_id)
+                if batcher is None:
+                    answers.put((request_id, None, f"no backbone {backbone_id!r} in this runner"))
+                    continue
+                future = batcher.submit(rows, priority)
+                future.add_done_callback(lambda f, request_id=request_id: answer(request_id, f))
+        except (EOFError, OSError):
+            pass  # the worker went away
+        finally:
+            answers.put(None)
+
+    @staticmethod
+    def _write(conn: Connection, answers: queue.SimpleQueue) -> None:
+        with conn:
+            while (message := answers.get()) is not None:
+                try:
+                    _send(conn, message)
+                except OSError:
+                    return
+
+
+# The API worker's side -------------------------------------------------------------------
+
+
+class RunnerClient:
+    """One connection to the runner, shared by a worker's threads; reconnects when lost."""
+
+    def __init__(self, path: Path | str, *, connect_timeout_s: float = 5.0) -> None:
+        self.path = str(path)
+        self.connect_timeout_s = connect_timeout_s
+        self._conn: Connection | None = None
+        self._pending: dict[int, Future] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # guards _conn and _pending, and orders sends
+
+    def embed(self, backbone_id: str, rows: Rows, priority: Priority = "predict") -> Future:
+        """Future of the rows' embeddings; fails with RunnerUnavailable if the link breaks."""
+        future: Future = Future()
+        with self._lock:
+            conn = self._connected()
+            request_id = next(self._ids)
+            self._pending[request_id] = future
+            try:
+                _send(conn, (request_id, backbone_id, priority, rows))
+            except OSError as exc:
+                self._pending.pop(request_id, None)
+                self._drop(conn)
+                raise RunnerUnavailable(f"the backbone runner went away: {exc}") from None
+        return future
+
+    def is_connected(self) -> bool:
+        with self._lock:
+            try:
+                self._connected(timeout_s=0)
+            except RunnerUnavailable:
+                return False
+            return True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._drop(self._conn)
+
+    def _connected(self, timeout_s: float | None = None) -> Connection:
+        if self._conn is not None:
+            return self._conn
+        deadline = time.monotonic() + (self.connect_timeout_s if timeout_s is None else timeout_s)
+        while True:
+            try:
+                conn = _widen(Client(self.path, family="AF_UNIX"))
+                break
+            except OSError as exc:
+                if time.monotonic() >= deadline:
+                    raise RunnerUnavailable(
+                        f"the backbone runner is not answering at {self.path}: {exc}"
+                    ) from None
+                time.sleep(0.1)
+        self._conn = conn
+        threading.Thread(
+            target=self._read, args=(conn,), name="graft-runner-client", daemon=True
+        ).start()
+        return conn
+
+    def _read(self, conn: Connection) -> None:
+        try:
+            while True:
+                request_id, embeddings, error = _recv(conn)
+                with self._lock:
+                    future = self._pending.pop(request_id, None)
+                if future is None:
+                    continue
+                if error is None:
+                    future.set_result(embeddings)
+                else:
+                    future.set_exception(RuntimeError(f"backbone runner: {error}"))
+        except (EOFError, OSError):
+            with self._lock:
+                if self._conn is conn:
+                    self._drop(conn)
+
+    def _drop(self, conn: Connection) -> None:
+        """Called with the lock held: forgets the connection, fails what was in it."""
+        self._conn = None
+        with contextlib.suppress(OSError):
+            conn.close()
+        pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(RunnerUnavailable("the backbone runner went away"))
+
+
+class Runner:
+    """What the runner process holds: a session and a batcher per backbone, and the
+    socket the API workers reach them through."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.backbones = {
+            spec.id: Backbone(
+                spec,
+                ensure_variant(spec, settings.backbone_dir, settings.variant),
+                device=settings.device,
+                intra_op_threads=settings.intra_op_threads,
+                max_batch_size=settings.backbone_batch_size,
+            )
+            for spec in list_backbones()
+        }
+        batchers = {
+            backbone_id: Batcher(
+                backbone.embed_rows,
+                name=backbone_id,
+                max_batch_size=settings.backbone_batch_size,
+                max_latency_ms=settings.batch_max_latency_ms,
+                training_slice_ms=settings.training_slice_ms,
+            )
+            for backbone_id, backbone in self.backbones.items()
+        }
+        self.server = RunnerServer(settings.runner_socket, batchers)
+
+    def stats(self) -> dict:
+        return {backbone_id: b.stats() for backbone_id, b in self.server.batchers.items()}
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def serve_forever(path: Path, embedders: Mapping[str, Callable[[Rows], np.ndarray]]) -> None:
+    """A bare runner over the given embed functions, until killed (bench/handoff.py runs
+    one in a process of its own to time the link alone)."""
+    batchers = {
+        name: Batcher(embed, name=name, max_batch_size=64, max_latency_ms=0, training_slice_ms=20)
+        for name, embed in embedders.items()
+    }
+    RunnerServer(Path(path), batchers)
+    threading.Event().wait()

@@ -1,0 +1,219 @@
+"""Training jobs, in the API worker: embed what is new through the runner at training
+priority, fit the head on its whole set, store the version whole.
+
+Jobs run on a small thread pool at a lower OS priority (nice 10), so decoding a large
+training set yields the cores to predicts; the runner, in turn, runs training rows only in
+short slices between predict batches (`service/batcher.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from adapters import heads
+from adapters.store import Head, Store, Tenant
+from adapters.transferability import choose_backbone
+from models.registry import BackboneSpec
+from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
+from service.runner import RunnerClient
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The backbone id that asks Graft to choose: every backbone of the examples' modality is
+# scored (LogME), the best are tried, and the head keeps the one it validates best on.
+AUTO_BACKBONE = "auto"
+
+
+@dataclass
+class PreparedInputs:
+    """Examples checked against a backbone, ready for the runner.
+
+    `content_hashes[i]` identifies example i; `rows` holds the backbone rows of the
+    hashes in `to_embed` (each once); the others have cached embeddings.
+    """
+
+    content_hashes: list[str]
+    to_embed: list[str]
+    rows: np.ndarray | list[np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainingSet:
+    """A head's whole training set under one backbone, ready to fit."""
+
+    new_vectors: dict[str, np.ndarray]  # embeddings computed for this training
+    examples: list[tuple[str, str]]  # (content hash, label)
+    x: np.ndarray  # (len(examples), embedding_dim)
+    labels: list[str]
+
+
+# A backbone the head may be trained on, with its inputs prepared on demand (`auto`
+# prepares one backbone at a time, so only one backbone's decoded images are held).
+Option = tuple[BackboneSpec, Callable[[], PreparedInputs]]
+
+
+def _lower_priority() -> None:
+    with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class Trainer:
+    def __init__(self, store: Store, runner: RunnerClient, settings: Settings) -> None:
+        self.store = store
+        self.runner = runner
+        self.settings = settings
+        self._pool = ThreadPoolExecutor(
+            max_workers=settings.training_workers,
+            thread_name_prefix="graft-train",
+            initializer=_lower_priority,
+        )
+        self._head_locks: dict[str, threading.Lock] = {}
+        self._head_locks_guard = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(
+        self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
+    ) -> PreparedInputs:
+        """Checks examples against the backbone; decodes those with no cached embedding."""
+        check_modality(spec, inputs)
+        hashes = [content_hash(raw) for raw in inputs]
+        cached = self.store.cached_embeddings(
+            tenant_id=tenant.id, backbone=spec.id, content_hashes=hashes
+        )
+        to_decode: list[tuple[int, RawInput]] = []
+        to_embed: list[str] = []
+        queued: set[str] = set()
+        for position, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
+            if h not in cached and h not in queued:
+                queued.add(h)
+                to_decode.append((position, raw))
+                to_embed.append(h)
+        rows = to_rows(spec, to_decode, self.settings)
+        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows)
+
+    def start(self, tenant: Tenant, head: Head, options: list[Option], labels: list[str]) -> Future:
+        return self._pool.submit(self._train, tenant, head, options, labels)
+
+    def _train(
+        self, tenant: Tenant, head: Head, options: list[Option], new_labels: list[str]
+    ) -> None:
+        """Embeds what is new, trains on the head's whole set, stores the version whole.
+        With several backbone options (`auto`) the examples are embedded by each and
+        `choose_backbone` picks one."""
+        with self._head_lock(head.id):
+            try:
+                # One backbone at a time: its decoded inputs are dropped once embedded.
+                sets = {
+                    spec.id: self._training_set(tenant, head, spec, prepare(), new_labels)
+                    for spec, prepare in options
+                }
+                label_embeddings = {
+                    spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
+                    for spec, _ in options
+                }
+                if head.backbone == AUTO_BACKBONE:
+                    choice = choose_backbone(
+                        {b: s.x for b, s in sets.items()},
+                        next(iter(sets.values())).labels,
+                        label_embeddings,
+                    )
+                    chosen, training_set = choice.backbone, sets[choice.backbone]
+                    trained = choice.trained
+                    trained.metrics["backbone_selection"] = choice.report
+                else:
+                    [(chosen, training_set)] = sets.items()
+                    trained = heads.train_head(
+                        training_set.x,
+                        training_set.labels,
+                        label_embeddings=label_embeddings[chosen],
+                    )
+                self.store.save_version(
+                    tenant_id=tenant.id,
+                    head_id=head.id,
+                    backbone=chosen,
+                    new_embeddings=training_set.new_vectors,
+                    examples=training_set.examples,
+                    labels=trained.labels,
+                    weights=trained.weights,
+                    bias=trained.bias,
+                    prototypes=trained.prototypes,
+                    unknown_threshold=trained.unknown_threshold,
+                    metrics=trained.metrics,
+                )
+            except Exception as exc:
+                log.exception("training head %s failed", head.id)
+                current = self.store.get_head(tenant_id=tenant.id, head_id=head.id)
+                if current is not None:
+                    self.store.set_status(
+                        tenant_id=tenant.id,
+                        head_id=head.id,
+                        status="ready" if current.servable else "failed",
+                        error=f"training failed: {exc}",
+                    )
+
+    def _training_set(
+        self,
+        tenant: Tenant,
+        head: Head,
+        spec: BackboneSpec,
+        prepared: PreparedInputs,
+        new_labels: list[str],
+    ) -> TrainingSet:
+        """The head's stored examples plus the new ones, as this backbone's embeddings."""
+        new_vectors = self._embed(spec, prepared)
+        cached = self.store.cached_embeddings(
+            tenant_id=tenant.id,
+            backbone=spec.id,
+            content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
+        )
+        vectors = {**cached, **new_vectors}
+        stored = self.store.training_set(tenant_id=tenant.id, head_id=head.id)
+        for h, _, vector in stored:
+            vectors.setdefault(h, vector)
+        examples = [(h, label) for h, label, _ in stored]
+        seen = set(examples)
+        for pair in zip(prepared.content_hashes, new_labels, strict=True):
+            if pair not in seen:
+                seen.add(pair)
+                examples.append(pair)
+        # Checked when the request came in; this holds it against concurrent adds.
+        if len(examples) > self.settings.max_examples_per_head:
+            raise ValueError(
+                f"{len(examples)} examples; at most {self.settings.max_examples_per_head} per head"
+            )
+        x = np.stack([vectors[h] for h, _ in examples])
+        return TrainingSet(new_vectors, examples, x, [label for _, label in examples])
+
+    def _label_embeddings(
+        self, spec: BackboneSpec, head: Head, labels: list[str]
+    ) -> dict[str, np.ndarray] | None:
+        """Text heads: each label's description (default: the label itself), embedded."""
+        if spec.modality != "text":
+            return None
+        names = sorted(set(labels))
+        texts = [head.label_descriptions.get(label, label) for label in names]
+        vectors = self._run(spec, text_rows(spec, texts))
+        return dict(zip(names, vectors, strict=True))
+
+    def _embed(self, spec: BackboneSpec, prepared: PreparedInputs) -> dict[str, np.ndarray]:
+        if not prepared.to_embed:
+            return {}
+        return dict(zip(prepared.to_embed, self._run(spec, prepared.rows), strict=True))
+
+    def _run(self, spec: BackboneSpec, rows) -> np.ndarray:
+        return self.runner.embed(spec.id, rows, "training").result()
+
+    def _head_lock(self, head_id: str) -> threading.Lock:
+        with self._head_locks_guard:
+            return self._head_locks.setdefault(head_id, threading.Lock())

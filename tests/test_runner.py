@@ -1,0 +1,107 @@
+"""The link between API workers and the backbone runner, over a real Unix socket."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from models.preprocess import decode_image, token_ids
+from service.batcher import Batcher
+from service.runner import RunnerClient, RunnerServer, RunnerUnavailable, serve_forever
+from tests.inputs import COOKING, SPORTS, crops
+
+
+def double(rows: np.ndarray) -> np.ndarray:
+    return rows.reshape(len(rows), -1).astype(np.float32) * 2
+
+
+def _server(path, backbones) -> RunnerServer:
+    batchers = {
+        b.spec.id: Batcher(
+            b.embed_rows, name=b.spec.id, max_batch_size=8, max_latency_ms=5, training_slice_ms=20
+        )
+        for b in backbones
+    }
+    return RunnerServer(path, batchers)
+
+
+def test_workers_get_their_own_embeddings_from_one_runner(
+    tmp_path, image_backbone, text_backbone
+) -> None:
+    """Three clients (as three API workers) and their threads share one runner."""
+    pre = image_backbone.spec.preprocessing
+    images = np.stack([decode_image(x, pre, 10**8) for x in crops("china.jpg", 6, seed=3)])
+    texts = token_ids(SPORTS + COOKING, text_backbone.tokenizer)
+    expected = {
+        "efficientnet_lite0": image_backbone.embed_rows(images),
+        "minilm_l6": text_backbone.embed_rows(texts),
+    }
+    server = _server(tmp_path / "runner.sock", [image_backbone, text_backbone])
+    clients = [RunnerClient(server.path) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    jobs = []
+    for i in range(30):
+        backbone = "efficientnet_lite0" if i % 2 else "minilm_l6"
+        n = len(images) if i % 2 else len(texts)
+        picks = rng.choice(n, size=int(rng.integers(1, 4)), replace=False)
+        rows = images[picks] if i % 2 else [texts[p] for p in picks]
+        jobs.append(
+            (clients[i % 3], backbone, rows, picks, "training" if i % 5 == 0 else "predict")
+        )
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda j: j[0].embed(j[1], j[2], j[4]).result(60), jobs))
+        for (_, backbone, _, picks, _), got in zip(jobs, results, strict=True):
+            np.testing.assert_allclose(got, expected[backbone][picks], atol=1e-4)
+        with pytest.raises(RuntimeError, match="no backbone 'nope'"):
+            clients[0].embed("nope", images[:1]).result(10)
+    finally:
+        for client in clients:
+            client.close()
+        server.close()
+
+
+def test_a_runner_that_dies_fails_what_it_held_and_a_new_one_is_found(tmp_path) -> None:
+    path = tmp_path / "runner.sock"
+    spawn = multiprocessing.get_context("spawn")
+
+    def start():
+        process = spawn.Process(target=serve_forever, args=(path, {"double": double}), daemon=True)
+        process.start()
+        return process
+
+    runner = start()
+    client = RunnerClient(path, connect_timeout_s=1)
+    try:
+        _wait_until_connected(client)
+        rows = np.arange(12, dtype=np.uint8).reshape(2, 6)
+        np.testing.assert_array_equal(client.embed("double", rows).result(30), double(rows))
+        runner.kill()
+        runner.join()
+        time.sleep(0.2)  # the client's reader sees the connection close
+        with pytest.raises(RunnerUnavailable):
+            client.embed("double", rows).result(30)
+        runner = start()  # as BentoML restarts a runner that died
+        _wait_until_connected(client)
+        np.testing.assert_array_equal(client.embed("double", rows).result(30), double(rows))
+    finally:
+        client.close()
+        runner.kill()
+
+
+def _wait_until_connected(client: RunnerClient) -> None:
+    deadline = time.monotonic() + 120
+    while not client.is_connected():
+        assert time.monotonic() < deadline, "the runner never came up"
+        time.sleep(0.2)
+
+
+def test_no_runner_is_a_clear_error(tmp_path) -> None:
+    client = RunnerClient(tmp_path / "absent.sock", connect_timeout_s=0.3)
+    with pytest.raises(RunnerUnavailable, match="not answering"):
+        client.embed("x", np.zeros((1, 1), np.uint8))
+    assert not client.is_connected()
