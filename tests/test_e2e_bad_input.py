@@ -317,6 +317,45 @@ def test_bad_archives(tenant, stored, what, archive, code) -> None:
     assert_error(response, 422, code)
 
 
+def test_bad_raw_image_predicts(tenant, stored) -> None:
+    """Raw bytes get the same errors and limits as base64 in JSON."""
+    predict = f"/v1/heads/{stored['id']}/predict"
+    text_head = tenant.post(
+        "/v1/heads", json={"name": "t2", "backbone": "minilm_l6", "examples": text_examples(2)}
+    ).json()["id"]
+    jpeg = {"Content-Type": "image/jpeg"}
+    cases = [
+        (tenant.post(predict, content=b"junk", headers=jpeg), 422, "invalid_image"),
+        (tenant.post(predict, content=b"", headers=jpeg), 422, "invalid_image"),
+        (tenant.post(predict, content=_gif(), headers={"Content-Type": "image/png"}), 422,
+         "unsupported_image_format"),
+        (tenant.post(predict, content=_png(3000, 2000), headers={"Content-Type": "image/png"}),
+         413, "image_too_large"),
+        (tenant.post(predict, content=JPEG, headers={"Content-Type": "image/gif"}), 415,
+         "unsupported_media_type"),
+        (tenant.post(f"{predict}?top_k=0", content=JPEG, headers=jpeg), 422, "invalid_request"),
+        (tenant.post(f"/v1/heads/{text_head}/predict", content=JPEG, headers=jpeg), 422,
+         "wrong_modality"),
+        (tenant.post(predict, files=[("image", ("a.jpg", JPEG, "image/jpeg"))] * 17), 413,
+         "too_many_inputs"),
+        (tenant.post(predict, files=[("picture", ("a.jpg", JPEG, "image/jpeg"))]), 422,
+         "invalid_request"),
+        (tenant.post(predict, files={"image": (None, b"not a file")}), 422, "invalid_request"),
+        (tenant.post(predict, data={"image": "a form"}), 415, "unsupported_media_type"),
+        (tenant.post(predict, files=[("image", ("a.jpg", JPEG, "image/jpeg")),
+                                     ("image", ("b.jpg", b"junk", "image/jpeg"))]), 422,
+         "invalid_image"),
+        (tenant.post(predict, content=b"x" * (7 * 1024 * 1024), headers=jpeg), 413,
+         "payload_too_large"),
+    ]  # fmt: skip
+    for response, status, code in cases:
+        assert_error(response, status, code)
+    # The second file is named in the error, as the second JSON input would be.
+    mixed = [("image", ("a.jpg", JPEG, "image/jpeg")), ("image", ("b.jpg", b"junk", "image/jpeg"))]
+    assert "input 1" in tenant.post(predict, files=mixed).json()["error"]["message"]
+    assert tenant.delete(f"/v1/heads/{text_head}").status_code == 204
+
+
 def test_server_healthy_and_nothing_stored_changed(server, tenant, stored) -> None:
     """Runs after the bad requests above (pytest keeps file order)."""
     assert tenant.get(f"/v1/heads/{stored['id']}").json() == stored

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
 from models.preprocess import decode_image
 from models.registry import ImagePreprocessing
@@ -86,6 +87,52 @@ def test_image_head_lifecycle(server) -> None:
 
         assert client.delete(f"/v1/heads/{head['id']}").status_code == 204
         assert client.get(f"/v1/heads/{head['id']}").status_code == 404
+
+
+def test_raw_image_bytes_give_the_same_answers_as_base64(server) -> None:
+    """Predict takes the bytes themselves: one image as the body, or several files."""
+    with server.new_tenant("raw") as client:
+        examples = image_examples(4, seed=5)
+        created = client.post(
+            "/v1/heads",
+            json={"name": "raw", "backbone": "efficientnet_lite0", "examples": examples},
+        )
+        assert created.status_code == 201, created.text
+        predict = f"/v1/heads/{created.json()['id']}/predict"
+        images = crops("china.jpg", 2, seed=70) + crops("flower.jpg", 2, seed=70, fmt="PNG")
+        webp = io.BytesIO()
+        Image.open(io.BytesIO(images[0])).save(webp, "WEBP", lossless=True)
+        images.append(webp.getvalue())
+        as_json = client.post(
+            predict, json={"inputs": [{"image": b64(x)} for x in images], "top_k": 2}
+        )
+        assert as_json.status_code == 200, as_json.text
+        expected = as_json.json()["predictions"]
+
+        media = ["image/jpeg"] * 2 + ["image/png"] * 2 + ["image/webp"]
+        for image, content_type, want in zip(images, media, expected, strict=True):
+            headers = {"Content-Type": content_type}
+            one = client.post(f"{predict}?top_k=2", content=image, headers=headers)
+            assert one.status_code == 200, one.text
+            _same_predictions(one.json()["predictions"], [want])
+
+        files = [
+            ("image", (f"{i}.img", x, "application/octet-stream")) for i, x in enumerate(images)
+        ]
+        several = client.post(f"{predict}?top_k=2", files=files)
+        assert several.status_code == 200, several.text
+        _same_predictions(several.json()["predictions"], expected)
+
+
+def _same_predictions(got: list[dict], expected: list[dict]) -> None:
+    """Equal up to float noise (rows batched with others round differently)."""
+    assert [p["label"] for p in got] == [p["label"] for p in expected]
+    for a, b in zip(got, expected, strict=True):
+        assert [s["label"] for s in a["top_k"]] == [s["label"] for s in b["top_k"]]
+        assert [s["score"] for s in a["top_k"]] == pytest.approx(
+            [s["score"] for s in b["top_k"]], abs=1e-6
+        )
+        assert a["similarity"] == pytest.approx(b["similarity"], abs=1e-3)
 
 
 def test_head_from_zip_archive(server) -> None:
