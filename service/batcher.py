@@ -1,20 +1,26 @@
 """Adaptive batching: one backbone pass for the rows of many requests, predicts first.
 
-Each backbone has one `Batcher` with its own thread, in the runner process. Requests from
-every API worker and tenant hand it their preprocessed rows (uint8 NHWC images, or token
-id arrays) and wait on a future of their embeddings.
+Each backbone has one `Batcher`, in the runner process. Requests from every API worker and
+tenant hand it their preprocessed rows (uint8 NHWC images, or token id arrays) and wait
+on a future of their embeddings.
 
-- Predict rows go first: the thread takes up to `max_batch_size` of them, or whatever has
-  arrived `max_latency_ms` after the oldest waiting row.
+- Predict rows: a thread takes up to `max_batch_size` of them, or whatever has arrived
+  `max_latency_ms` after the oldest waiting row.
 - Training rows (a new head's examples) run in slices sized to take about
-  `training_slice_ms`: while no predict waits, and under a load with no gaps at most one
-  slice in five. A predict waits behind at most one slice, whatever the size of the
-  training job, and training still finishes.
+  `training_slice_ms`, in one of two ways:
+  - with `embed_training` (the CPU): on a thread of their own at nice 19, through a
+    session of their own. Predicts never wait behind them, and the kernel gives the
+    cores to predicts (their backbone pass, and the API workers' decoding) first.
+  - without (a GPU, which the kernel does not schedule): on the predict thread, while no
+    predict waits, and under a load with no gaps at most one slice in five. A predict
+    waits behind one slice at most, and training still ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -29,9 +35,11 @@ log = logging.getLogger(__name__)
 
 Rows = np.ndarray | list  # uint8 NHWC images, or one int64 token-id array per text
 Priority = Literal["predict", "training"]
-# Under a predict load with no gaps, training takes one slice per this many slices' time
-# (a fifth of the backbone at most): predicts slow by one slice at worst, training ends.
+Embed = Callable[[Rows], np.ndarray]
+# Sharing the predict thread, under a predict load with no gaps, training takes one slice
+# per this many slices' time (a fifth of the backbone at most).
 TRAINING_SHARE_EVERY = 5
+TRAINING_NICE = 19
 
 
 @dataclass(eq=False)
@@ -45,15 +53,19 @@ class _Request:
     embeddings: np.ndarray | None = None
 
 
+Batch = list[tuple[_Request, int, int]]  # (request, first row, rows)
+
+
 class Batcher:
     def __init__(
         self,
-        embed: Callable[[Rows], np.ndarray],
+        embed: Embed,
         *,
         name: str,
         max_batch_size: int,
         max_latency_ms: float,
         training_slice_ms: float,
+        embed_training: Embed | None = None,
     ) -> None:
         self.embed = embed
         self.max_batch_size = max_batch_size
@@ -68,10 +80,21 @@ class Batcher:
         self._predict_rows = 0
         self._ready = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._loop, name=f"graft-batcher-{name}", daemon=True
-        )
-        self._thread.start()
+        self._lane = embed_training is not None
+        self._threads = [
+            threading.Thread(target=self._loop, name=f"graft-batcher-{name}", daemon=True)
+        ]
+        if embed_training is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._training_loop,
+                    args=(embed_training,),
+                    name=f"graft-training-{name}",
+                    daemon=True,
+                )
+            )
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, rows: Rows, priority: Priority = "predict") -> Future:
         """Future of the (len(rows), embedding_dim) embeddings of these rows."""
@@ -85,14 +108,15 @@ class Batcher:
             self._waiting[priority].append(request)
             if priority == "predict":
                 self._predict_rows += len(rows)
-            self._ready.notify()
+            self._ready.notify_all()  # the predict thread, or the training lane
         return request.future
 
     def close(self) -> None:
         with self._ready:
             self._stopping = True
-            self._ready.notify()
-        self._thread.join(timeout=30)
+            self._ready.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
 
     def stats(self) -> dict:
         return {
@@ -103,32 +127,36 @@ class Batcher:
         }
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            except Exception as exc:  # a failing batch fails its requests, not the thread
-                log.exception("batch of %d rows failed", sum(n for _, _, n in batch))
-                for request, _, _ in batch:
-                    if not request.future.done():
-                        request.future.set_exception(exc)
+        while (batch := self._next_batch()) is not None:
+            self._run(batch, self.embed)
 
-    def _next_batch(self) -> list[tuple[_Request, int, int]] | None:
-        """Waits for rows, then takes a batch of them as (request, start, n)."""
-        predicts, training = self._waiting["predict"], self._waiting["training"]
+    def _training_loop(self, embed: Embed) -> None:
+        with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRAINING_NICE)
+        training = self._waiting["training"]
+        while True:
+            with self._ready:
+                while not training and not self._stopping:
+                    self._ready.wait()
+                if not training:
+                    return
+                batch = self._training_slice()
+            self._run(batch, embed)
+
+    def _next_batch(self) -> Batch | None:
+        """Waits for rows, then takes a batch of them."""
+        predicts = self._waiting["predict"]
+        # With a lane of its own, training is none of this thread's business.
+        training = self._waiting["training"] if not self._lane else deque()
         with self._ready:
             while not predicts and not training and not self._stopping:
                 self._ready.wait()
-            if self._stopping and not predicts and not training:
-                return None
+            if not predicts and not training:
+                return None  # stopping
             # Training waits for a gap in predicts, but under a load that leaves none it
             # still gets one slice per TRAINING_SHARE_EVERY slices' time: it always ends.
-            starved = (
-                time.monotonic() - self._last_training
-                > TRAINING_SHARE_EVERY * self.training_slice_s
-            )
+            since = time.monotonic() - self._last_training
+            starved = since > TRAINING_SHARE_EVERY * self.training_slice_s
             if predicts and not (training and starved):
                 # Wait for the batch to fill, but never longer than max_latency after the
                 # oldest row arrived: rows that queued while the backbone was busy go at once.
@@ -141,15 +169,19 @@ class Batcher:
                 batch = self._take(predicts, self.max_batch_size)
                 self._predict_rows -= sum(n for _, _, n in batch)
                 return batch
-            # The first slice is one row; from then on, as many as fit the slice.
-            room = 1
-            if self._training_seconds_per_row > 0:
-                room = int(self.training_slice_s / self._training_seconds_per_row)
-            self._last_training = time.monotonic()
-            return self._take(training, max(1, min(self.max_batch_size, room)))
+            return self._training_slice()
+
+    def _training_slice(self) -> Batch:
+        """Called with the lock held. The first slice is one row; it measures the backbone,
+        and from then on a slice holds as many rows as fit `training_slice_ms`."""
+        room = 1
+        if self._training_seconds_per_row > 0:
+            room = int(self.training_slice_s / self._training_seconds_per_row)
+        self._last_training = time.monotonic()
+        return self._take(self._waiting["training"], max(1, min(self.max_batch_size, room)))
 
     @staticmethod
-    def _take(queue: deque[_Request], room: int) -> list[tuple[_Request, int, int]]:
+    def _take(queue: deque[_Request], room: int) -> Batch:
         batch = []
         while queue and room:
             request = queue[0]
@@ -161,31 +193,42 @@ class Batcher:
                 queue.popleft()
         return batch
 
-    def _run(self, batch: list[tuple[_Request, int, int]]) -> None:
+    def _run(self, batch: Batch, embed: Embed) -> None:
+        """One backbone pass; a failing pass fails its requests, not the thread."""
         parts = [request.rows[start : start + n] for request, start, n in batch]
         rows = (
             np.concatenate(parts)
             if isinstance(parts[0], np.ndarray)
             else [r for p in parts for r in p]
         )
+        training = batch[0][0].priority == "training"
         started = time.perf_counter()
-        embeddings = self.embed(rows)
-        if batch[0][0].priority == "training":
-            # Measured on training passes only: per row, a pass of many rows costs less
-            # than one of a few (on a GPU, ten times less), so the slices grow to fit.
-            per_row = (time.perf_counter() - started) / len(rows)
-            known = self._training_seconds_per_row
-            self._training_seconds_per_row = 0.5 * known + 0.5 * per_row if known else per_row
-        self.batches += 1
-        self.rows += len(rows)
+        try:
+            embeddings = embed(rows)
+        except Exception as exc:
+            log.exception("batch of %d rows failed", len(rows))
+            for request, _, _ in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        with self._ready:
+            if training:
+                # Measured on training passes only: per row, a pass of many rows costs
+                # less than one of a few (on a GPU, ten times less), so slices grow to fit.
+                per_row = (time.perf_counter() - started) / len(rows)
+                known = self._training_seconds_per_row
+                self._training_seconds_per_row = 0.5 * (known + per_row) if known else per_row
+                self.training_rows += len(rows)
+            self.batches += 1
+            self.rows += len(rows)
         offset = 0
         for request, start, n in batch:
+            if request.future.done():  # an earlier pass of its rows failed
+                continue
             if request.embeddings is None:
                 request.embeddings = np.empty((len(request.rows), embeddings.shape[1]), np.float32)
             request.embeddings[start : start + n] = embeddings[offset : offset + n]
             offset += n
             request.done += n
-            if request.priority == "training":
-                self.training_rows += n
             if request.done == len(request.rows):
                 request.future.set_result(request.embeddings)

@@ -5,15 +5,17 @@ each made-up URL anyone sends (no key needed), adds series for good: +24 MiB of 
 memory per 1,000 random URLs, measured (SECURITY.md). They are switched off in
 `service/service.py`; these take their place at `GET /v1/metrics`.
 
-BentoML runs several API worker processes and gives them a Prometheus multiprocess
-directory (PROMETHEUS_MULTIPROC_DIR): each worker writes its values there, and a read
-adds up every worker's, so /v1/metrics and /v1/stats answer for the whole server.
+Several API worker processes share one Prometheus multiprocess directory: each writes
+its values there, and a read adds up every worker's, so /v1/metrics and /v1/stats answer
+for the whole server (`own_multiprocess_dir`).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import time
+from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _render
@@ -21,6 +23,35 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from adapters.head_cache import HeadCache
+
+
+def own_multiprocess_dir(run_dir: Path) -> None:
+    """BentoML points every server of a machine at one multiprocess directory (under
+    BENTOML_HOME) and empties it whenever a server starts, so two servers wipe each other's
+    counts. Each Graft server has its own: the process of `bentoml serve`, which imports
+    the service first, makes it; its workers inherit the variable."""
+    own = os.environ.get("GRAFT_METRICS_DIR")
+    if own is None:
+        for old in run_dir.glob("metrics-*"):  # left by servers that are gone
+            if not _pid_alive(int(old.name.removeprefix("metrics-"))):
+                shutil.rmtree(old, ignore_errors=True)
+        own = str(run_dir / f"metrics-{os.getpid()}")
+        shutil.rmtree(own, ignore_errors=True)
+        os.makedirs(own)
+        os.environ["GRAFT_METRICS_DIR"] = own
+    # Read by prometheus_client as each metric is created: set before ours are.
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = own
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
 
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 

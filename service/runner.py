@@ -29,7 +29,7 @@ import numpy as np
 
 from models.export import ensure_variant
 from models.registry import list_backbones
-from models.runtime import Backbone
+from models.runtime import Backbone, available_providers
 from service.batcher import Batcher, Priority, Rows
 from service.settings import Settings
 
@@ -235,15 +235,19 @@ class Runner:
     socket the API workers reach them through."""
 
     def __init__(self, settings: Settings) -> None:
-        self.backbones = {
-            spec.id: Backbone(
+        on_cpu = available_providers(settings.device)[0] == "CPUExecutionProvider"
+
+        def session(spec, threads: int) -> Backbone:
+            return Backbone(
                 spec,
                 ensure_variant(spec, settings.backbone_dir, settings.variant),
                 device=settings.device,
-                intra_op_threads=settings.intra_op_threads,
+                intra_op_threads=threads,
                 max_batch_size=settings.backbone_batch_size,
             )
-            for spec in list_backbones()
+
+        self.backbones = {
+            spec.id: session(spec, settings.intra_op_threads) for spec in list_backbones()
         }
         batchers = {
             backbone_id: Batcher(
@@ -252,6 +256,9 @@ class Runner:
                 max_batch_size=settings.backbone_batch_size,
                 max_latency_ms=settings.batch_max_latency_ms,
                 training_slice_ms=settings.training_slice_ms,
+                # On the CPU, training rows get a one-thread session of their own, run at
+                # a low OS priority (service/batcher.py); a GPU shares its one session.
+                embed_training=session(backbone.spec, 1).embed_rows if on_cpu else None,
             )
             for backbone_id, backbone in self.backbones.items()
         }

@@ -16,17 +16,20 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
 os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 
 import bentoml  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from adapters.store import Store  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
+from service.metrics import own_multiprocess_dir  # noqa: E402
 from service.runner import Runner, RunnerClient  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
 settings = Settings()
+own_multiprocess_dir(settings.run_dir)
 app = create_app(settings.max_body_bytes)
 SERVICE_CONFIG = {
     "traffic": {"timeout": 600},
@@ -85,6 +88,10 @@ class Graft:
     backbone_runner = bentoml.depends(BackboneRunner)
 
     def __init__(self) -> None:
+        # One core per worker: the parallelism is in the workers. Numpy's BLAS threads
+        # would also escape the nice of training threads (threads inherit it; a pool made
+        # at import does not).
+        threadpool_limits(1)
         runner = RunnerClient(settings.runner_socket)
         self.graft = GraftCore(
             settings,

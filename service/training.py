@@ -1,9 +1,11 @@
 """Training jobs, in the API worker: embed what is new through the runner at training
 priority, fit the head on its whole set, store the version whole.
 
-Jobs run on a small thread pool at a lower OS priority (nice 10), so decoding a large
-training set yields the cores to predicts; the runner, in turn, runs training rows only in
-short slices between predict batches (`service/batcher.py`).
+Everything a training costs in this process runs at a lower OS priority (nice 10): the
+decoding of its examples (`prepare`, which the request waits for, so that bad input is
+refused before anything is stored) and the job itself. A large training set thus yields
+the cores to predicts; the runner, in turn, runs training rows only in short slices
+between predict batches (`service/batcher.py`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 # The backbone id that asks Graft to choose: every backbone of the examples' modality is
 # scored (LogME), the best are tried, and the head keeps the one it validates best on.
 AUTO_BACKBONE = "auto"
+# Rows per message to the runner (8 decoded images: 1.2 MB).
+TRAINING_MESSAGE_ROWS = 8
 
 
 @dataclass
@@ -76,16 +80,27 @@ class Trainer:
             thread_name_prefix="graft-train",
             initializer=_lower_priority,
         )
+        # Apart from the jobs: a request's examples never wait behind another's training.
+        self._decoders = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="graft-decode", initializer=_lower_priority
+        )
         self._head_locks: dict[str, threading.Lock] = {}
         self._head_locks_guard = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._decoders.shutdown(wait=True, cancel_futures=True)
 
     def prepare(
         self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
     ) -> PreparedInputs:
-        """Checks examples against the backbone; decodes those with no cached embedding."""
+        """Checks examples against the backbone; decodes those with no cached embedding
+        (on a thread of lower priority; this thread waits)."""
+        return self._decoders.submit(self._prepare, tenant, spec, inputs).result()
+
+    def _prepare(
+        self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
+    ) -> PreparedInputs:
         check_modality(spec, inputs)
         hashes = [content_hash(raw) for raw in inputs]
         cached = self.store.cached_embeddings(
@@ -212,7 +227,13 @@ class Trainer:
         return dict(zip(prepared.to_embed, self._run(spec, prepared.rows), strict=True))
 
     def _run(self, spec: BackboneSpec, rows) -> np.ndarray:
-        return self.runner.embed(spec.id, rows, "training").result()
+        # In messages of a few rows: the worker's predicts share the link, and one message
+        # of 1,000 images (150 MB) would hold them up for as long as it takes to cross.
+        chunks = [
+            self.runner.embed(spec.id, rows[start : start + TRAINING_MESSAGE_ROWS], "training")
+            for start in range(0, len(rows), TRAINING_MESSAGE_ROWS)
+        ]
+        return np.concatenate([chunk.result() for chunk in chunks])
 
     def _head_lock(self, head_id: str) -> threading.Lock:
         with self._head_locks_guard:

@@ -119,6 +119,36 @@ def test_training_ends_under_a_predict_load_with_no_gaps() -> None:
         batcher.close()
 
 
+def test_a_training_lane_never_holds_a_predict_up() -> None:
+    """With a session of its own (the CPU), training runs beside predicts, not between."""
+    lane = threading.get_native_id
+
+    def embed(rows: np.ndarray) -> np.ndarray:
+        return np.ones((len(rows), 2), np.float32)
+
+    lane_threads = set()
+
+    def embed_training(rows: np.ndarray) -> np.ndarray:
+        lane_threads.add(lane())
+        time.sleep(0.2)  # a slow training pass, far longer than a slice
+        return np.zeros((len(rows), 2), np.float32)
+
+    batcher = Batcher(
+        embed, name="t", max_batch_size=8, max_latency_ms=0, training_slice_ms=20,
+        embed_training=embed_training,
+    )  # fmt: skip
+    try:
+        training = batcher.submit(np.zeros((3, 1), np.uint8), "training")
+        time.sleep(0.05)  # the lane is inside its first pass
+        start = time.perf_counter()
+        assert batcher.submit(np.ones((1, 1), np.uint8)).result(5)[0, 0] == 1
+        assert time.perf_counter() - start < 0.1
+        assert not training.result(10).any() and batcher.training_rows == 3
+    finally:
+        batcher.close()
+    assert threading.get_native_id() not in lane_threads
+
+
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
     def embed(rows: np.ndarray) -> np.ndarray:
         if (rows == 7).any():
