@@ -1,25 +1,32 @@
 """GPU check of the served path: ONNX Runtime's CUDA provider against the CPU one.
 
-    python bench/gpu_check.py PATH/TO/efficientnet_lite0-....onnx
+    python bench/gpu_check.py [BACKBONE_DIR]      # default: GRAFT_BACKBONE_DIR
 
-Prints the providers this onnxruntime has; where CUDA is one, runs the backbone with
-GRAFT_DEVICE=cuda's provider list and on the CPU, and prints the largest difference of
-the embeddings and the throughput of each at batch 1 and 32.
+Prints the providers this onnxruntime has; where CUDA is one, for efficientnet_lite0 in
+fp32 and fp16 as Graft exports them (GRAFT_DEVICE=cuda's provider options): the Memcpy
+nodes ONNX Runtime inserts (each is an operator that fell back to the CPU), the largest
+difference of the embeddings to the CPU provider's, and images/s at batch 1 to 256.
 """
 
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.export import ensure_variant  # noqa: E402
 from models.quantize import calibration_images  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
+from models.runtime import Backbone, available_providers  # noqa: E402
+from service.settings import Settings  # noqa: E402
+
+BATCHES = (1, 8, 32, 128, 256)
 
 
 def rate(backbone: Backbone, rows: np.ndarray, seconds: float = 3) -> float:
@@ -31,23 +38,34 @@ def rate(backbone: Backbone, rows: np.ndarray, seconds: float = 3) -> float:
     return done / (time.perf_counter() - start)
 
 
+def memcpy_nodes(path: Path) -> int:
+    """Memcpy nodes in the graph ONNX Runtime runs under the CUDA provider."""
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = str(Path(scratch) / "optimized.onnx")
+        ort.InferenceSession(str(path), options, providers=available_providers("cuda"))
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return sum(node.op_type.startswith("Memcpy") for node in graph.node)
+
+
 def main() -> None:
-    path = Path(sys.argv[1])
+    backbone_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().backbone_dir
     print(f"onnxruntime {ort.__version__}, providers: {ort.get_available_providers()}")
-    spec = get_backbone("efficientnet_lite0")
-    rows = calibration_images(spec.preprocessing, 32)
-    cpu = Backbone(spec, path, device="cpu")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         print("no CUDA provider in this onnxruntime: the GPU path cannot run here")
         return
-    gpu = Backbone(spec, path, device="cuda")
-    print(f"session providers: {gpu.session.get_providers()}")
-    difference = np.abs(gpu.embed_images(rows) - cpu.embed_images(rows)).max()
-    print(f"max |gpu - cpu| over 32 embeddings: {difference:.2e}")
-    for size in (1, 32):
-        print(
-            f"batch {size:>2}: cpu {rate(cpu, rows[:size]):8.1f}/s   gpu {rate(gpu, rows[:size]):8.1f}/s"
-        )
+    spec = get_backbone("efficientnet_lite0")
+    rows = calibration_images(spec.preprocessing, max(BATCHES))
+    cpu = Backbone(spec, ensure_variant(spec, backbone_dir, "fp32"), device="cpu")
+    reference = cpu.embed_images(rows[:32])
+    for variant in ("fp32", "fp16"):
+        path = ensure_variant(spec, backbone_dir, variant)
+        gpu = Backbone(spec, path, device="cuda", max_batch_size=max(BATCHES))
+        difference = np.abs(gpu.embed_images(rows[:32]) - reference).max()
+        print(f"\n{variant}: {memcpy_nodes(path)} Memcpy nodes; providers {gpu.session.get_providers()}")  # fmt: skip
+        print(f"max |gpu - cpu fp32| over 32 embeddings: {difference:.2e}")
+        for size in BATCHES:
+            print(f"batch {size:>3}: {rate(gpu, rows[:size]):9.1f} images/s")
 
 
 if __name__ == "__main__":

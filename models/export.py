@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 # Bump when the exported graph changes for the same weights (wrapper, opset, names).
-EXPORT_REVISION = 1
+# 2: image graphs carry their input-size arithmetic as constants (`fold_fixed_size`).
+EXPORT_REVISION = 2
 
 
 def cached_onnx_path(spec: BackboneSpec, cache_dir: Path) -> Path:
@@ -45,7 +46,7 @@ def ensure_onnx(spec: BackboneSpec, cache_dir: Path) -> Path:
 
 
 def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
-    """The backbone's ONNX file in `variant` ("fp32" or "int8"), made once."""
+    """The backbone's ONNX file in `variant` ("fp32", "int8" or "fp16"), made once."""
     fp32 = ensure_onnx(spec, cache_dir)
     if variant == "fp32":
         return fp32
@@ -53,6 +54,10 @@ def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
         from models.quantize import ensure_int8
 
         return ensure_int8(spec, fp32)
+    if variant == "fp16":
+        from models.quantize import ensure_fp16
+
+        return ensure_fp16(spec, fp32)
     raise ValueError(f"unknown variant {variant!r}")
 
 
@@ -83,6 +88,72 @@ def export_onnx(spec: BackboneSpec, path: Path) -> None:
             opset_version=OPSET,
             dynamo=False,
         )
+    if isinstance(spec.preprocessing, ImagePreprocessing):
+        fold_fixed_size(path)
+
+
+def fold_fixed_size(path: Path) -> None:
+    """Makes constants of what an image graph computes from its input's fixed size.
+
+    TF-style "SAME" padding (EfficientNet-Lite) is exported as arithmetic on the input's
+    shape at run time (Shape -> Gather -> Div -> Ceil -> ... -> Pad), in front of every
+    strided convolution. Under the CUDA provider those small integer ops run on the CPU,
+    with a copy each way: 15 Memcpy nodes in lite0. The side is fixed (224 for lite0), so
+    each such tensor is computed once here, at batch 1 and at batch 3, and where both
+    agree (it does not depend on the batch) it becomes an initializer; the nodes that
+    computed it go.
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    static = {i.name for i in graph.initializer}
+    derived: set[str] = set()  # tensors computed from shapes and constants only
+    for node in graph.node:  # nodes are in topological order
+        if node.op_type == "Constant" or (
+            node.op_type == "Shape"
+            or (node.input and all(x in derived or x in static or not x for x in node.input))
+        ):
+            if node.op_type == "Constant":
+                static.update(node.output)
+            else:
+                derived.update(node.output)
+    # The edge: shape-derived tensors that feed a node computing on the image itself.
+    edge = sorted(
+        {x for node in graph.node if not set(node.output) <= derived for x in node.input} & derived
+    )
+    if not edge:
+        return
+    probe = onnx.load(str(path))
+    probe.graph.output.extend(onnx.helper.make_empty_tensor_value_info(x) for x in edge)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    side = graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    values = [
+        dict(
+            zip(
+                edge,
+                session.run(edge, {graph.input[0].name: np.zeros((n, side, side, 3), np.uint8)}),
+                strict=True,
+            )
+        )
+        for n in (1, 3)
+    ]
+    fixed = {x for x in edge if np.array_equal(values[0][x], values[1][x])}
+    graph.initializer.extend(numpy_helper.from_array(values[0][x], x) for x in sorted(fixed))
+    # Drop the nodes nothing reads any more, from the outputs back.
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if set(node.output) & needed and not set(node.output) <= fixed:
+            keep.append(node)
+            needed.update(x for x in node.input if x)
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
 
 
 def main() -> None:

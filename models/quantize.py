@@ -1,4 +1,5 @@
-"""INT8 variants of the exported backbones (ONNX Runtime quantisation).
+"""Reduced-precision variants of the exported backbones: INT8 for the CPU (ONNX Runtime
+quantisation) and fp16 for a GPU.
 
 - Image backbones: static QDQ, per-channel weights, activations calibrated on real
   photographs (random crops of the sample photos that ship with scikit-learn), with
@@ -23,7 +24,7 @@ from models.registry import BackboneSpec, ImagePreprocessing
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "int8")
+VARIANTS = ("fp32", "int8", "fp16")
 CALIBRATION_IMAGES = 128
 # Bump when the quantisation recipe changes, so cached INT8 files are made again.
 QUANTIZE_REVISION = 2
@@ -90,16 +91,36 @@ def quantize(spec: BackboneSpec, fp32_path: Path, out_path: Path) -> None:
         )
 
 
+def to_fp16(spec: BackboneSpec, fp32_path: Path, out_path: Path) -> None:
+    """Weights and activations in fp16 (a GPU's tensor cores run them); the input (uint8
+    or token ids) and the embedding stay as they are, so callers see no difference."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True)
+    onnx.save(model, str(out_path))
+
+
 def ensure_int8(spec: BackboneSpec, fp32_path: Path) -> Path:
     """The INT8 variant beside the fp32 export, made once."""
     path = fp32_path.with_name(f"{fp32_path.stem}-int8-q{QUANTIZE_REVISION}.onnx")
+    return _made_once(spec, fp32_path, path, quantize)
+
+
+def ensure_fp16(spec: BackboneSpec, fp32_path: Path) -> Path:
+    """The fp16 variant beside the fp32 export, made once."""
+    return _made_once(spec, fp32_path, fp32_path.with_name(f"{fp32_path.stem}-fp16.onnx"), to_fp16)
+
+
+def _made_once(spec: BackboneSpec, fp32_path: Path, path: Path, make) -> Path:
     if path.exists():
         return path
-    log.info("quantising backbone %s to %s", spec.id, path)
+    log.info("making %s of backbone %s", path.name, spec.id)
+    # Written beside the target and renamed: a crash never leaves half a model there.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{spec.id}-", suffix=".onnx")
     os.close(fd)
     try:
-        quantize(spec, fp32_path, Path(tmp))
+        make(spec, fp32_path, Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -10,11 +10,21 @@ import onnxruntime as ort
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import BackboneSpec, TextPreprocessing
 
+# The CUDA provider tuned for serving: the image graphs have fixed shapes per batch size
+# (and batches are padded to a power of two there), so cuDNN's exhaustive search for the
+# fastest convolution runs once per shape; memory grows by powers of two and is kept.
+CUDA_OPTIONS = {
+    "cudnn_conv_algo_search": "EXHAUSTIVE",
+    "cudnn_conv_use_max_workspace": "1",
+    "arena_extend_strategy": "kNextPowerOfTwo",
+    "do_copy_in_default_stream": "1",
+}
 
-def available_providers(device: str) -> list[str]:
+
+def available_providers(device: str) -> list:
     """ONNX Runtime providers for the `device` setting: cuda when asked and present."""
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(
             "GRAFT_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider: "
@@ -46,6 +56,8 @@ class Backbone:
         self.session = ort.InferenceSession(
             str(onnx_path), options, providers=available_providers(device)
         )
+        # On a GPU, every new batch size costs a cuDNN search: a few sizes serve them all.
+        self.on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
         self.tokenizer = None
         if isinstance(spec.preprocessing, TextPreprocessing):
             pre = spec.preprocessing
@@ -53,7 +65,14 @@ class Backbone:
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings."""
-        return self._run_in_chunks(len(images), lambda s: {"image": images[s]})
+
+        def feeds(s: slice) -> dict[str, np.ndarray]:
+            chunk = images[s]
+            if self.on_gpu:
+                chunk = pad_to_power_of_two(chunk)
+            return {"image": chunk}
+
+        return self._run_in_chunks(len(images), feeds)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.embed_tokens(token_ids(texts, self.tokenizer))
@@ -73,5 +92,18 @@ class Backbone:
         out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
         for start in range(0, n, self.max_batch_size):
             chunk = slice(start, min(n, start + self.max_batch_size))
-            out[chunk] = self.session.run(["embedding"], feeds(chunk))[0]
+            out[chunk] = self.session.run(["embedding"], feeds(chunk))[0][
+                : chunk.stop - chunk.start
+            ]
         return out
+
+
+def pad_to_power_of_two(rows: np.ndarray) -> np.ndarray:
+    """The rows, followed by zero rows up to the next power of two (the extra embeddings
+    are dropped by the caller)."""
+    size = 1 << max(0, len(rows) - 1).bit_length()
+    if size == len(rows):
+        return rows
+    padded = np.zeros((size, *rows.shape[1:]), dtype=rows.dtype)
+    padded[: len(rows)] = rows
+    return padded

@@ -48,7 +48,10 @@ def resolve_admin_key(settings: Settings) -> str:
     return path.read_text().strip()
 
 
-def get_graft(request: Request) -> Graft:
+# The dependencies are coroutines: FastAPI runs a plain function on a thread of its pool,
+# a hop per dependency per request. Their reads (an indexed SQLite read, a rate bucket
+# in a local file) take microseconds and never wait on a lock for long (WAL).
+async def get_graft(request: Request) -> Graft:
     return request.app.state.graft
 
 
@@ -65,7 +68,7 @@ def _is_admin(request: Request, key: str) -> bool:
     return hmac.compare_digest(key.encode(), request.app.state.admin_key.encode())
 
 
-def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) -> Tenant:
+async def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) -> Tenant:
     key = _key(credentials)
     tenant = graft.store.authenticate(api_key=key)
     if tenant is None:
@@ -82,7 +85,7 @@ def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) 
     return tenant
 
 
-def require_admin(request: Request, graft: GraftDep, credentials: Credentials) -> None:
+async def require_admin(request: Request, graft: GraftDep, credentials: Credentials) -> None:
     key = _key(credentials)
     if _is_admin(request, key):
         return

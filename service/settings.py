@@ -24,8 +24,10 @@ class Settings(BaseSettings):
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    variant: Literal["fp32", "int8"] = Field(
-        "fp32", description="backbone weights served: fp32, or INT8 (ONNX Runtime quantised)"
+    variant: Literal["fp32", "int8", "fp16"] = Field(
+        "fp32",
+        description="backbone weights served: fp32, INT8 (ONNX Runtime quantised, for the"
+        " CPU) or fp16 (for a GPU)",
     )
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
     # (bench/serving.py); /metrics still counts every request.
@@ -40,7 +42,9 @@ class Settings(BaseSettings):
         None, description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock"
     )
     intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = all cores")
-    backbone_batch_size: int = Field(32, ge=1, le=1024, description="max rows per backbone pass")
+    backbone_batch_size: int | None = Field(
+        None, ge=1, le=1024, description="max rows per backbone pass; default 32, 256 on cuda"
+    )
     batch_max_latency_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a row waits for its batch to fill"
     )
@@ -84,6 +88,10 @@ class Settings(BaseSettings):
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
+        if self.backbone_batch_size is None:
+            # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md); on
+            # the CPU it is flat from 4 rows, and a big batch only adds latency.
+            self.backbone_batch_size = 256 if self.device == "cuda" else 32
         if self.runner_socket is None:
             self.runner_socket = self.run_dir / "runner.sock"
         if len(os.fsencode(self.runner_socket)) > MAX_SOCKET_PATH:

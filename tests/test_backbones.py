@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
@@ -96,3 +97,11 @@ def test_every_image_backbone_exports_faithfully(backbone_dir, backbone_id) -> N
     with torch.inference_mode():
         expected = spec.build_module()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(backbone.embed_images(x), expected, atol=1e-4)
+    # Nothing is computed from the input's (fixed) size at run time: every padding is a
+    # constant, so no integer arithmetic falls back to the CPU under the CUDA provider.
+    graph = onnx.load(str(backbone.onnx_path)).graph
+    constants = {i.name for i in graph.initializer}
+    constants |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    pads = [n for n in graph.node if n.op_type == "Pad"]
+    assert all(set(n.input[1:]) <= constants | {""} for n in pads), "a padding is computed"
+    assert not {"Ceil", "Gather"} & {n.op_type for n in graph.node}

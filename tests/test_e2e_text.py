@@ -162,7 +162,7 @@ def test_backbones_and_openapi_are_served(server) -> None:
         assert by_id["efficientnet_lite0"]["embedding_dim"] == 1280
         assert by_id["minilm_l6"]["modality"] == "text"
         assert by_id["minilm_l6"]["embedding_dim"] == 384
-        assert by_id["minilm_l6"]["variants"] == ["fp32", "int8"]
+        assert by_id["minilm_l6"]["variants"] == ["fp32", "int8", "fp16"]
         assert by_id["minilm_l6"]["served_variant"] == "fp32"
         spec = client.get("/v1/openapi.json").json()
         assert {"/heads", "/heads/{head_id}/predict", "/tenants"} <= set(spec["paths"])

@@ -1,9 +1,10 @@
 from __future__ import annotations
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
-from models.runtime import available_providers
+from models.runtime import CUDA_OPTIONS, available_providers, pad_to_power_of_two
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
 
@@ -13,13 +14,19 @@ def test_cpu_is_the_default_provider() -> None:
 
 
 def test_auto_takes_cuda_only_when_present() -> None:
-    expected = (
-        ["CUDAExecutionProvider", "CPUExecutionProvider"] if HAS_CUDA else ["CPUExecutionProvider"]
-    )
-    assert available_providers("auto") == expected
+    cuda = [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+    assert available_providers("auto") == (cuda if HAS_CUDA else ["CPUExecutionProvider"])
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this onnxruntime has the CUDA provider")
 def test_asking_for_cuda_without_it_fails_clearly() -> None:
     with pytest.raises(RuntimeError, match="onnxruntime-gpu|CUDAExecutionProvider"):
         available_providers("cuda")
+
+
+def test_gpu_batches_are_padded_to_a_power_of_two() -> None:
+    rows = np.arange(5 * 2, dtype=np.uint8).reshape(5, 2)
+    padded = pad_to_power_of_two(rows)
+    assert padded.shape == (8, 2) and (padded[:5] == rows).all() and not padded[5:].any()
+    assert pad_to_power_of_two(rows[:4]).shape == (4, 2)
+    assert pad_to_power_of_two(rows[:1]).shape == (1, 2)
