@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import bentoml  # noqa: E402
 
-from tests.server import free_port  # noqa: E402
+from tests.server import free_port, wait_until_up  # noqa: E402
 
 DIM = 1280
 CALLS = 400
@@ -84,13 +84,7 @@ def bentoml_composition(rows_list) -> dict[int, tuple[float, float]]:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_until_up(f"{base}/readyz")
         results = {}
         for rows in rows_list:
             httpx.post(f"{base}/run", json={"rows": rows, "calls": 20}, timeout=300)  # warm-up

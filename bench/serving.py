@@ -58,7 +58,7 @@ from models.registry import get_backbone  # noqa: E402
 from models.runtime import Backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.inputs import crops  # noqa: E402
-from tests.server import BENTOML, free_port, start_server, stop_server  # noqa: E402
+from tests.server import BENTOML, free_port, start_server, stop_server, wait_until_up  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 
@@ -524,12 +524,7 @@ def run_peer(scratch: Path, tenant_counts, args, images) -> dict[int, dict]:
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(240):
-            try:
-                if httpx.get(f"{base}/stats", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
+        wait_until_up(f"{base}/stats")
         base_rss = tree_rss(process.pid)
 
         encoded = base64.b64encode(images[0]).decode()

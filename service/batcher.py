@@ -8,9 +8,10 @@ on a future of their embeddings.
   `max_latency_ms` after the oldest waiting row.
 - Training rows (a new head's examples) run in slices sized to take about
   `training_slice_ms`, in one of two ways:
-  - with `embed_training` (the CPU): on a thread of their own at nice 19, through a
-    session of their own. Predicts never wait behind them, and the kernel gives the
-    cores to predicts (their backbone pass, and the API workers' decoding) first.
+  - with `training_lane` (the CPU): on a thread of their own at nice 19, through a
+    session of their own that this thread makes (any thread it starts inherits the
+    nice). Predicts never wait behind them, and the kernel gives the cores to predicts
+    (their backbone pass, and the API workers' decoding) first.
   - without (a GPU, which the kernel does not schedule): on the predict thread, while no
     predict waits, and under a load with no gaps at most one slice in five. A predict
     waits behind one slice at most, and training still ends.
@@ -65,7 +66,7 @@ class Batcher:
         max_batch_size: int,
         max_latency_ms: float,
         training_slice_ms: float,
-        embed_training: Embed | None = None,
+        training_lane: Callable[[], Embed] | None = None,
     ) -> None:
         self.embed = embed
         self.max_batch_size = max_batch_size
@@ -80,15 +81,15 @@ class Batcher:
         self._predict_rows = 0
         self._ready = threading.Condition()
         self._stopping = False
-        self._lane = embed_training is not None
+        self._lane = training_lane is not None
         self._threads = [
             threading.Thread(target=self._loop, name=f"graft-batcher-{name}", daemon=True)
         ]
-        if embed_training is not None:
+        if training_lane is not None:
             self._threads.append(
                 threading.Thread(
                     target=self._training_loop,
-                    args=(embed_training,),
+                    args=(training_lane,),
                     name=f"graft-training-{name}",
                     daemon=True,
                 )
@@ -130,9 +131,10 @@ class Batcher:
         while (batch := self._next_batch()) is not None:
             self._run(batch, self.embed)
 
-    def _training_loop(self, embed: Embed) -> None:
+    def _training_loop(self, make_embed: Callable[[], Embed]) -> None:
         with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRAINING_NICE)
+        embed = make_embed()  # threads it starts inherit the nice
         training = self._waiting["training"]
         while True:
             with self._ready:

@@ -12,6 +12,7 @@ Only processes of the same user reach the socket: it lives in a directory of mod
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from models.export import ensure_variant
-from models.registry import list_backbones
+from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone, available_providers
 from service.batcher import Batcher, Priority, Rows
 from service.settings import Settings
@@ -237,7 +238,7 @@ class Runner:
     def __init__(self, settings: Settings) -> None:
         on_cpu = available_providers(settings.device)[0] == "CPUExecutionProvider"
 
-        def session(spec, threads: int) -> Backbone:
+        def session(spec: BackboneSpec, threads: int) -> Backbone:
             return Backbone(
                 spec,
                 ensure_variant(spec, settings.backbone_dir, settings.variant),
@@ -245,6 +246,11 @@ class Runner:
                 intra_op_threads=threads,
                 max_batch_size=settings.backbone_batch_size,
             )
+
+        def training_embed(spec: BackboneSpec) -> Callable[[Rows], np.ndarray]:
+            # One thread, the lane's own: with two (niced) threads training took the
+            # predict p99 to 3.3x and 5.4x its quiet value, against about 2x (BENCHMARKS.md).
+            return session(spec, 1).embed_rows
 
         self.backbones = {
             spec.id: session(spec, settings.intra_op_threads) for spec in list_backbones()
@@ -256,9 +262,9 @@ class Runner:
                 max_batch_size=settings.backbone_batch_size,
                 max_latency_ms=settings.batch_max_latency_ms,
                 training_slice_ms=settings.training_slice_ms,
-                # On the CPU, training rows get a one-thread session of their own, run at
-                # a low OS priority (service/batcher.py); a GPU shares its one session.
-                embed_training=session(backbone.spec, 1).embed_rows if on_cpu else None,
+                # On the CPU, training rows get a session of their own, run at a low OS
+                # priority (service/batcher.py); a GPU shares its one session.
+                training_lane=functools.partial(training_embed, backbone.spec) if on_cpu else None,
             )
             for backbone_id, backbone in self.backbones.items()
         }

@@ -135,7 +135,7 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
 
     batcher = Batcher(
         embed, name="t", max_batch_size=8, max_latency_ms=0, training_slice_ms=20,
-        embed_training=embed_training,
+        training_lane=lambda: embed_training,
     )  # fmt: skip
     try:
         training = batcher.submit(np.zeros((3, 1), np.uint8), "training")
