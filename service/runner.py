@@ -125,7 +125,11 @@ class RunnerServer:
                 if batcher is None:
                     answers.put((request_id, None, f"no backbone {backbone_id!r} in this runner"))
                     continue
-                future = batcher.submit(rows, priority)
+                try:
+                    future = batcher.submit(rows, priority)
+                except RuntimeError as exc:  # stopping
+                    answers.put((request_id, None, str(exc)))
+                    continue
                 future.add_done_callback(lambda f, request_id=request_id: answer(request_id, f))
         except (EOFError, OSError):
             pass  # the worker went away
