@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")
     api_workers: int = Field(
-        default_factory=lambda: os.cpu_count() or 1,
+        # The cores this process may run on (a container's cpuset), not the host's.
+        default_factory=lambda: len(os.sched_getaffinity(0)),
         ge=1,
         le=256,
         description="API worker processes (HTTP, decoding, heads, training); default: the cores",
