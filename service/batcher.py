@@ -134,7 +134,7 @@ class Batcher:
     def _training_loop(self, make_embed: Callable[[], Embed]) -> None:
         with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRAINING_NICE)
-        embed = make_embed()  # threads it starts inherit the nice
+        embed = None  # made on the first training rows: a backbone never trained on costs none
         training = self._waiting["training"]
         while True:
             with self._ready:
@@ -143,6 +143,11 @@ class Batcher:
                 if not training:
                     return
                 batch = self._training_slice()
+            try:
+                embed = embed or make_embed()  # threads it starts inherit the nice
+            except Exception as exc:  # no session: these rows fail, the next ones try again
+                self._fail(batch, exc)
+                continue
             self._run(batch, embed)
 
     def _next_batch(self) -> Batch | None:
@@ -195,6 +200,13 @@ class Batcher:
                 queue.popleft()
         return batch
 
+    @staticmethod
+    def _fail(batch: Batch, exc: Exception) -> None:
+        log.error("batch of %d rows failed", sum(n for _, _, n in batch), exc_info=exc)
+        for request, _, _ in batch:
+            if not request.future.done():
+                request.future.set_exception(exc)
+
     def _run(self, batch: Batch, embed: Embed) -> None:
         """One backbone pass; a failing pass fails its requests, not the thread."""
         parts = [request.rows[start : start + n] for request, start, n in batch]
@@ -208,10 +220,7 @@ class Batcher:
         try:
             embeddings = embed(rows)
         except Exception as exc:
-            log.exception("batch of %d rows failed", len(rows))
-            for request, _, _ in batch:
-                if not request.future.done():
-                    request.future.set_exception(exc)
+            self._fail(batch, exc)
             return
         with self._ready:
             if training:

@@ -149,6 +149,27 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
     assert threading.get_native_id() not in lane_threads
 
 
+def test_a_training_lane_without_a_session_fails_its_rows_and_tries_again() -> None:
+    tries = []
+
+    def no_session():
+        tries.append(1)
+        raise RuntimeError("no memory for a second session")
+
+    batcher = Batcher(
+        lambda rows: np.ones((len(rows), 2), np.float32), name="t", max_batch_size=8,
+        max_latency_ms=0, training_slice_ms=20, training_lane=no_session,
+    )  # fmt: skip
+    try:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="second session"):
+                batcher.submit(np.zeros((2, 1), np.uint8), "training").result(5)
+        assert len(tries) >= 2  # made on demand, and tried again for later rows
+        assert batcher.submit(np.zeros((1, 1), np.uint8)).result(5).shape == (1, 2)
+    finally:
+        batcher.close()
+
+
 def test_a_failing_batch_fails_its_requests_and_the_batcher_goes_on() -> None:
     def embed(rows: np.ndarray) -> np.ndarray:
         if (rows == 7).any():
