@@ -30,7 +30,7 @@ import numpy as np
 
 from models.export import ensure_variant
 from models.registry import BackboneSpec, list_backbones
-from models.runtime import Backbone, available_providers
+from models.runtime import Backbone
 from service.batcher import Batcher, Priority, Rows
 from service.settings import Settings
 
@@ -240,8 +240,6 @@ class Runner:
     socket the API workers reach them through."""
 
     def __init__(self, settings: Settings) -> None:
-        on_cpu = available_providers(settings.device)[0] == "CPUExecutionProvider"
-
         def session(spec: BackboneSpec, threads: int) -> Backbone:
             return Backbone(
                 spec,
@@ -268,7 +266,9 @@ class Runner:
                 training_slice_ms=settings.training_slice_ms,
                 # On the CPU, training rows get a session of their own, run at a low OS
                 # priority (service/batcher.py); a GPU shares its one session.
-                training_lane=functools.partial(training_embed, backbone.spec) if on_cpu else None,
+                training_lane=(
+                    None if backbone.on_gpu else functools.partial(training_embed, backbone.spec)
+                ),
             )
             for backbone_id, backbone in self.backbones.items()
         }

@@ -121,7 +121,6 @@ def test_training_ends_under_a_predict_load_with_no_gaps() -> None:
 
 def test_a_training_lane_never_holds_a_predict_up() -> None:
     """With a session of its own (the CPU), training runs beside predicts, not between."""
-    lane = threading.get_native_id
 
     def embed(rows: np.ndarray) -> np.ndarray:
         return np.ones((len(rows), 2), np.float32)
@@ -129,7 +128,7 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
     lane_threads = set()
 
     def embed_training(rows: np.ndarray) -> np.ndarray:
-        lane_threads.add(lane())
+        lane_threads.add(threading.get_native_id())
         time.sleep(0.2)  # a slow training pass, far longer than a slice
         return np.zeros((len(rows), 2), np.float32)
 
