@@ -4,8 +4,10 @@ Each backbone has one `Batcher`, in the runner process. Requests from every API 
 tenant hand it their preprocessed rows (uint8 NHWC images, or token id arrays) and wait
 on a future of their embeddings.
 
-- Predict rows: a thread takes up to `max_batch_size` of them, or whatever has arrived
-  `max_latency_ms` after the oldest waiting row.
+- Predict rows: a lane (a thread) takes up to `max_batch_size` of them, or whatever has
+  arrived `max_latency_ms` after the oldest waiting row. With several lanes (the CPU: one
+  per core, each pass on one thread), passes run side by side: a one-thread pass costs
+  less CPU per row than one split over threads that must wake each other.
 - Training rows (a new head's examples) run in slices sized to take about
   `training_slice_ms`, in one of two ways:
   - with `training_lane` (the CPU): on a thread of their own at nice 19, through a
@@ -67,6 +69,7 @@ class Batcher:
         max_latency_ms: float,
         training_slice_ms: float,
         training_lane: Callable[[], Embed] | None = None,
+        predict_lanes: int = 1,
     ) -> None:
         self.embed = embed
         self.max_batch_size = max_batch_size
@@ -75,6 +78,7 @@ class Batcher:
         self.batches = 0
         self.rows = 0
         self.training_rows = 0
+        self.pass_cpu_s = 0.0
         self._training_seconds_per_row = 0.0  # running mean over training passes
         self._last_training = time.monotonic()  # when a training slice last started
         self._waiting: dict[Priority, deque[_Request]] = {"predict": deque(), "training": deque()}
@@ -83,7 +87,8 @@ class Batcher:
         self._stopping = False
         self._lane = training_lane is not None
         self._threads = [
-            threading.Thread(target=self._loop, name=f"graft-batcher-{name}", daemon=True)
+            threading.Thread(target=self._loop, name=f"graft-batcher-{name}-{i}", daemon=True)
+            for i in range(predict_lanes)
         ]
         if training_lane is not None:
             self._threads.append(
@@ -109,7 +114,7 @@ class Batcher:
             self._waiting[priority].append(request)
             if priority == "predict":
                 self._predict_rows += len(rows)
-            self._ready.notify_all()  # the predict thread, or the training lane
+            self._ready.notify_all()  # the predict lanes, or the training lane
         return request.future
 
     def close(self) -> None:
@@ -124,6 +129,9 @@ class Batcher:
             "batches": self.batches,
             "rows": self.rows,
             "training_rows": self.training_rows,
+            # CPU of the threads that called the backbone (all of it with one-thread
+            # passes; without the session's own pool threads otherwise).
+            "pass_cpu_s": round(self.pass_cpu_s, 3),
             "mean_batch_size": round(self.rows / self.batches, 2) if self.batches else None,
         }
 
@@ -152,31 +160,39 @@ class Batcher:
 
     def _next_batch(self) -> Batch | None:
         """Waits for rows, then takes a batch of them."""
+        with self._ready:
+            while not (batch := self._take_batch()):
+                if self._stopping:
+                    return None
+            return batch
+
+    def _take_batch(self) -> Batch:
+        """Called with the lock held: waits for rows and takes a batch of them, or nothing
+        when stopping or when another lane took the rows first."""
         predicts = self._waiting["predict"]
         # With a lane of its own, training is none of this thread's business.
         training = self._waiting["training"] if not self._lane else deque()
-        with self._ready:
-            while not predicts and not training and not self._stopping:
-                self._ready.wait()
-            if not predicts and not training:
-                return None  # stopping
-            # Training waits for a gap in predicts, but under a load that leaves none it
-            # still gets one slice per TRAINING_SHARE_EVERY slices' time: it always ends.
-            since = time.monotonic() - self._last_training
-            starved = since > TRAINING_SHARE_EVERY * self.training_slice_s
-            if predicts and not (training and starved):
-                # Wait for the batch to fill, but never longer than max_latency after the
-                # oldest row arrived: rows that queued while the backbone was busy go at once.
-                deadline = predicts[0].arrived + self.max_latency_s
-                while self._predict_rows < self.max_batch_size and not self._stopping:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._ready.wait(left)
-                batch = self._take(predicts, self.max_batch_size)
-                self._predict_rows -= sum(n for _, _, n in batch)
-                return batch
-            return self._training_slice()
+        while not predicts and not training and not self._stopping:
+            self._ready.wait()
+        if not predicts and not training:
+            return []
+        # Training waits for a gap in predicts, but under a load that leaves none it
+        # still gets one slice per TRAINING_SHARE_EVERY slices' time: it always ends.
+        since = time.monotonic() - self._last_training
+        starved = since > TRAINING_SHARE_EVERY * self.training_slice_s
+        if predicts and not (training and starved):
+            # Wait for the batch to fill, but never longer than max_latency after the
+            # oldest row arrived: rows that queued while the backbone was busy go at once.
+            deadline = predicts[0].arrived + self.max_latency_s
+            while self._predict_rows < self.max_batch_size and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._ready.wait(left)
+            batch = self._take(predicts, self.max_batch_size)
+            self._predict_rows -= sum(n for _, _, n in batch)
+            return batch
+        return self._training_slice()
 
     def _training_slice(self) -> Batch:
         """Called with the lock held. The first slice is one row; it measures the backbone,
@@ -217,6 +233,7 @@ class Batcher:
         )
         training = batch[0][0].priority == "training"
         started = time.perf_counter()
+        started_cpu = time.thread_time()
         try:
             embeddings = embed(rows)
         except Exception as exc:
@@ -232,14 +249,21 @@ class Batcher:
                 self.training_rows += len(rows)
             self.batches += 1
             self.rows += len(rows)
-        offset = 0
-        for request, start, n in batch:
-            if request.future.done():  # an earlier pass of its rows failed
-                continue
-            if request.embeddings is None:
-                request.embeddings = np.empty((len(request.rows), embeddings.shape[1]), np.float32)
-            request.embeddings[start : start + n] = embeddings[offset : offset + n]
-            offset += n
-            request.done += n
-            if request.done == len(request.rows):
-                request.future.set_result(request.embeddings)
+            self.pass_cpu_s += time.thread_time() - started_cpu
+            # Under the lock: another lane may be answering other rows of these requests.
+            finished = []
+            offset = 0
+            for request, start, n in batch:
+                if request.future.done():  # an earlier pass of its rows failed
+                    continue
+                if request.embeddings is None:
+                    request.embeddings = np.empty(
+                        (len(request.rows), embeddings.shape[1]), np.float32
+                    )
+                request.embeddings[start : start + n] = embeddings[offset : offset + n]
+                offset += n
+                request.done += n
+                if request.done == len(request.rows):
+                    finished.append(request)
+        for request in finished:
+            request.future.set_result(request.embeddings)

@@ -276,6 +276,10 @@ class BatcherStats(BaseModel):
     rows: int
     training_rows: int = Field(description="rows of training jobs, run between predict batches")
     mean_batch_size: float | None
+    pass_cpu_s: float = Field(
+        description="CPU seconds of the threads that ran backbone passes (on the CPU, each"
+        " pass runs on one thread: all of the backbone's CPU)"
+    )
 
 
 class ServingStats(BaseModel):

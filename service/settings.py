@@ -42,9 +42,18 @@ class Settings(BaseSettings):
     runner_socket: Path | None = Field(
         None, description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock"
     )
-    intra_op_threads: int = Field(0, ge=0, description="ONNX Runtime threads; 0 = all cores")
+    backbone_lanes: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="backbone passes the runner runs side by side, per backbone; default:"
+        " the cores on the CPU (a thread each), 1 on cuda",
+    )
+    intra_op_threads: int = Field(
+        0, ge=0, description="ONNX Runtime threads per backbone pass; 0 = the cores ÷ lanes"
+    )
     backbone_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="max rows per backbone pass; default 32, 256 on cuda"
+        None, ge=1, le=1024, description="max rows per backbone pass; default 4, 256 on cuda"
     )
     batch_max_latency_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a row waits for its batch to fill"
@@ -90,9 +99,16 @@ class Settings(BaseSettings):
             self.backbone_dir = self.data_dir / "backbones"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
         if self.backbone_batch_size is None:
-            # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md); on
-            # the CPU it is flat from 4 rows, and a big batch only adds latency.
-            self.backbone_batch_size = 256 if self.device == "cuda" else 32
+            # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md). On the
+            # CPU a one-thread pass costs 5-10% less per row at 1-4 rows than at 8-32 (the
+            # activations stay in cache), and the lanes run such passes side by side.
+            self.backbone_batch_size = 256 if self.device == "cuda" else 4
+        if self.backbone_lanes is None:
+            # On the CPU, one single-threaded pass per core costs 10-15% less CPU per row
+            # than one pass over every core (its threads wake each other); a GPU is one.
+            self.backbone_lanes = 1 if self.device == "cuda" else len(os.sched_getaffinity(0))
+        if self.intra_op_threads == 0:
+            self.intra_op_threads = max(1, len(os.sched_getaffinity(0)) // self.backbone_lanes)
         if self.runner_socket is None:
             self.runner_socket = self.run_dir / "runner.sock"
         if len(os.fsencode(self.runner_socket)) > MAX_SOCKET_PATH:

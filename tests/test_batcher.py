@@ -29,12 +29,18 @@ def _pick(rows, picks):
     return rows[picks] if isinstance(rows, np.ndarray) else [rows[p] for p in picks]
 
 
+@pytest.mark.parametrize("lanes", [1, 3])
 @pytest.mark.parametrize("backbone_name", ["text_backbone", "image_backbone"])
-def test_concurrent_requests_get_exactly_their_own_rows(request, backbone_name) -> None:
+def test_concurrent_requests_get_exactly_their_own_rows(request, backbone_name, lanes) -> None:
     backbone = request.getfixturevalue(backbone_name)
     all_rows, reference = _rows(backbone)
     batcher = Batcher(
-        backbone.embed_rows, name="t", max_batch_size=8, max_latency_ms=20, training_slice_ms=20
+        backbone.embed_rows,
+        name="t",
+        max_batch_size=8,
+        max_latency_ms=20,
+        training_slice_ms=20,
+        predict_lanes=lanes,  # with several, one request's rows may be answered by two lanes
     )
     rng = np.random.default_rng(1)
     # 40 requests of 1-5 rows each, a quarter of them training; 8 rows per pass at most,
@@ -194,3 +200,33 @@ def test_an_empty_request_is_answered_without_a_batch() -> None:
         assert batcher.batches == 0
     finally:
         batcher.close()
+
+
+def test_lanes_run_passes_side_by_side_and_count_their_cpu() -> None:
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def embed(rows):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        busy_until = time.thread_time() + 0.05  # CPU, not sleep: pass_cpu_s must see it
+        while time.thread_time() < busy_until:
+            pass
+        with lock:
+            running -= 1
+        return np.zeros((len(rows), 4), np.float32)
+
+    batcher = Batcher(
+        embed, name="t", max_batch_size=2, max_latency_ms=0, training_slice_ms=20,
+        predict_lanes=2,
+    )  # fmt: skip
+    try:
+        futures = [batcher.submit(np.zeros((2, 1))) for _ in range(4)]
+        for future in futures:
+            assert future.result(30).shape == (2, 4)
+    finally:
+        batcher.close()
+    assert most == 2
+    assert batcher.batches == 4 and batcher.stats()["pass_cpu_s"] >= 4 * 0.05
