@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from models.preprocess import InvalidInput, decode_image
 from models.registry import get_backbone
@@ -68,6 +68,29 @@ def test_exif_orientation_is_honoured() -> None:
     assert np.abs(as_stored.astype(int) - expected.astype(int)).mean() < 8
     unrotated = _decode(_encode(sideways, "JPEG", quality=95))
     assert np.abs(unrotated.astype(int) - expected.astype(int)).mean() > 20
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_reads_as_pil_turns_it(orientation) -> None:
+    # JPEGs take OpenCV's path, which turns the crop itself; PNGs take PIL's, which uses
+    # PIL's own exif_transpose. The same stored pixels must come out the same way up.
+    stored = Image.open(io.BytesIO(crops("china.jpg", 1, seed=7)[0])).resize((300, 200))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    jpeg = _encode(stored, "JPEG", exif=exif, quality=95)
+    as_pil_sees_it = ImageOps.exif_transpose(Image.open(io.BytesIO(jpeg)))
+    expected = _decode(_encode(as_pil_sees_it, "PNG")).astype(int)
+    assert np.abs(_decode(jpeg).astype(int) - expected).mean() < 2
+    if orientation != 1:  # the check can fail: the stored pixels as they are differ
+        unturned = _decode(_encode(Image.open(io.BytesIO(jpeg)), "PNG")).astype(int)
+        assert np.abs(unturned - expected).mean() > 10
+
+
+def test_large_jpegs_decode_at_a_reduced_scale_like_the_rest() -> None:
+    photo = Image.open(io.BytesIO(crops("flower.jpg", 1, seed=2)[0])).resize((2000, 1500))
+    as_jpeg = _decode(_encode(photo, "JPEG", quality=95)).astype(int)
+    as_png = _decode(_encode(photo, "PNG")).astype(int)  # PIL's path, full scale
+    assert np.abs(as_jpeg - as_png).mean() < 3
 
 
 def test_animated_files_use_their_first_frame() -> None:
