@@ -254,14 +254,15 @@ class Batcher:
             finished = []
             offset = 0
             for request, start, n in batch:
+                own = embeddings[offset : offset + n]
+                offset += n
                 if request.future.done():  # an earlier pass of its rows failed
                     continue
                 if request.embeddings is None:
                     request.embeddings = np.empty(
                         (len(request.rows), embeddings.shape[1]), np.float32
                     )
-                request.embeddings[start : start + n] = embeddings[offset : offset + n]
-                offset += n
+                request.embeddings[start : start + n] = own
                 request.done += n
                 if request.done == len(request.rows):
                     finished.append(request)

@@ -230,3 +230,30 @@ def test_lanes_run_passes_side_by_side_and_count_their_cpu() -> None:
         batcher.close()
     assert most == 2
     assert batcher.batches == 4 and batcher.stats()["pass_cpu_s"] >= 4 * 0.05
+
+
+def test_rows_after_a_failed_request_in_a_pass_still_get_their_own_embeddings() -> None:
+    # A's first two rows fail in pass 1; pass 2 holds A's last row, then B's. B must get
+    # its own row's embedding, not A's: the offset moves past the rows of a failed request.
+    b_queued = threading.Event()
+    calls = 0
+
+    def embed(rows):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            b_queued.wait(10)
+            raise RuntimeError("pass 1 fails")
+        return rows.astype(np.float32)
+
+    batcher = Batcher(embed, name="t", max_batch_size=2, max_latency_ms=0, training_slice_ms=20)
+    try:
+        a = batcher.submit(np.full((3, 4), 1.0))
+        time.sleep(0.2)  # the lane has taken A's first two rows
+        b = batcher.submit(np.full((1, 4), 2.0))
+        b_queued.set()
+        with pytest.raises(RuntimeError):
+            a.result(10)
+        np.testing.assert_array_equal(b.result(10), np.full((1, 4), 2.0))
+    finally:
+        batcher.close()
