@@ -322,9 +322,7 @@ async def predict(
     inputs, options = await _predict_inputs(request, graft.settings.max_predict_inputs)
     top_k = options.get("top_k", top_k)
     reject_unknown = options.get("reject_unknown", reject_unknown)
-    head, ranked, similarity = await run_in_threadpool(
-        graft.predict, tenant, head_id, inputs, top_k
-    )
+    head, ranked, similarity = await graft.predict(tenant, head_id, inputs, top_k)
     unknown = head.unknown(similarity)
     # Answered as built: the route's schema documents it, and validating every answer
     # against it again would cost the hot path for nothing.

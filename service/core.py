@@ -8,12 +8,15 @@ in one direction: head lookup -> decode (`service/inputs.py`) -> runner -> head.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
+from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 
 from adapters import heads
@@ -186,12 +189,31 @@ class Graft:
             job.result(timeout=self.settings.sync_training_timeout_s)
         return self.get_head(tenant, head.id)
 
-    def predict(
+    async def predict(
         self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput], top_k: int
     ) -> tuple[ServingHead, list[list[tuple[str, float]]], np.ndarray]:
-        """The hot path: one light registry read, decode here, the runner's shared batch,
-        then the head. Returns the head, each row's top-k labels and each row's best
-        similarity to the head's class means."""
+        """The hot path: one light registry read and the decoding on a worker thread, the
+        runner's shared batch awaited on the event loop (no thread waits for it), then the
+        head. Returns the head, each row's top-k labels and each row's best similarity to
+        the head's class means."""
+        head, embedding = await run_in_threadpool(self._send_rows, tenant, head_id, inputs)
+        try:
+            # Shielded: a timeout must not cancel the future the runner's reader will set.
+            embeddings = await asyncio.wait_for(
+                asyncio.shield(asyncio.wrap_future(embedding)), self.settings.predict_timeout_s
+            )
+        except TimeoutError:
+            raise Unavailable("prediction timed out; the service is overloaded") from None
+        except RunnerUnavailable:
+            raise Unavailable("the backbone runner is restarting; retry shortly") from None
+        probabilities, similarity = head.apply(embeddings)
+        return head, heads.top_k(probabilities, head.labels, top_k), similarity
+
+    def _send_rows(
+        self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput]
+    ) -> tuple[ServingHead, Future]:
+        """Checks, the head (from the cache), the inputs decoded to rows and sent to the
+        runner: the head and the future of the rows' embeddings."""
         if len(inputs) > self.settings.max_predict_inputs:
             raise PayloadTooLarge(
                 f"{len(inputs)} inputs; at most {self.settings.max_predict_inputs} per call",
@@ -210,15 +232,9 @@ class Graft:
         check_modality(spec, inputs)
         rows = to_rows(spec, list(enumerate(inputs)), self.settings)
         try:
-            embeddings = self.runner.embed(spec.id, rows).result(
-                timeout=self.settings.predict_timeout_s
-            )
-        except FutureTimeout:
-            raise Unavailable("prediction timed out; the service is overloaded") from None
+            return head, self.runner.embed(spec.id, rows)
         except RunnerUnavailable:
             raise Unavailable("the backbone runner is restarting; retry shortly") from None
-        probabilities, similarity = head.apply(embeddings)
-        return head, heads.top_k(probabilities, head.labels, top_k), similarity
 
     def export_onnx(
         self, tenant: Tenant, head_id: str, variant: str | None = None

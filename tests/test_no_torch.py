@@ -9,6 +9,7 @@ import sys
 from tests.server import ROOT
 
 SCRIPT = """
+import asyncio
 import sys
 from service.core import Graft
 from service.inputs import RawInput
@@ -21,7 +22,7 @@ graft = Graft(settings, RunnerClient(settings.runner_socket))
 tenant, _ = graft.store.create_tenant(name="t")
 examples = [("a", RawInput("text", "a cat")), ("b", RawInput("text", "a car"))]
 head = graft.create_head(tenant, name="h", backbone_id="minilm_l6", examples=examples)
-graft.predict(tenant, head.id, [RawInput("text", "a kitten")], top_k=1)
+asyncio.run(graft.predict(tenant, head.id, [RawInput("text", "a kitten")], top_k=1))
 graft.close()
 runner.close()
 print(sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
