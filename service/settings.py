@@ -98,6 +98,13 @@ class Settings(BaseSettings):
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
+        if self.device == "auto":
+            # Resolved once, here: the batch size, the lanes and the runner's GPU request
+            # all follow the device actually used.
+            import onnxruntime
+
+            cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+            self.device = "cuda" if cuda else "cpu"
         if self.backbone_batch_size is None:
             # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md). On the
             # CPU a one-thread pass costs 5-10% less per row at 1-4 rows than at 8-32 (the
