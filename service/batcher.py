@@ -12,8 +12,7 @@ on a future of their embeddings.
   `training_slice_ms`, in one of two ways:
   - with `training_lane` (the CPU): on a thread of their own at nice 19, through a
     session of their own that this thread makes (any thread it starts inherits the
-    nice), while no predict pass runs or waits, and under a load with no gaps one slice
-    in two. Predicts never wait behind them, and the kernel gives the cores to predicts
+    nice). Predicts never wait behind them, and the kernel gives the cores to predicts
     (their backbone pass, and the API workers' decoding) first.
   - without (a GPU, which the kernel does not schedule): on the predict thread, while no
     predict waits, and under a load with no gaps at most one slice in five. A predict
@@ -43,11 +42,6 @@ Embed = Callable[[Rows], np.ndarray]
 # Sharing the predict thread, under a predict load with no gaps, training takes one slice
 # per this many slices' time (a fifth of the backbone at most).
 TRAINING_SHARE_EVERY = 5
-# With a lane of its own (the CPU), training waits for predict passes to end, but takes a
-# slice per this many slices' time whatever they do: at 80 predicts/s on 2 cores, predict
-# p99 rose 1.2x while it trained (1.4-2.1x when it ran beside predict passes), at a third
-# of the rows per second (bench figures in BENCHMARKS.md). Idle, it runs back to back.
-LANE_SHARE_EVERY = 2
 TRAINING_NICE = 19
 
 
@@ -85,7 +79,6 @@ class Batcher:
         self.rows = 0
         self.training_rows = 0
         self.pass_cpu_s = 0.0
-        self._passes_running = 0  # passes of the predict lanes now running
         self._training_seconds_per_row = 0.0  # running mean over training passes
         self._last_training = time.monotonic()  # when a training slice last started
         self._waiting: dict[Priority, deque[_Request]] = {"predict": deque(), "training": deque()}
@@ -145,10 +138,6 @@ class Batcher:
     def _loop(self) -> None:
         while (batch := self._next_batch()) is not None:
             self._run(batch, self.embed)
-            with self._ready:
-                self._passes_running -= 1
-                if not self._passes_running:
-                    self._ready.notify_all()  # the training lane may go
 
     def _training_loop(self, make_embed: Callable[[], Embed]) -> None:
         with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
@@ -157,8 +146,8 @@ class Batcher:
         training = self._waiting["training"]
         while True:
             with self._ready:
-                while not self._stopping and not (training and self._training_may_go()):
-                    self._ready.wait(self.training_slice_s)
+                while not training and not self._stopping:
+                    self._ready.wait()
                 if not training:
                     return
                 batch = self._training_slice()
@@ -169,22 +158,12 @@ class Batcher:
                 continue
             self._run(batch, embed)
 
-    def _training_may_go(self) -> bool:
-        """Called with the lock held: the training lane runs while no predict pass runs or
-        waits (a pass beside it on the next core still slowed predicts: shared caches and
-        memory), and under a load that leaves no gap, one slice per LANE_SHARE_EVERY
-        slices' time: it always ends."""
-        if not self._passes_running and not self._waiting["predict"]:
-            return True
-        return time.monotonic() - self._last_training > LANE_SHARE_EVERY * self.training_slice_s
-
     def _next_batch(self) -> Batch | None:
         """Waits for rows, then takes a batch of them."""
         with self._ready:
             while not (batch := self._take_batch()):
                 if self._stopping:
                     return None
-            self._passes_running += 1
             return batch
 
     def _take_batch(self) -> Batch:

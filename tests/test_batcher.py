@@ -154,39 +154,6 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
     assert threading.get_native_id() not in lane_threads
 
 
-def test_a_training_lane_waits_for_predict_passes_to_end() -> None:
-    events = []
-
-    def embed(rows: np.ndarray) -> np.ndarray:
-        events.append(("predict starts", time.perf_counter()))
-        time.sleep(0.3)
-        events.append(("predict ends", time.perf_counter()))
-        return np.ones((len(rows), 2), np.float32)
-
-    def embed_training(rows: np.ndarray) -> np.ndarray:
-        events.append(("training starts", time.perf_counter()))
-        return np.zeros((len(rows), 2), np.float32)
-
-    # A slice of 1 s: the lane's share under load (a slice per two slices' time) is not
-    # due within this test, so only the end of the predict pass lets training go.
-    batcher = Batcher(
-        embed, name="t", max_batch_size=8, max_latency_ms=0, training_slice_ms=1000,
-        training_lane=lambda: embed_training,
-    )  # fmt: skip
-    try:
-        predict = batcher.submit(np.ones((1, 1), np.uint8))
-        time.sleep(0.05)  # the predict pass is running
-        training = batcher.submit(np.zeros((2, 1), np.uint8), "training")
-        predict.result(5)
-        training.result(5)
-    finally:
-        batcher.close()
-    order = [name for name, _ in sorted(events, key=lambda e: e[1])]
-    # (the first training slice is one row, which measures the backbone; then the rest)
-    assert order[:2] == ["predict starts", "predict ends"]
-    assert order[2:] == ["training starts"] * (len(order) - 2) and len(order) > 2
-
-
 def test_a_training_lane_without_a_session_fails_its_rows_and_tries_again() -> None:
     tries = []
 
