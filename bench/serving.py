@@ -56,7 +56,7 @@ from models.export import ensure_variant  # noqa: E402
 from models.preprocess import decode_image  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
 from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.settings import Settings, usable_cores  # noqa: E402
 from tests.inputs import crops  # noqa: E402
 from tests.server import BENTOML, free_port, start_server, stop_server, wait_until_up  # noqa: E402
 
@@ -386,7 +386,7 @@ def main() -> None:
     batch_sizes = (1, 8, 32) if args.device == "cpu" else (1, 8, 32, 128)
     # On the CPU: the default spinning threads, and without spinning as the service runs.
     # And one single-threaded pass per core side by side, as the runner's lanes run.
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     configs = {"one pass": (False, 0, 1)}  # (spinning, threads per pass, passes at once)
     if args.device == "cpu":
         configs = {"spinning": (True, 0, 1), "not spinning": (False, 0, 1)}

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -24,7 +25,8 @@ from models.registry import BackboneSpec, ImagePreprocessing
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "int8", "fp16")
+Variant = Literal["fp32", "int8", "fp16"]
+VARIANTS: tuple[str, ...] = get_args(Variant)
 CALIBRATION_IMAGES = 128
 # Bump when the quantisation recipe changes, so cached INT8 files are made again.
 QUANTIZE_REVISION = 2

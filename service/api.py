@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Literal
+from typing import Annotated
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request, Response
@@ -16,6 +16,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.store import Head
+from models.quantize import Variant
 from service.archive import examples_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
 from service.errors import (
@@ -353,7 +354,7 @@ def download_onnx(
     head_id: str,
     tenant: CurrentTenant,
     graft: GraftDep,
-    variant: Literal["fp32", "int8", "fp16"] | None = None,
+    variant: Variant | None = None,
 ) -> Response:
     """Backbone + head as one ONNX model; labels and preprocessing in its metadata.
     `variant=int8` gives the quantised backbone (default: the variant this service runs)."""

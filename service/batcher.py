@@ -85,7 +85,7 @@ class Batcher:
         self._predict_rows = 0
         self._ready = threading.Condition()
         self._stopping = False
-        self._lane = training_lane is not None
+        self._training_lane = training_lane is not None
         self._threads = [
             threading.Thread(target=self._loop, name=f"graft-batcher-{name}-{i}", daemon=True)
             for i in range(predict_lanes)
@@ -171,7 +171,7 @@ class Batcher:
         when stopping or when another lane took the rows first."""
         predicts = self._waiting["predict"]
         # With a lane of its own, training is none of this thread's business.
-        training = self._waiting["training"] if not self._lane else deque()
+        training = self._waiting["training"] if not self._training_lane else deque()
         while not predicts and not training and not self._stopping:
             self._ready.wait()
         if not predicts and not training:

@@ -264,7 +264,7 @@ class Runner:
                 max_batch_size=settings.backbone_batch_size,
                 max_latency_ms=settings.batch_max_latency_ms,
                 training_slice_ms=settings.training_slice_ms,
-                predict_lanes=1 if backbone.on_gpu else settings.backbone_lanes,
+                predict_lanes=settings.backbone_lanes,
                 # On the CPU, training rows get a session of their own, run at a low OS
                 # priority (service/batcher.py); a GPU shares its one session.
                 training_lane=(

@@ -97,9 +97,9 @@ class Graft:
         # would also escape the nice of training threads (threads inherit it; a pool made
         # at import does not).
         threadpool_limits(1)
-        # A training job's Python (the head's fit) holds the GIL for up to the switch
-        # interval each time a predict's thread wants it, several times per predict: at
-        # the default 5 ms, that was most of the predict p99 while a head trained.
+        # A training job's Python (the head's fit) may hold the GIL for up to the switch
+        # interval each time a predict's thread wants it, several times per predict: 5 ms
+        # by default. (Its effect on the p99 is under this machine's noise; BENCHMARKS.md.)
         sys.setswitchinterval(0.0005)
         runner = RunnerClient(settings.runner_socket)
         self.graft = GraftCore(

@@ -9,8 +9,15 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.quantize import Variant
+
 # AF_UNIX socket paths are limited to 108 bytes, the final NUL included.
 MAX_SOCKET_PATH = 107
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's cpuset), not the host's."""
+    return len(os.sched_getaffinity(0))
 
 
 class Settings(BaseSettings):
@@ -24,7 +31,7 @@ class Settings(BaseSettings):
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
-    variant: Literal["fp32", "int8", "fp16"] = Field(
+    variant: Variant = Field(
         "fp32",
         description="backbone weights served: fp32, INT8 (ONNX Runtime quantised, for the"
         " CPU) or fp16 (for a GPU)",
@@ -33,8 +40,7 @@ class Settings(BaseSettings):
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")
     api_workers: int = Field(
-        # The cores this process may run on (a container's cpuset), not the host's.
-        default_factory=lambda: len(os.sched_getaffinity(0)),
+        default_factory=usable_cores,
         ge=1,
         le=256,
         description="API worker processes (HTTP, decoding, heads, training); default: the cores",
@@ -113,9 +119,9 @@ class Settings(BaseSettings):
         if self.backbone_lanes is None:
             # On the CPU, one single-threaded pass per core costs 10-15% less CPU per row
             # than one pass over every core (its threads wake each other); a GPU is one.
-            self.backbone_lanes = 1 if self.device == "cuda" else len(os.sched_getaffinity(0))
+            self.backbone_lanes = 1 if self.device == "cuda" else usable_cores()
         if self.intra_op_threads == 0:
-            self.intra_op_threads = max(1, len(os.sched_getaffinity(0)) // self.backbone_lanes)
+            self.intra_op_threads = max(1, usable_cores() // self.backbone_lanes)
         if self.runner_socket is None:
             self.runner_socket = self.run_dir / "runner.sock"
         if len(os.fsencode(self.runner_socket)) > MAX_SOCKET_PATH:
