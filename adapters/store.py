@@ -15,6 +15,7 @@ import json
 import secrets
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ ADDED_HEAD_COLUMNS = {
 }
 
 KEY_PREFIX = "graft"
+# How long opening waits for other processes that open the same new store at once.
+OPEN_TIMEOUT_S = 30
 INTERRUPTED = "training was interrupted by a restart; post the examples again"
 
 
@@ -163,6 +166,21 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         self._readers = threading.local()
+        # The runner and every API worker open the store at once on a new data directory.
+        # Turning on WAL upgrades a read lock to a write lock, which SQLite refuses at once
+        # (no busy wait: it could deadlock) while another process does the same; the
+        # steps are idempotent, so they are simply tried again.
+        deadline = time.monotonic() + OPEN_TIMEOUT_S
+        while True:
+            try:
+                self._set_up()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _set_up(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we answer, so an acknowledged head survives even
         # a power cut. Head writes are rare; the fsync costs nothing on the predict path.

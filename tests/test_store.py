@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -132,3 +134,29 @@ def test_a_data_directory_from_before_class_means_opens_and_serves(tmp_path) -> 
         assert row.weights.shape == (4, 2) and row.prototypes is None
     finally:
         store.close()
+
+
+def _open_store(path: str, ready, answers) -> None:
+    ready.wait()
+    try:
+        Store(Path(path)).close()
+        answers.put("opened")
+    except Exception as exc:  # the parent asserts on what each process says
+        answers.put(repr(exc))
+
+
+def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path) -> None:
+    # The runner and every API worker open the store at once when a server first starts.
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):  # before the fix, about one new store in four failed
+        path = str(tmp_path / f"{attempt}" / "graft.sqlite3")
+        ready, answers = context.Barrier(4), context.Queue()
+        processes = [
+            context.Process(target=_open_store, args=(path, ready, answers)) for _ in range(4)
+        ]
+        for process in processes:
+            process.start()
+        said = [answers.get(timeout=60) for _ in processes]
+        for process in processes:
+            process.join()
+        assert said == ["opened"] * 4, said
