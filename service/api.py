@@ -15,10 +15,11 @@ from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters.store import Head
+from adapters.store import Head, Tenant
 from models.quantize import Variant
 from service.archive import examples_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
+from service.core import Graft
 from service.errors import (
     BadInput,
     PayloadTooLarge,
@@ -29,7 +30,7 @@ from service.errors import (
 from service.errors import NotFound as NotFoundError
 from service.inputs import RawInput
 from service.limits import BodySizeLimit
-from service.metrics import RequestMetrics, render
+from service.metrics import RequestMetrics, RouteMetrics, render
 from service.schemas import (
     BackboneList,
     BackbonePublic,
@@ -39,6 +40,7 @@ from service.schemas import (
     HeadList,
     HeadPublic,
     HeadSpec,
+    PredictOptions,
     PredictRequest,
     PredictResponse,
     ServingStats,
@@ -264,11 +266,14 @@ _PREDICT_BODY = {
 }
 
 
-async def _predict_inputs(request: Request, max_inputs: int) -> tuple[list[RawInput], dict]:
-    """The inputs of a predict body, and the options it carries itself (JSON only)."""
+async def _predict_inputs(
+    request: Request, max_inputs: int, query: PredictOptions
+) -> tuple[list[RawInput], PredictOptions]:
+    """The inputs of a predict body, and its options: a JSON body carries its own, image
+    bodies take those of the query."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in IMAGE_TYPES:
-        return [RawInput("image", await request.body())], {}
+        return [RawInput("image", await request.body())], query
     if content_type == "multipart/form-data":
         try:
             # One file more than allowed, so that too many is the same 413 as in JSON.
@@ -283,7 +288,7 @@ async def _predict_inputs(request: Request, max_inputs: int) -> tuple[list[RawIn
         files = form.getlist("image")
         if not files or set(form) != {"image"} or not all(isinstance(f, UploadFile) for f in files):
             raise Unprocessable("a multipart predict takes image files named 'image', only")
-        return [RawInput("image", await f.read()) for f in files], {}
+        return [RawInput("image", await f.read()) for f in files], query
     if content_type in ("application/json", ""):
         # Python's parser, as FastAPI's own: a lone surrogate escape is valid JSON, and
         # then refused as text (422 invalid_text), where pydantic's parser says 400.
@@ -292,14 +297,43 @@ async def _predict_inputs(request: Request, max_inputs: int) -> tuple[list[RawIn
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise BadInput("the request body is not valid JSON", code="invalid_json") from None
         body = PredictRequest.model_validate(payload)
-        inputs = [RawInput.from_json(x.image, x.text) for x in body.inputs]
-        return inputs, {"top_k": body.top_k, "reject_unknown": body.reject_unknown}
+        return [RawInput.from_json(x.image, x.text) for x in body.inputs], body
     raise UnsupportedMediaType(
         f"content type {content_type!r}: send application/json, {', '.join(IMAGE_TYPES)}"
         " or multipart/form-data"
     )
 
 
+async def answer_predict(
+    request: Request, graft: Graft, tenant: Tenant, head_id: str, query: PredictOptions
+) -> JSONResponse:
+    """The predict route's work, for the route below and for `service/predict_path.py`,
+    which serves it in front of the framework."""
+    inputs, options = await _predict_inputs(request, graft.settings.max_predict_inputs, query)
+    head, ranked, similarity = await graft.predict(tenant, head_id, inputs, options.top_k)
+    unknown = head.unknown(similarity)
+    # Answered as built: the route's schema documents it, and validating every answer
+    # against it again would cost the hot path for nothing.
+    return JSONResponse(
+        {
+            "head_id": head.id,
+            "version": head.version,
+            "predictions": [
+                {
+                    "label": None if options.reject_unknown and is_unknown else row[0][0],
+                    "score": row[0][1],
+                    "unknown": bool(is_unknown),
+                    "similarity": None if np.isnan(sim) else round(float(sim), 4),
+                    "top_k": [{"label": label, "score": score} for label, score in row],
+                }
+                for row, sim, is_unknown in zip(ranked, similarity, unknown, strict=True)
+            ],
+        }
+    )
+
+
+# Declared here for the API document; requests are answered by `service/predict_path.py`
+# with the same function, in front of the framework's layers (BENCHMARKS.md).
 @heads.post(
     "/{head_id}/predict",
     response_model=PredictResponse,
@@ -311,38 +345,12 @@ async def predict(
     request: Request,
     tenant: CurrentTenant,
     graft: GraftDep,
-    top_k: Annotated[
-        int, Query(ge=1, le=1000, description="for image bodies; a JSON body carries its own")
-    ] = 1,
-    reject_unknown: Annotated[
-        bool, Query(description="for image bodies; a JSON body carries its own")
-    ] = False,
+    query: Annotated[PredictOptions, Query()],
 ) -> JSONResponse:
-    """Predict with JSON (`inputs`: base64 images or texts), one raw image as the body
-    (image/jpeg, image/png, image/webp), or several as multipart `image` files."""
-    inputs, options = await _predict_inputs(request, graft.settings.max_predict_inputs)
-    top_k = options.get("top_k", top_k)
-    reject_unknown = options.get("reject_unknown", reject_unknown)
-    head, ranked, similarity = await graft.predict(tenant, head_id, inputs, top_k)
-    unknown = head.unknown(similarity)
-    # Answered as built: the route's schema documents it, and validating every answer
-    # against it again would cost the hot path for nothing.
-    return JSONResponse(
-        {
-            "head_id": head.id,
-            "version": head.version,
-            "predictions": [
-                {
-                    "label": None if reject_unknown and is_unknown else row[0][0],
-                    "score": row[0][1],
-                    "unknown": bool(is_unknown),
-                    "similarity": None if np.isnan(sim) else round(float(sim), 4),
-                    "top_k": [{"label": label, "score": score} for label, score in row],
-                }
-                for row, sim, is_unknown in zip(ranked, similarity, unknown, strict=True)
-            ],
-        }
-    )
+    """Predict with JSON (`inputs`: base64 images or texts, and the options), one raw image
+    as the body (image/jpeg, image/png, image/webp), or several as multipart `image` files
+    (the options as query parameters)."""
+    return await answer_predict(request, graft, tenant, head_id, query)
 
 
 @heads.get(
@@ -380,7 +388,8 @@ def create_app(max_body_bytes: int) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
     # The application object (service/core.py) publishes its head cache here too.
     registry = app.state.metrics_registry = CollectorRegistry()
-    app.add_middleware(RequestMetrics, registry=registry)
+    app.state.route_metrics = RouteMetrics(registry)
+    app.add_middleware(RequestMetrics, metrics=app.state.route_metrics)
     for router in (tenants, operations, backbones, heads):
         app.include_router(router)
 

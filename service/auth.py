@@ -19,8 +19,8 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
 
 
 def resolve_admin_key(settings: Settings) -> str:

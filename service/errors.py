@@ -111,46 +111,41 @@ def _describe(errors: list[dict]) -> str:
     return "; ".join(parts) + more
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+def error_response(request: Request, exc: Exception) -> JSONResponse:
+    """Any exception a request raises, as its answer in the JSON error shape."""
+    if isinstance(exc, ApiError):
         return _respond(exc.status, exc.code, exc.message, exc.headers)
-
-    @app.exception_handler(InvalidInput)
-    async def _invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
+    if isinstance(exc, InvalidInput):
         status = 413 if exc.code in ("image_too_large", "text_too_long") else 422
         return _respond(status, exc.code, exc.message)
-
-    @app.exception_handler(RequestValidationError)
-    async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if isinstance(exc, RequestValidationError | ValidationError):
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
             return _respond(400, "invalid_json", "the request body is not valid JSON")
         return _respond(422, "invalid_request", _describe(errors))
-
-    @app.exception_handler(ValidationError)
-    async def _validation(request: Request, exc: ValidationError) -> JSONResponse:
-        errors = list(exc.errors())
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return _respond(400, "invalid_json", "the request body is not valid JSON")
-        return _respond(422, "invalid_request", _describe(errors))
-
-    @app.exception_handler(RecursionError)
-    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+    if isinstance(exc, RecursionError):
         # json.loads recurses per nesting level; absurdly nested bodies end here.
         return _respond(400, "invalid_json", "the request body is nested too deeply")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if isinstance(exc, StarletteHTTPException):
         phrase = HTTPStatus(exc.status_code).phrase
         code = phrase.lower().replace(" ", "_").replace("-", "_")
         message = exc.detail if isinstance(exc.detail, str) else phrase
         return _respond(exc.status_code, code, message, getattr(exc, "headers", None))
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _respond(500, "internal_error", "an unexpected error occurred; it has been logged")
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return _respond(500, "internal_error", "an unexpected error occurred; it has been logged")
+
+def install_error_handlers(app: FastAPI) -> None:
+    for handled in (
+        ApiError,
+        InvalidInput,
+        RequestValidationError,
+        ValidationError,
+        RecursionError,
+        StarletteHTTPException,
+        Exception,
+    ):
+        app.add_exception_handler(handled, error_response)
 
 
 class JsonNotFoundUnderV1:

@@ -56,11 +56,10 @@ def _pid_alive(pid: int) -> bool:
 _METHODS = {"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"}
 
 
-class RequestMetrics:
-    """ASGI middleware: counts and times each request under the route that answered it."""
+class RouteMetrics:
+    """Requests and their latency by route template and status, in `registry`."""
 
-    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
-        self.app = app
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "graft_requests",
             "HTTP requests answered, by route template and status",
@@ -73,6 +72,14 @@ class RequestMetrics:
             ["method", "route"],
             registry=registry,
         )
+
+
+class RequestMetrics:
+    """ASGI middleware: counts and times each request under the route that answered it."""
+
+    def __init__(self, app: ASGIApp, metrics: RouteMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -93,8 +100,8 @@ class RequestMetrics:
             # The router puts the matched route in the scope; its template is bounded.
             route = getattr(scope.get("route"), "path", "unmatched")
             method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.requests.labels(method, route, str(status)).inc()
-            self.seconds.labels(method, route).observe(time.perf_counter() - started)
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.seconds.labels(method, route).observe(time.perf_counter() - started)
 
 
 class HeadCacheGauges:

@@ -222,14 +222,19 @@ class HeadList(BaseModel):
     heads: list[HeadPublic]
 
 
-class PredictRequest(_Strict):
-    inputs: list[Input] = Field(min_length=1)
-    top_k: int = Field(1, ge=1, le=1000)
+class PredictOptions(BaseModel):
+    """How a predict is answered: in its JSON body, or as query parameters of image bodies."""
+
+    top_k: int = Field(1, ge=1, le=1000, description="labels ranked per input")
     reject_unknown: bool = Field(
         False,
         description="answer `label: null` for inputs the head flags as unknown (far from all"
         " of its labels); `unknown` and the scores are given either way",
     )
+
+
+class PredictRequest(PredictOptions, _Strict):
+    inputs: list[Input] = Field(min_length=1)
 
 
 class LabelScore(BaseModel):

@@ -25,6 +25,7 @@ from service.auth import resolve_admin_key  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
+from service.predict_path import PredictPath  # noqa: E402
 from service.runner import Runner, RunnerClient  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
@@ -120,4 +121,6 @@ class Graft:
         self.graft.close()
 
 
+# Outermost first: predicts are answered before the mount (service/predict_path.py).
+Graft.add_asgi_middleware(PredictPath, api=app, max_body_bytes=settings.max_body_bytes)
 Graft.add_asgi_middleware(JsonNotFoundUnderV1)

@@ -99,10 +99,16 @@ def test_metrics_are_labelled_by_route_never_by_raw_path(server) -> None:
         for head_id in made_up:
             assert_error(anonymous.get(f"/v1/heads/{head_id}"), 401)
             assert_error(tenant.get(f"/v1/heads/{head_id}/nothing"), 404)
+            # Predicts are answered before the app's router (service/predict_path.py).
+            predict = {"inputs": [{"text": "a goal"}]}
+            assert_error(anonymous.post(f"/v1/heads/{head_id}/predict", json=predict), 401)
+            assert_error(tenant.post(f"/v1/heads/{head_id}/predict", json=predict), 404)
         metrics = anonymous.get("/v1/metrics")
         bentoml_metrics = anonymous.get("/metrics").text
     assert metrics.status_code == 200
     assert 'route="/heads/{head_id}",status="401"' in metrics.text
     assert 'route="/{path:path}",status="404"' in metrics.text
+    for status in (401, 404):
+        assert f'route="/heads/{{head_id}}/predict",status="{status}"' in metrics.text
     for head_id in made_up:
         assert head_id not in metrics.text and head_id not in bentoml_metrics
