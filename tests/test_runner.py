@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,9 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from adapters.store import Store
 from models.preprocess import decode_image, token_ids
 from service.batcher import Batcher
 from service.runner import RunnerClient, RunnerServer, RunnerUnavailable, serve_forever
+from service.settings import Settings
+from service.training import TRAINING_MESSAGES_IN_FLIGHT, Trainer
 from tests.inputs import COOKING, SPORTS, crops
 
 
@@ -105,3 +109,39 @@ def test_no_runner_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(RunnerUnavailable, match="not answering"):
         client.embed("x", np.zeros((1, 1), np.uint8))
     assert not client.is_connected()
+
+
+class CountingClient(RunnerClient):
+    """A worker's link that records how many of its requests were in the runner at once."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.in_flight = 0
+        self.most_in_flight = 0
+
+    def embed(self, backbone_id, rows, priority="predict"):
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        future = super().embed(backbone_id, rows, priority)
+        future.add_done_callback(lambda _: setattr(self, "in_flight", self.in_flight - 1))
+        return future
+
+
+def test_training_rows_cross_the_link_a_few_messages_at_a_time(tmp_path, image_backbone) -> None:
+    """A large training set queued on the link at once would hold the worker's predicts
+    behind it; its rows come back whole and in order all the same."""
+    rows = np.arange(100 * 3, dtype=np.uint8).reshape(100, 3)
+    batcher = Batcher(
+        double, name="double", max_batch_size=8, max_latency_ms=0, training_slice_ms=5
+    )
+    server = RunnerServer(tmp_path / "runner.sock", {"double": batcher})
+    client = CountingClient(server.path)
+    trainer = Trainer(Store(tmp_path / "graft.sqlite3"), client, Settings(data_dir=tmp_path))
+    spec = dataclasses.replace(image_backbone.spec, id="double")
+    try:
+        np.testing.assert_array_equal(trainer._run(spec, rows), double(rows))
+        assert client.most_in_flight == TRAINING_MESSAGES_IN_FLIGHT
+    finally:
+        trainer.close()
+        client.close()
+        server.close()
