@@ -15,10 +15,7 @@ import contextlib
 import functools
 import itertools
 import logging
-import os
-import pickle
 import queue
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,41 +29,18 @@ from models.export import ensure_variant
 from models.registry import BackboneSpec, list_backbones
 from models.runtime import Backbone
 from service.batcher import Batcher, Priority, Rows
+from service.link import hang_up, recv, send, widen
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+
+# How long a stopping runner waits for the workers' last requests (their training jobs).
+DRAIN_TIMEOUT_S = 60
 
 
 class RunnerUnavailable(RuntimeError):
     """The runner could not be reached, or the connection broke with the request in it."""
-
-
-def _send(conn: Connection, message: tuple) -> None:
-    # Arrays go out of band, as their own raw messages: pickling them in band copies
-    # them again (about 1 ms for 8 images).
-    buffers: list[pickle.PickleBuffer] = []
-    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    conn.send_bytes(len(buffers).to_bytes(4, "little") + head)
-    for buffer in buffers:
-        conn.send_bytes(buffer.raw())
-
-
-def _recv(conn: Connection) -> tuple:
-    """The message `_send` sent; its arrays are read-only views of the received bytes."""
-    data = conn.recv_bytes()
-    buffers = [conn.recv_bytes() for _ in range(int.from_bytes(data[:4], "little"))]
-    return pickle.loads(memoryview(data)[4:], buffers=buffers)
-
-
-def _widen(conn: Connection) -> Connection:
-    """Socket buffers that hold a batch of images: with the default (208 KiB) a message of
-    8 images crosses in six wake-ups of each side."""
-    with socket.socket(fileno=os.dup(conn.fileno())) as sock:
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
-    return conn
 
 
 # The runner's side -----------------------------------------------------------------------
@@ -83,13 +57,20 @@ class RunnerServer:
         self.path = path
         self.batchers = batchers
         self._listener = Listener(str(path), family="AF_UNIX")
+        self._connections = 0
+        self._connections_changed = threading.Condition()
         self._thread = threading.Thread(
             target=self._accept, name="graft-runner-accept", daemon=True
         )
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Takes no new connection; the batchers stop once every worker has hung up, which
+        a worker does at its own shutdown, after its training jobs (a server's processes
+        all shut down at once), or after `drain_timeout_s`."""
         self._listener.close()
+        with self._connections_changed:
+            self._connections_changed.wait_for(lambda: not self._connections, drain_timeout_s)
         for batcher in self.batchers.values():
             batcher.close()
         with contextlib.suppress(FileNotFoundError):
@@ -98,14 +79,24 @@ class RunnerServer:
     def _accept(self) -> None:
         while True:
             try:
-                conn = _widen(self._listener.accept())
+                conn = widen(self._listener.accept())
             except OSError:
                 return  # closed
+            with self._connections_changed:
+                self._connections += 1
             threading.Thread(
                 target=self._serve, args=(conn,), name="graft-runner-conn", daemon=True
             ).start()
 
     def _serve(self, conn: Connection) -> None:
+        try:
+            self._answer_requests(conn)
+        finally:
+            with self._connections_changed:
+                self._connections -= 1
+                self._connections_changed.notify_all()
+
+    def _answer_requests(self, conn: Connection) -> None:
         # Answers go out from a thread of their own: a worker slow to read never holds up
         # a batcher thread, and with it every other worker.
         answers: queue.SimpleQueue = queue.SimpleQueue()
@@ -120,7 +111,7 @@ class RunnerServer:
 
         try:
             while True:
-                request_id, backbone_id, priority, rows = _recv(conn)
+                request_id, backbone_id, priority, rows = recv(conn)
                 batcher = self.batchers.get(backbone_id)
                 if batcher is None:
                     answers.put((request_id, None, f"no backbone {backbone_id!r} in this runner"))
@@ -141,7 +132,7 @@ class RunnerServer:
         with conn:
             while (message := answers.get()) is not None:
                 try:
-                    _send(conn, message)
+                    send(conn, message)
                 except OSError:
                     return
 
@@ -168,7 +159,7 @@ class RunnerClient:
             request_id = next(self._ids)
             self._pending[request_id] = future
             try:
-                _send(conn, (request_id, backbone_id, priority, rows))
+                send(conn, (request_id, backbone_id, priority, rows))
             except OSError as exc:
                 self._pending.pop(request_id, None)
                 self._drop(conn)
@@ -194,7 +185,7 @@ class RunnerClient:
         deadline = time.monotonic() + (self.connect_timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
-                conn = _widen(Client(self.path, family="AF_UNIX"))
+                conn = widen(Client(self.path, family="AF_UNIX"))
                 break
             except OSError as exc:
                 if time.monotonic() >= deadline:
@@ -211,7 +202,7 @@ class RunnerClient:
     def _read(self, conn: Connection) -> None:
         try:
             while True:
-                request_id, embeddings, error = _recv(conn)
+                request_id, embeddings, error = recv(conn)
                 with self._lock:
                     future = self._pending.pop(request_id, None)
                 if future is None:
@@ -228,8 +219,7 @@ class RunnerClient:
     def _drop(self, conn: Connection) -> None:
         """Called with the lock held: forgets the connection, fails what was in it."""
         self._conn = None
-        with contextlib.suppress(OSError):
-            conn.close()
+        hang_up(conn)
         pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(RunnerUnavailable("the backbone runner went away"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -145,3 +146,25 @@ def test_training_rows_cross_the_link_a_few_messages_at_a_time(tmp_path, image_b
         trainer.close()
         client.close()
         server.close()
+
+
+def test_a_stopping_runner_serves_its_workers_until_they_hang_up(tmp_path) -> None:
+    """A server's processes all stop at once: a worker's training job still in flight
+    gets its rows embedded, and the runner ends as soon as the worker hangs up."""
+    batcher = Batcher(
+        double, name="double", max_batch_size=8, max_latency_ms=0, training_slice_ms=5
+    )
+    server = RunnerServer(tmp_path / "runner.sock", {"double": batcher})
+    client = RunnerClient(server.path)
+    rows = np.ones((4, 3), np.uint8)
+    client.embed("double", rows).result(10)  # connected
+    stopping = threading.Thread(target=server.close, kwargs={"drain_timeout_s": 60})
+    started = time.monotonic()
+    stopping.start()
+    time.sleep(0.2)
+    np.testing.assert_array_equal(client.embed("double", rows, "training").result(10), double(rows))
+    client.close()
+    stopping.join(10)
+    assert not stopping.is_alive() and time.monotonic() - started < 10
+    with pytest.raises(RuntimeError, match="stopped"):
+        batcher.submit(rows).result(1)
