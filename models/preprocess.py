@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
@@ -44,6 +45,20 @@ class InvalidInput(ValueError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def decode_images(
+    items: Sequence[tuple[int, bytes]], pre: ImagePreprocessing, max_pixels: int
+) -> np.ndarray:
+    """(position, bytes) pairs to uint8 NHWC rows; an error names the input's position."""
+    side = pre.image_size
+    rows = np.empty((len(items), side, side, 3), np.uint8)
+    for i, (position, data) in enumerate(items):
+        try:
+            rows[i] = decode_image(data, pre, max_pixels)
+        except InvalidInput as exc:
+            raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
+    return rows
 
 
 def decode_image(data: bytes, pre: ImagePreprocessing, max_pixels: int) -> np.ndarray:

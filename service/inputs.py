@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.preprocess import InvalidInput, decode_image, load_tokenizer, token_ids
+from models.preprocess import InvalidInput, decode_images, load_tokenizer, token_ids
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.errors import Forbidden, PayloadTooLarge, Unprocessable
 from service.settings import Settings
@@ -53,21 +53,16 @@ def to_rows(
     """(position, input) pairs to the backbone's rows: one uint8 NHWC array of images, or
     a token-id array per text. Errors name the input's position."""
     pre = spec.preprocessing
-    rows: list = []
+    if isinstance(pre, ImagePreprocessing):
+        images = [(position, raw.data) for position, raw in items]
+        return decode_images(images, pre, settings.max_image_pixels)
+    texts = []
     for position, raw in items:
         try:
-            if isinstance(pre, ImagePreprocessing):
-                assert isinstance(raw.data, bytes)
-                rows.append(decode_image(raw.data, pre, settings.max_image_pixels))
-            else:
-                assert isinstance(raw.data, str)
-                rows.append(check_text(raw.data, settings))
+            texts.append(check_text(raw.data, settings))
         except InvalidInput as exc:
             raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
-    if isinstance(pre, ImagePreprocessing):
-        side = pre.image_size
-        return np.stack(rows) if rows else np.empty((0, side, side, 3), np.uint8)
-    return text_rows(spec, rows)
+    return text_rows(spec, texts)
 
 
 def text_rows(spec: BackboneSpec, texts: list[str]) -> list[np.ndarray]:

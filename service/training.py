@@ -1,11 +1,11 @@
 """Training jobs, in the API worker: embed what is new through the runner at training
 priority, fit the head on its whole set, store the version whole.
 
-Everything a training costs in this process runs at a lower OS priority (nice 10): the
-decoding of its examples (`prepare`, which the request waits for, so that bad input is
-refused before anything is stored) and the job itself. A large training set thus yields
-the cores to predicts; the runner, in turn, runs training rows only in short slices
-between predict batches (`service/batcher.py`).
+What a training costs runs at a lower OS priority (nice 10): the decoding of its images
+(`prepare`, which the request waits for, so that bad input is refused before anything is
+stored) in a process of its own (`service/decoder.py`), the job on a thread of this
+worker. A large training set thus yields the cores to predicts; the runner, in turn,
+embeds training rows at a lower priority than predicts (`service/batcher.py`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ import numpy as np
 from adapters import heads
 from adapters.store import Head, Store, Tenant
 from adapters.transferability import choose_backbone
-from models.registry import BackboneSpec
+from models.registry import BackboneSpec, ImagePreprocessing
+from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
 from service.runner import RunnerClient
 from service.settings import Settings
@@ -82,27 +83,19 @@ class Trainer:
             thread_name_prefix="graft-train",
             initializer=_lower_priority,
         )
-        # Apart from the jobs: a request's examples never wait behind another's training.
-        self._decoders = ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="graft-decode", initializer=_lower_priority
-        )
+        self._images = TrainingDecoder()
         self._head_locks: dict[str, threading.Lock] = {}
         self._head_locks_guard = threading.Lock()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._decoders.shutdown(wait=True, cancel_futures=True)
+        self._images.close()
 
     def prepare(
         self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
     ) -> PreparedInputs:
         """Checks examples against the backbone; decodes those with no cached embedding
-        (on a thread of lower priority; this thread waits)."""
-        return self._decoders.submit(self._prepare, tenant, spec, inputs).result()
-
-    def _prepare(
-        self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
-    ) -> PreparedInputs:
+        (images in the decoding process, `service/decoder.py`; this thread waits)."""
         check_modality(spec, inputs)
         hashes = [content_hash(raw) for raw in inputs]
         cached = self.store.cached_embeddings(
@@ -116,7 +109,12 @@ class Trainer:
                 queued.add(h)
                 to_decode.append((position, raw))
                 to_embed.append(h)
-        rows = to_rows(spec, to_decode, self.settings)
+        pre = spec.preprocessing
+        if isinstance(pre, ImagePreprocessing):
+            images = [(position, raw.data) for position, raw in to_decode]
+            rows = self._images.decode(images, pre, self.settings.max_image_pixels)
+        else:
+            rows = to_rows(spec, to_decode, self.settings)
         return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows)
 
     def start(self, tenant: Tenant, head: Head, options: list[Option], labels: list[str]) -> Future:
