@@ -2,7 +2,7 @@
 
 The hot route. Through BentoML's mount and FastAPI's middleware, routing and dependency
 solving, a single-image predict cost an API worker 3.2 ms of CPU; answered here with the
-same functions, 2.0 ms, and the worker serves 15% more images per second (BENCHMARKS.md).
+same functions, 2.0-2.15 ms, and the server answered 17% more images per second (BENCHMARKS.md).
 It keeps what those layers gave the route: the body size limit, the request metrics under
 the route's template, the key and the rate limit, the JSON error shape. Every other
 request, and other methods on this path, go on to the app.
