@@ -1,15 +1,15 @@
 """A training set's images, decoded in a process of its own at a lower priority.
 
 A new head's examples (1,000 photos: a core-second of decoding) used to be decoded on a
-thread of the API worker at nice 10. That thread holds the worker's GIL for part of each
-image, and when the kernel puts it aside in favour of the predicts, every thread of the
-worker waits for it: predicts stalled for 100-300 ms while a large set decoded
-(BENCHMARKS.md). In a process of its own the decoding has its own GIL, and its nice only
-decides who gets the cores. Predicts still decode on the worker's threads: they are small
-and must not wait behind a training set.
+nice-10 thread of the API worker, which shares the worker's GIL with its predicts: a
+thread that holds the GIL when the kernel puts it aside holds up every thread of the
+worker. In a process of its own the decoding has its own GIL; predict p99 while a
+1,000-image head trained went from 133-360 ms to 108-171 ms (BENCHMARKS.md). Predicts
+still decode on the worker's threads: they are small and must not wait behind a
+training set.
 
-The link is the runner's (`service/runner.py`): a socket pair, pickled messages, arrays
-as raw bytes. The process starts at a worker's first training set and ends with the
+The wire is the runner's (`service/link.py`): a socket pair, pickled messages, arrays as
+raw bytes. The process starts at a worker's first training set and ends with the
 worker (its end of the socket closes, whatever killed the worker).
 """
 
@@ -35,7 +35,6 @@ from service.link import hang_up, recv, send
 IMAGES_PER_MESSAGE = 32
 NICE = 10
 _ROOT = Path(__file__).resolve().parents[1]
-_PYTHONPATH = os.environ.get("PYTHONPATH", "")
 
 
 class TrainingDecoder:
@@ -84,7 +83,10 @@ class TrainingDecoder:
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "service.decoder", str(theirs.fileno())],
                     pass_fds=[theirs.fileno()],
-                    env={**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), _PYTHONPATH])},
+                    env={
+                        **os.environ,
+                        "PYTHONPATH": f"{_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                    },
                 )
             self._conn = Connection(ours.detach())
         return self._conn

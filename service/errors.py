@@ -135,6 +135,12 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     return _respond(500, "internal_error", "an unexpected error occurred; it has been logged")
 
 
+async def _handle(request: Request, exc: Exception) -> JSONResponse:
+    # A coroutine: Starlette runs a plain-function handler on its thread pool, a hop per
+    # error answer (429s under overload included).
+    return error_response(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     for handled in (
         ApiError,
@@ -145,7 +151,7 @@ def install_error_handlers(app: FastAPI) -> None:
         StarletteHTTPException,
         Exception,
     ):
-        app.add_exception_handler(handled, error_response)
+        app.add_exception_handler(handled, _handle)
 
 
 class JsonNotFoundUnderV1:

@@ -228,8 +228,8 @@ class Trainer:
 
     def _run(self, spec: BackboneSpec, rows) -> np.ndarray:
         # In messages of a few rows, a few at a time: the worker's predicts share the link
-        # and queue behind what is on it (1,000 images are 150 MB; sent at once, they held
-        # predicts up for 400 ms). Two in flight keep the runner's training lane busy.
+        # and queue behind what is on it (1,000 images are 150 MB, which the runner would
+        # also hold at once). Two in flight keep the runner's training lane busy.
         in_flight: deque[Future] = deque()
         embeddings = []
         for start in range(0, len(rows), TRAINING_MESSAGE_ROWS):
