@@ -48,11 +48,15 @@ class InvalidInput(ValueError):
 
 
 def decode_images(
-    items: Sequence[tuple[int, bytes]], pre: ImagePreprocessing, max_pixels: int
+    items: Sequence[tuple[int, bytes]],
+    pre: ImagePreprocessing,
+    max_pixels: int,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(position, bytes) pairs to uint8 NHWC rows; an error names the input's position."""
+    """(position, bytes) pairs to uint8 NHWC rows, written into `out` when given; an error
+    names the input's position."""
     side = pre.image_size
-    rows = np.empty((len(items), side, side, 3), np.uint8)
+    rows = np.empty((len(items), side, side, 3), np.uint8) if out is None else out
     for i, (position, data) in enumerate(items):
         try:
             rows[i] = decode_image(data, pre, max_pixels)

@@ -8,13 +8,19 @@ worker. In a process of its own the decoding has its own GIL; predict p99 while 
 still decode on the worker's threads: they are small and must not wait behind a
 training set.
 
-The wire is the runner's (`service/link.py`): a socket pair, pickled messages, arrays as
-raw bytes. The process starts at a worker's first training set and ends with the
-worker (its end of the socket closes, whatever killed the worker).
+The decoded rows (150 MB for 1,000 images at 224 px) are written by the process straight
+into memory it shares with the worker (a memfd, passed over the link): received as
+messages, they cost the worker's nice-0 thread a third of the decoding's own CPU, which
+the predicts' backbone passes lost while a set decoded (BENCHMARKS.md).
+
+The link is the runner's wire (`service/link.py`): a socket pair, pickled messages. The
+process starts at a worker's first training set and ends with the worker (its end of the
+socket closes, whatever killed the worker).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import socket
 import subprocess
@@ -22,6 +28,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import recv_handle, send_handle
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +37,13 @@ from models.preprocess import InvalidInput, decode_images
 from models.registry import ImagePreprocessing
 from service.link import hang_up, recv, send
 
-# Images per message: a message's rows (4.8 MB at 224 px) are copied into the set's array
-# in one short hold of the worker's GIL.
-IMAGES_PER_MESSAGE = 32
 NICE = 10
 _ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_rows(fd: int, shape: tuple[int, ...]) -> np.ndarray:
+    """uint8 rows over the memory of memfd `fd`, shared by every process that maps it."""
+    return np.frombuffer(mmap.mmap(fd, int(np.prod(shape))), np.uint8).reshape(shape)
 
 
 class TrainingDecoder:
@@ -49,26 +58,33 @@ class TrainingDecoder:
         self, items: Sequence[tuple[int, bytes]], pre: ImagePreprocessing, max_pixels: int
     ) -> np.ndarray:
         side = pre.image_size
-        rows = np.empty((len(items), side, side, 3), np.uint8)
-        with self._lock:
-            for start in range(0, len(items), IMAGES_PER_MESSAGE):
-                chunk = items[start : start + IMAGES_PER_MESSAGE]
-                decoded, error = self._ask((list(chunk), pre, max_pixels))
-                if error is not None:
-                    raise InvalidInput(*error)
-                rows[start : start + len(chunk)] = decoded
+        shape = (len(items), side, side, 3)
+        if not items:
+            return np.empty(shape, np.uint8)
+        fd = os.memfd_create("graft-training-rows", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, int(np.prod(shape)))
+            rows = _shared_rows(fd, shape)  # the mapping outlives the descriptor
+            with self._lock:
+                error = self._ask((list(items), pre, max_pixels, shape), fd)
+        finally:
+            os.close(fd)
+        if error is not None:
+            raise InvalidInput(*error)
         return rows
 
     def close(self) -> None:
         with self._lock:
             self._stop()
 
-    def _ask(self, message: tuple) -> tuple:
-        """One request and its answer; a process that died is started again, once."""
+    def _ask(self, message: tuple, fd: int) -> tuple | None:
+        """Sends a set and the memory for its rows; the answer is the error, if any. A
+        process that died is started again, once."""
         for attempt in (1, 2):
             conn = self._started()
             try:
                 send(conn, message)
+                send_handle(conn, fd, self._process.pid)
                 return recv(conn)
             except (OSError, EOFError):
                 self._stop()
@@ -105,19 +121,24 @@ class TrainingDecoder:
 
 
 def main() -> None:
-    """The decoding process: answers each (items, preprocessing, pixel limit) message with
-    (rows, None) or (None, (error code, message)), until its link closes."""
+    """The decoding process: for each (items, preprocessing, pixel limit, shape) message
+    and the memfd that follows it, decodes the items into the memfd's rows and answers
+    None, or the (error code, message) of the first bad image; until its link closes."""
     os.nice(NICE)
     conn = Connection(int(sys.argv[1]))
     while True:
         try:
-            items, pre, max_pixels = recv(conn)
+            items, pre, max_pixels, shape = recv(conn)
+            fd = recv_handle(conn)
         except (EOFError, OSError):
             return
         try:
-            answer = (decode_images(items, pre, max_pixels), None)
+            decode_images(items, pre, max_pixels, out=_shared_rows(fd, shape))
+            answer = None
         except InvalidInput as exc:
-            answer = (None, (exc.code, exc.message))
+            answer = (exc.code, exc.message)
+        finally:
+            os.close(fd)
         send(conn, answer)
 
 

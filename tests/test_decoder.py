@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 
 from models.preprocess import InvalidInput, decode_images
 from models.registry import get_backbone
-from service.decoder import IMAGES_PER_MESSAGE, NICE, TrainingDecoder
+from service.decoder import NICE, TrainingDecoder
 from tests.inputs import crops
 
 PRE = get_backbone("efficientnet_lite0").preprocessing
@@ -17,11 +18,13 @@ MAX_PIXELS = 40_000_000
 
 
 def test_the_process_decodes_exactly_what_the_worker_would() -> None:
-    images = crops("china.jpg", IMAGES_PER_MESSAGE + 5, seed=8)  # two messages
+    images = crops("china.jpg", 37, seed=8)
     items = list(enumerate(images))
     decoder = TrainingDecoder()
     try:
         rows = decoder.decode(items, PRE, MAX_PIXELS)
+        # Written by the process into memory the worker maps, not sent back as messages.
+        assert isinstance(rows.base.base.obj, mmap.mmap)
         process = decoder._process
         assert process is not None and process.pid != os.getpid()
         assert os.getpriority(os.PRIO_PROCESS, process.pid) >= NICE
