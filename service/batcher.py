@@ -10,10 +10,11 @@ on a future of their embeddings.
   less CPU per row than one split over threads that must wake each other.
 - Training rows (a new head's examples) run in slices sized to take about
   `training_slice_ms`, in one of two ways:
-  - with `training_lane` (the CPU): on a thread of their own at nice 19, through a
-    session of their own that this thread makes (any thread it starts inherits the
-    nice). Predicts never wait behind them, and the kernel gives the cores to predicts
-    (their backbone pass, and the API workers' decoding) first.
+  - with `training_lane` (the CPU): on a thread of their own at SCHED_IDLE
+    (`service/priority.py`), through a session of their own that this thread makes (any
+    thread it starts inherits the policy). Predicts never wait behind them, and the
+    kernel gives the cores to predicts (their backbone pass, and the API workers'
+    decoding) first.
   - without (a GPU, which the kernel does not schedule): on the predict thread, while no
     predict waits, and under a load with no gaps at most one slice in five. A predict
     waits behind one slice at most, and training still ends.
@@ -21,9 +22,7 @@ on a future of their embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -34,6 +33,8 @@ from typing import Literal
 
 import numpy as np
 
+from service.priority import run_in_idle_time
+
 log = logging.getLogger(__name__)
 
 Rows = np.ndarray | list  # uint8 NHWC images, or one int64 token-id array per text
@@ -42,7 +43,6 @@ Embed = Callable[[Rows], np.ndarray]
 # Sharing the predict thread, under a predict load with no gaps, training takes one slice
 # per this many slices' time (a fifth of the backbone at most).
 TRAINING_SHARE_EVERY = 5
-TRAINING_NICE = 19
 
 
 @dataclass(eq=False)
@@ -140,8 +140,7 @@ class Batcher:
             self._run(batch, self.embed)
 
     def _training_loop(self, make_embed: Callable[[], Embed]) -> None:
-        with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), TRAINING_NICE)
+        run_in_idle_time()
         embed = None  # made on the first training rows: a backbone never trained on costs none
         training = self._waiting["training"]
         while True:

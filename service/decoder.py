@@ -1,4 +1,4 @@
-"""A training set's images, decoded in a process of its own at a lower priority.
+"""A training set's images, decoded in a process of its own, in the CPU time predicts leave.
 
 A new head's examples (1,000 photos: a core-second of decoding) used to be decoded on a
 nice-10 thread of the API worker, which shares the worker's GIL with its predicts: a
@@ -6,7 +6,7 @@ thread that holds the GIL when the kernel puts it aside holds up every thread of
 worker. In a process of its own the decoding has its own GIL; predict p99 while a
 1,000-image head trained went from 133-360 ms to 108-171 ms (BENCHMARKS.md). Predicts
 still decode on the worker's threads: they are small and must not wait behind a
-training set.
+training set. It runs at SCHED_IDLE (`service/priority.py`).
 
 The decoded rows (150 MB for 1,000 images at 224 px) are written by the process straight
 into memory it shares with the worker (a memfd, passed over the link): received as
@@ -37,8 +37,12 @@ from models.preprocess import InvalidInput, decode_images
 from models.registry import ImagePreprocessing
 from service.link import hang_up, recv, send
 
-NICE = 10
 _ROOT = Path(__file__).resolve().parents[1]
+# The process idles before it imports what it decodes with (0.2 s of a core).
+_START = (
+    "from service.priority import run_in_idle_time; run_in_idle_time(); "
+    "from service.decoder import main; main()"
+)
 
 
 def _shared_rows(fd: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -97,7 +101,7 @@ class TrainingDecoder:
             ours, theirs = socket.socketpair()
             with theirs:
                 self._process = subprocess.Popen(
-                    [sys.executable, "-m", "service.decoder", str(theirs.fileno())],
+                    [sys.executable, "-c", _START, str(theirs.fileno())],
                     pass_fds=[theirs.fileno()],
                     env={
                         **os.environ,
@@ -124,7 +128,6 @@ def main() -> None:
     """The decoding process: for each (items, preprocessing, pixel limit, shape) message
     and the memfd that follows it, decodes the items into the memfd's rows and answers
     None, or the (error code, message) of the first bad image; until its link closes."""
-    os.nice(NICE)
     conn = Connection(int(sys.argv[1]))
     while True:
         try:
@@ -140,7 +143,3 @@ def main() -> None:
         finally:
             os.close(fd)
         send(conn, answer)
-
-
-if __name__ == "__main__":
-    main()

@@ -3,6 +3,7 @@ and training rows never hold a predict up for longer than one short slice."""
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,9 +133,11 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
         return np.ones((len(rows), 2), np.float32)
 
     lane_threads = set()
+    lane_policies = set()
 
     def embed_training(rows: np.ndarray) -> np.ndarray:
         lane_threads.add(threading.get_native_id())
+        lane_policies.add(os.sched_getscheduler(0))  # 0: the calling thread
         time.sleep(0.2)  # a slow training pass, far longer than a slice
         return np.zeros((len(rows), 2), np.float32)
 
@@ -152,6 +155,8 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
     finally:
         batcher.close()
     assert threading.get_native_id() not in lane_threads
+    assert lane_policies == {os.SCHED_IDLE}  # the kernel runs it in the time predicts leave
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the caller's thread is untouched
 
 
 def test_a_training_lane_without_a_session_fails_its_rows_and_tries_again() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from models.preprocess import InvalidInput, decode_images
 from models.registry import get_backbone
-from service.decoder import NICE, TrainingDecoder
+from service.decoder import TrainingDecoder
 from tests.inputs import crops
 
 PRE = get_backbone("efficientnet_lite0").preprocessing
@@ -27,7 +27,7 @@ def test_the_process_decodes_exactly_what_the_worker_would() -> None:
         assert isinstance(rows.base.base.obj, mmap.mmap)
         process = decoder._process
         assert process is not None and process.pid != os.getpid()
-        assert os.getpriority(os.PRIO_PROCESS, process.pid) >= NICE
+        assert os.sched_getscheduler(process.pid) == os.SCHED_IDLE
     finally:
         decoder.close()
     np.testing.assert_array_equal(rows, decode_images(items, PRE, MAX_PIXELS))

@@ -1,0 +1,29 @@
+"""Training's CPU work runs in the time predicts leave.
+
+On this 2-core machine, the runner's training lane at nice 19 and the decoding process
+at nice 10 still took predict p99 to 1.7-2.1x its quiet value while a 1,000-image head
+trained: the busy predict threads waited 0.65-0.69 s for a core per second they ran,
+against 0.24-0.26 when quiet. At SCHED_IDLE, 0.57 (BENCHMARKS.md). Beyond its lower
+weight, the kernel counts a core that runs only SCHED_IDLE threads as idle when it
+places a waking thread, which then takes that core at once.
+
+Only for threads that share no GIL with predicts' Python work: one preempted while
+holding the GIL would hold up every thread of its process until the kernel runs it
+again. The API worker's training thread stays at nice 10 (service/training.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+
+def run_in_idle_time() -> None:
+    """The calling thread, and the threads it starts from now on, at SCHED_IDLE (nice 19
+    where the platform has no SCHED_IDLE)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
