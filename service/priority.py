@@ -1,11 +1,12 @@
 """Training's CPU work runs in the time predicts leave.
 
-On this 2-core machine, the runner's training lane at nice 19 and the decoding process
-at nice 10 still took predict p99 to 1.7-2.1x its quiet value while a 1,000-image head
-trained: the busy predict threads waited 0.65-0.69 s for a core per second they ran,
-against 0.24-0.26 when quiet. At SCHED_IDLE, 0.57 (BENCHMARKS.md). Beyond its lower
-weight, the kernel counts a core that runs only SCHED_IDLE threads as idle when it
-places a waking thread, which then takes that core at once.
+On this 2-core machine, with the runner's training lane at nice 19 and the decoding
+process at nice 10, the server's busy nice-0 threads waited 0.65-0.69 s for a core per
+second they ran while a 1,000-image head trained, against 0.21-0.26 when quiet; at
+SCHED_IDLE, 0.57, and predict p99 during the training fell from 97-149 to 76-93 ms
+(BENCHMARKS.md, fourth pass). Beyond its lower weight, the kernel counts a core that runs
+only SCHED_IDLE threads as idle when it places a waking thread, which then takes that
+core at once. Under a load that leaves no idle time, such work waits until the load dips.
 
 Only for threads that share no GIL with predicts' Python work: one preempted while
 holding the GIL would hold up every thread of its process until the kernel runs it

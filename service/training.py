@@ -1,11 +1,12 @@
 """Training jobs, in the API worker: embed what is new through the runner at training
 priority, fit the head on its whole set, store the version whole.
 
-What a training costs runs at a lower OS priority (nice 10): the decoding of its images
-(`prepare`, which the request waits for, so that bad input is refused before anything is
-stored) in a process of its own (`service/decoder.py`), the job on a thread of this
-worker. A large training set thus yields the cores to predicts; the runner, in turn,
-embeds training rows at a lower priority than predicts (`service/batcher.py`).
+What a training costs runs at a lower OS priority: the decoding of its images (`prepare`,
+which the request waits for, so that bad input is refused before anything is stored) in
+a process of its own at SCHED_IDLE (`service/decoder.py`), the job on a thread of this
+worker at nice 10 (it shares the worker's GIL, `service/priority.py` says why not lower).
+A large training set thus yields the cores to predicts; the runner, in turn, embeds
+training rows at SCHED_IDLE, beside predicts (`service/batcher.py`).
 """
 
 from __future__ import annotations
