@@ -9,9 +9,11 @@ still decode on the worker's threads: they are small and must not wait behind a
 training set. It runs at SCHED_IDLE (`service/priority.py`).
 
 The decoded rows (150 MB for 1,000 images at 224 px) are written by the process straight
-into memory it shares with the worker (a memfd, passed over the link): received as
-messages, they cost the worker's nice-0 thread a third of the decoding's own CPU, which
-the predicts' backbone passes lost while a set decoded (BENCHMARKS.md).
+into memory it shares with the worker: a memfd, passed over the link (Linux only; unlike
+a file in /dev/shm, which containers cap at 64 MB by default, it has no size limit of its
+own). Received as messages, they cost the worker's nice-0 thread 0.26-0.51 s of CPU per
+1,000 images, about half the decoding's own, which the predicts' backbone passes lost
+while a set decoded (BENCHMARKS.md, fourth pass).
 
 The link is the runner's wire (`service/link.py`): a socket pair, pickled messages. The
 process starts at a worker's first training set and ends with the worker (its end of the
