@@ -8,9 +8,12 @@ SCHED_IDLE, 0.57, and predict p99 during the training fell from 97-149 to 76-93 
 only SCHED_IDLE threads as idle when it places a waking thread, which then takes that
 core at once. Under a load that leaves no idle time, such work waits until the load dips.
 
-Only for threads that share no GIL with predicts' Python work: one preempted while
-holding the GIL would hold up every thread of its process until the kernel runs it
-again. The API worker's training thread stays at nice 10 (service/training.py).
+A thread at SCHED_IDLE that the kernel puts aside while it holds the GIL holds up every
+thread of its process until a core has nothing else to run. So only for work in a
+process of its own (the decoding) or that holds the GIL only briefly between long
+stretches without it (the runner's training lane: ONNX Runtime releases the GIL for the
+whole pass). The API worker's training job (a fit, mostly Python and NumPy) stays at
+nice 10 (service/training.py).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ priority, fit the head on its whole set, store the version whole.
 What a training costs runs at a lower OS priority: the decoding of its images (`prepare`,
 which the request waits for, so that bad input is refused before anything is stored) in
 a process of its own at SCHED_IDLE (`service/decoder.py`), the job on a thread of this
-worker at nice 10 (it shares the worker's GIL, `service/priority.py` says why not lower).
-A large training set thus yields the cores to predicts; the runner, in turn, embeds
-training rows at SCHED_IDLE, beside predicts (`service/batcher.py`).
+worker at nice 10 (a fit holds the worker's GIL for long, which rules SCHED_IDLE out:
+`service/priority.py`). A large training set thus yields the cores to predicts; the
+runner, in turn, embeds training rows at SCHED_IDLE, beside predicts
+(`service/batcher.py`).
 """
 
 from __future__ import annotations
