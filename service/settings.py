@@ -1,4 +1,10 @@
-"""All configuration, from `GRAFT_*` environment variables, validated at start-up."""
+"""All configuration, from `GRAFT_*` environment variables, validated at start-up.
+
+Secrets can also come as files, one per setting, named like its variable, in the folder
+`GRAFT_SECRETS_DIR` names: a Kubernetes Secret mounted as a volume, or Docker's secrets
+(`GRAFT_SECRETS_DIR=/run/secrets` holding a file `GRAFT_ADMIN_KEY`). A variable set in
+the environment wins over its file; a folder that does not exist is warned of.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +27,9 @@ def usable_cores() -> int:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GRAFT_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="GRAFT_", extra="ignore", secrets_dir=os.environ.get("GRAFT_SECRETS_DIR")
+    )
 
     data_dir: Path = Field(Path(".graft"), description="SQLite database and state")
     backbone_dir: Path | None = Field(
