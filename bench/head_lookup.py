@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import psycopg
 import sqlalchemy as sa
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,8 +148,6 @@ def main() -> None:
         with sqlite_engine.connect() as source, pg_engine.begin() as target:
             rows = [dict(r._mapping) for r in source.execute(sa.select(heads))]
             target.execute(sa.insert(heads), rows)
-        import psycopg
-
         with psycopg.connect(url.replace("postgresql+psycopg", "postgresql")) as raw:
             raw.autocommit = True
 
