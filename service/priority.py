@@ -22,6 +22,16 @@ import contextlib
 import os
 import threading
 
+# The API worker's training job: below predicts, yet never set aside for long.
+TRAINING_JOB_NICE = 10
+
+
+def lower_this_thread(nice: int) -> None:
+    """The calling thread, and the threads it starts from now on, at this nice (on Linux a
+    thread's own; elsewhere it may be the process's, or refused)."""
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
 
 def run_in_idle_time() -> None:
     """The calling thread, and the threads it starts from now on, at SCHED_IDLE (nice 19
@@ -29,5 +39,4 @@ def run_in_idle_time() -> None:
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
     except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        lower_this_thread(19)

@@ -12,9 +12,7 @@ runner, in turn, embeds training rows at SCHED_IDLE, beside predicts
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -29,6 +27,7 @@ from adapters.transferability import choose_backbone
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
+from service.priority import TRAINING_JOB_NICE, lower_this_thread
 from service.runner import RunnerClient
 from service.settings import Settings
 
@@ -70,11 +69,6 @@ class TrainingSet:
 Option = tuple[BackboneSpec, Callable[[], PreparedInputs]]
 
 
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError):  # nice applies to this thread alone on Linux
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
 class Trainer:
     def __init__(self, store: Store, runner: RunnerClient, settings: Settings) -> None:
         self.store = store
@@ -83,7 +77,8 @@ class Trainer:
         self._pool = ThreadPoolExecutor(
             max_workers=settings.training_workers,
             thread_name_prefix="graft-train",
-            initializer=_lower_priority,
+            initializer=lower_this_thread,
+            initargs=(TRAINING_JOB_NICE,),
         )
         self._images = TrainingDecoder()
         self._head_locks: dict[str, threading.Lock] = {}
