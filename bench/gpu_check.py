@@ -1,6 +1,8 @@
 """GPU check of the served path: ONNX Runtime's CUDA provider against the CPU one.
 
     python bench/gpu_check.py [BACKBONE_DIR]      # default: GRAFT_BACKBONE_DIR
+    python bench/gpu_check.py --save-rows rows.npy   # here: the test images, preprocessed
+    python bench/gpu_check.py --rows rows.npy        # there: no scikit-learn needed
 
 Prints the providers this onnxruntime has; where CUDA is one, for efficientnet_lite0 in
 fp32 and fp16 as Graft exports them (GRAFT_DEVICE=cuda's provider options): the Memcpy
@@ -10,6 +12,7 @@ difference of the embeddings to the CPU provider's, and images/s at batch 1 to 2
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -49,13 +52,23 @@ def memcpy_nodes(path: Path) -> int:
 
 
 def main() -> None:
-    backbone_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().backbone_dir
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("backbone_dir", nargs="?", type=Path)
+    parser.add_argument("--rows", type=Path, help="preprocessed images saved by --save-rows")
+    parser.add_argument("--save-rows", type=Path, help="write the test images and stop")
+    args = parser.parse_args()
+    backbone_dir = args.backbone_dir or Settings().backbone_dir
+    spec = get_backbone("efficientnet_lite0")
+    if args.save_rows:
+        # 32 photos are enough: speed does not depend on the pixels, they are tiled.
+        np.save(args.save_rows, calibration_images(spec.preprocessing, 32))
+        return
     print(f"onnxruntime {ort.__version__}, providers: {ort.get_available_providers()}")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         print("no CUDA provider in this onnxruntime: the GPU path cannot run here")
         return
-    spec = get_backbone("efficientnet_lite0")
-    rows = calibration_images(spec.preprocessing, max(BATCHES))
+    photos = np.load(args.rows) if args.rows else calibration_images(spec.preprocessing, 32)
+    rows = np.resize(photos, (max(BATCHES), *photos.shape[1:]))  # tiled
     cpu = Backbone(spec, ensure_variant(spec, backbone_dir, "fp32"), device="cpu")
     reference = cpu.embed_images(rows[:32])
     for variant in ("fp32", "fp16"):

@@ -24,6 +24,10 @@ CUDA_OPTIONS = {
 def available_providers(device: str) -> list:
     """ONNX Runtime providers for the `device` setting: cuda when asked and present."""
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
+        # onnxruntime-gpu finds the CUDA and cuDNN libraries that pip installed (e.g. with
+        # torch) only once they are preloaded; a no-op where they are on the loader's path.
+        if hasattr(ort, "preload_dlls"):
+            ort.preload_dlls()
         return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(
