@@ -1,8 +1,8 @@
-"""Heads held in memory for serving: an LRU bounded by bytes, checked against the store.
+"""Heads held in memory for serving: an LRU bounded by bytes.
 
-Every lookup asks the store for the head's current version in one indexed read, and the
-weights travel only when the cached copy is missing or older: a changed or deleted head
-is never served stale, a hot head costs a tiny read, and a cold head one read.
+A cached head costs no read; a cold one costs one. The copies are kept in step with the
+store by `adapters/coherence.py`: when any process writes a new version or deletes a
+head, every process's copy is checked within about one poll.
 """
 
 from __future__ import annotations
@@ -66,24 +66,21 @@ class HeadCache:
         self.hits = 0
         self.misses = 0
         self._heads: OrderedDict[str, ServingHead] = OrderedDict()
+        self._epoch = 0  # moves on every check: a read that straddles one is not kept
         self._lock = threading.Lock()
 
     def get(self, *, tenant_id: str, head_id: str) -> ServingHead | Unservable | None:
         """The head's latest trained version; None when the tenant has no such head."""
         with self._lock:
             cached = self._heads.get(head_id)
-        known = cached.version if cached is not None and cached.tenant_id == tenant_id else None
-        row = self._store.serving_head(tenant_id=tenant_id, head_id=head_id, known_version=known)
-        if row is None:
-            if known is not None:  # deleted: drop it (never on another tenant's say-so)
-                self._evict(head_id)
-            return None
-        if row.weights is None and row.version == known:
-            with self._lock:
+            if cached is not None and cached.tenant_id == tenant_id:
                 self.hits += 1
-                if head_id in self._heads:
-                    self._heads.move_to_end(head_id)
-            return cached
+                self._heads.move_to_end(head_id)
+                return cached
+            epoch = self._epoch
+        row = self._store.serving_head(tenant_id=tenant_id, head_id=head_id)
+        if row is None:
+            return None
         if row.weights is None:
             return Unservable(row.status)
         head = ServingHead(
@@ -97,17 +94,38 @@ class HeadCache:
             prototypes=row.prototypes,
             unknown_threshold=row.unknown_threshold,
         )
-        self._put(head)
+        self._put(head, epoch)
         return head
 
-    def _put(self, head: ServingHead) -> None:
+    def revalidate(self) -> None:
+        """Drops every cached head that was deleted or has a newer version: one bulk read."""
+        with self._lock:
+            self._epoch += 1
+            cached = {head_id: head.version for head_id, head in self._heads.items()}
+        current = self._store.head_versions(cached)
+        with self._lock:
+            for head_id, version in cached.items():
+                if current.get(head_id) != version:
+                    self._evict(head_id)
+
+    def evict(self, head_id: str) -> None:
+        """This process changed the head: drop its copy now, not at the next poll."""
+        with self._lock:
+            self._epoch += 1
+            self._evict(head_id)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._epoch += 1
+            self._heads.clear()
+            self.bytes = 0
+
+    def _put(self, head: ServingHead, epoch: int) -> None:
         with self._lock:
             self.misses += 1
-            old = self._heads.pop(head.id, None)
-            if old is not None:
-                self.bytes -= old.nbytes
-            if head.nbytes > self.max_bytes:
-                return
+            if epoch != self._epoch or head.nbytes > self.max_bytes:
+                return  # served once, not kept: it may be older than what was checked
+            self._evict(head.id)
             self._heads[head.id] = head
             self.bytes += head.nbytes
             while self.bytes > self.max_bytes:
@@ -115,10 +133,9 @@ class HeadCache:
                 self.bytes -= evicted.nbytes
 
     def _evict(self, head_id: str) -> None:
-        with self._lock:
-            old = self._heads.pop(head_id, None)
-            if old is not None:
-                self.bytes -= old.nbytes
+        old = self._heads.pop(head_id, None)
+        if old is not None:
+            self.bytes -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._heads)

@@ -1,81 +1,99 @@
-"""Durable state in one SQLite file: tenants, heads, their examples and cached embeddings.
+"""Durable state on SQLAlchemy Core: tenants, heads, their examples and cached embeddings.
+
+One code path for both engines: SQLite (a file in the data directory, the default) and
+PostgreSQL (`GRAFT_DATABASE_URL=postgresql+psycopg://…`, for a fleet of replicas). The
+schema is Alembic's (`adapters/migrations`); opening a store brings it to the latest
+revision, one process at a time.
 
 Every function that touches a head takes the tenant id and filters by it, so a caller
 cannot reach another tenant's head by id. A head version is written in one transaction
 (weights, labels, metrics and the examples it was trained on), so it is stored whole or
-not at all.
+not at all, and a commit is durable before it returns (SQLite: WAL with synchronous=FULL;
+PostgreSQL: its default synchronous_commit).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import json
 import secrets
-import sqlite3
-import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS tenants (
-    id TEXT PRIMARY KEY,
-    name TEXT NOT NULL,
-    key_salt BLOB NOT NULL,
-    key_hash BLOB NOT NULL,
-    created_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS heads (
-    id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
-    name TEXT NOT NULL,
-    backbone TEXT NOT NULL,
-    status TEXT NOT NULL,
-    version INTEGER NOT NULL DEFAULT 0,
-    labels TEXT NOT NULL DEFAULT '[]',
-    weights BLOB,
-    bias BLOB,
-    prototypes BLOB,
-    unknown_threshold REAL,
-    label_descriptions TEXT NOT NULL DEFAULT '{}',
-    metrics TEXT,
-    error TEXT,
-    created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS heads_by_tenant ON heads(tenant_id, created_at);
--- Embeddings by content hash, per tenant: retraining never re-runs the backbone on an
--- input this tenant has sent before, and no tenant's cache is visible to another.
-CREATE TABLE IF NOT EXISTS embeddings (
-    tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
-    backbone TEXT NOT NULL,
-    content_hash TEXT NOT NULL,
-    vector BLOB NOT NULL,
-    PRIMARY KEY (tenant_id, backbone, content_hash)
-);
--- The training set of each head's current version.
-CREATE TABLE IF NOT EXISTS head_examples (
-    head_id TEXT NOT NULL REFERENCES heads(id) ON DELETE CASCADE,
-    content_hash TEXT NOT NULL,
-    label TEXT NOT NULL,
-    PRIMARY KEY (head_id, content_hash, label)
-);
-"""
+metadata = sa.MetaData()
 
-# Columns added to `heads` after its first release (SQLite adds them in place).
-ADDED_HEAD_COLUMNS = {
-    "prototypes": "BLOB",
-    "unknown_threshold": "REAL",
-    "label_descriptions": "TEXT NOT NULL DEFAULT '{}'",
-}
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("key_salt", sa.LargeBinary, nullable=False),
+    sa.Column("key_hash", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.Text, nullable=False),
+)
+heads = sa.Table(
+    "heads",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "tenant_id", sa.Text, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("backbone", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("version", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("labels", sa.Text, nullable=False, server_default="[]"),
+    sa.Column("weights", sa.LargeBinary),
+    sa.Column("bias", sa.LargeBinary),
+    sa.Column("prototypes", sa.LargeBinary),
+    sa.Column("unknown_threshold", sa.Float),
+    sa.Column("label_descriptions", sa.Text, nullable=False, server_default="{}"),
+    sa.Column("metrics", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Text, nullable=False),
+    sa.Index("heads_by_tenant", "tenant_id", "created_at"),
+)
+# Embeddings by content hash, per tenant: retraining never re-runs the backbone on an
+# input this tenant has sent before, and no tenant's cache is visible to another.
+embeddings = sa.Table(
+    "embeddings",
+    metadata,
+    sa.Column(
+        "tenant_id",
+        sa.Text,
+        sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("backbone", sa.Text, primary_key=True),
+    sa.Column("content_hash", sa.Text, primary_key=True),
+    sa.Column("vector", sa.LargeBinary, nullable=False),
+)
+# The training set of each head's current version.
+head_examples = sa.Table(
+    "head_examples",
+    metadata,
+    sa.Column("head_id", sa.Text, sa.ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("content_hash", sa.Text, primary_key=True),
+    sa.Column("label", sa.Text, primary_key=True),
+)
+# One row: a count of the writes that cached copies must see (adapters/coherence.py).
+changes = sa.Table(
+    "changes",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
 
 KEY_PREFIX = "graft"
 # How long opening waits for other processes that open the same new store at once.
@@ -143,8 +161,7 @@ class Head:
 
 @dataclass(frozen=True)
 class ServingRow:
-    """What serving needs of a head; the arrays are None when the caller's copy is current
-    (or when the head has no trained version)."""
+    """What serving needs of a head; the arrays are None when it has no trained version."""
 
     backbone: str
     status: str
@@ -156,70 +173,107 @@ class ServingRow:
     unknown_threshold: float | None
 
 
+def database_url(url_or_path: str | Path) -> str:
+    """A SQLAlchemy URL; a path stands for a SQLite file."""
+    return f"sqlite:///{url_or_path}" if isinstance(url_or_path, Path) else url_or_path
+
+
+def open_engine(url: str) -> sa.Engine:
+    """An engine for `url`, set up for Graft's durability and concurrency on either engine."""
+    if not url.startswith("sqlite"):
+        # pool_pre_ping: a replica outlives a database restart or failover.
+        return sa.create_engine(url, pool_pre_ping=True)
+    path = sa.engine.make_url(url).database
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    engine = sa.create_engine(url)
+
+    @sa.event.listens_for(engine, "connect")
+    def _set_up(dbapi_connection, _record) -> None:
+        # The driver's own transaction handling is off; the "begin" hook below emits
+        # BEGIN itself, so that every statement of a `with` block is one transaction.
+        dbapi_connection.isolation_level = None
+        dbapi_connection.execute(f"PRAGMA busy_timeout = {OPEN_TIMEOUT_S * 1000}")
+        # FULL: a commit is on disk before we answer, so an acknowledged head survives
+        # even a power cut. Head writes are rare; the fsync costs nothing when predicting.
+        dbapi_connection.execute("PRAGMA synchronous = FULL")
+        dbapi_connection.execute("PRAGMA foreign_keys = ON")
+        _with_retry_while_locked(lambda: dbapi_connection.execute("PRAGMA journal_mode = WAL"))
+
+    @sa.event.listens_for(engine, "begin")
+    def _begin(connection) -> None:
+        # Writers take the write lock up front (waiting on busy_timeout), so a transaction
+        # that reads, then writes, never fails on a lock upgrade; readers never wait (WAL).
+        write = connection.get_execution_options().get("graft_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    return engine
+
+
+def _with_retry_while_locked(step) -> None:
+    """The runner and every API worker open the store at once on a new data directory.
+    Turning on WAL upgrades a read lock to a write lock, which SQLite refuses at once (no
+    busy wait: it could deadlock) while another process does the same; the step is
+    idempotent, so it is simply tried again."""
+    import sqlite3
+
+    deadline = time.monotonic() + OPEN_TIMEOUT_S
+    while True:
+        try:
+            step()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Store:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        # Writes: one connection, serialised by a lock, each in one transaction. Reads: a
-        # connection per thread, so they never wait behind a write's fsync (WAL lets
-        # readers go on while one writer commits).
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        self._readers = threading.local()
-        # The runner and every API worker open the store at once on a new data directory.
-        # Turning on WAL upgrades a read lock to a write lock, which SQLite refuses at once
-        # (no busy wait: it could deadlock) while another process does the same; the
-        # steps are idempotent, so they are simply tried again.
-        deadline = time.monotonic() + OPEN_TIMEOUT_S
-        while True:
-            try:
-                self._set_up()
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+    def __init__(self, url: str | Path) -> None:
+        from adapters.migrations import upgrade
 
-    def _set_up(self) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we answer, so an acknowledged head survives even
-        # a power cut. Head writes are rare; the fsync costs nothing on the predict path.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
-        self._add_missing_columns()
-
-    def _add_missing_columns(self) -> None:
-        """Brings a data directory written by an older Graft up to this schema."""
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(heads)")}
-        for column, declaration in ADDED_HEAD_COLUMNS.items():
-            if column not in have:
-                self._db.execute(f"ALTER TABLE heads ADD COLUMN {column} {declaration}")
+        self.engine = open_engine(database_url(url))
+        self._writer = self.engine.execution_options(graft_write=True)
+        upgrade(self._writer)
+        self._postgres = self.engine.dialect.name == "postgresql"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
 
-    def _tx(self):
-        return _Transaction(self._db, self._lock)
+    def _tx(self) -> sa.engine.base.Connection:
+        """`with store._tx() as db:` one write transaction, rolled back on error."""
+        return self._writer.begin()
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        """This thread's read-only connection, in one read transaction (a consistent view)."""
-        db = getattr(self._readers, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                f"file:{self._path}?mode=ro",
-                uri=True,
-                check_same_thread=False,
-                isolation_level=None,
-            )
-            self._readers.db = db
-        db.execute("BEGIN")
-        try:
-            yield db
-        finally:
-            db.execute("COMMIT")
+    def _read(self) -> sa.engine.base.Connection:
+        """`with store._read() as db:` one read transaction (a consistent view on SQLite)."""
+        return self.engine.begin()
+
+    @staticmethod
+    def _changed(db: sa.Connection) -> None:
+        """Counts a write that every process's caches must see, in its transaction (last,
+        so that the row lock is held only to the commit)."""
+        db.execute(changes.update().where(changes.c.id == 1).values(count=changes.c.count + 1))
+
+    def change_count(self) -> int:
+        """How many such writes there have been: one tiny read, polled by every process."""
+        with self._read() as db:
+            return db.scalar(_CHANGE_COUNT)
+
+    def head_versions(self, head_ids: Iterable[str]) -> dict[str, int]:
+        """The current version of each of these heads that still exists."""
+        ids = list(head_ids)
+        found: dict[str, int] = {}
+        with self._read() as db:
+            for start in range(0, len(ids), 500):  # stay under SQLite's variable limit
+                query = sa.select(heads.c.id, heads.c.version).where(
+                    heads.c.id.in_(ids[start : start + 500])
+                )
+                found.update({head_id: version for head_id, version in db.execute(query)})
+        return found
+
+    def _insert_ignoring_duplicates(self, table: sa.Table):
+        dialect = postgresql if self._postgres else sqlite
+        return dialect.insert(table).on_conflict_do_nothing()
 
     # Tenants -------------------------------------------------------------------------
 
@@ -230,32 +284,44 @@ class Store:
         salt = secrets.token_bytes(16)
         with self._tx() as db:
             db.execute(
-                "INSERT INTO tenants (id, name, key_salt, key_hash, created_at) VALUES (?,?,?,?,?)",
-                (tenant.id, name, salt, _hash_secret(salt, secret), tenant.created_at),
+                tenants.insert().values(
+                    id=tenant.id,
+                    name=name,
+                    key_salt=salt,
+                    key_hash=_hash_secret(salt, secret),
+                    created_at=tenant.created_at,
+                )
             )
         return tenant, f"{KEY_PREFIX}_{tenant.id}_{secret}"
 
     def list_tenants(self) -> list[Tenant]:
+        query = sa.select(tenants.c.id, tenants.c.name, tenants.c.created_at).order_by(
+            tenants.c.created_at
+        )
         with self._read() as db:
-            rows = db.execute("SELECT id, name, created_at FROM tenants ORDER BY created_at")
-            return [Tenant(*row) for row in rows]
+            return [Tenant(*row) for row in db.execute(query)]
 
     def delete_tenant(self, *, tenant_id: str) -> bool:
         """Removes the tenant, its heads, their examples and its cached embeddings."""
         with self._tx() as db:
-            return db.execute("DELETE FROM tenants WHERE id = ?", (tenant_id,)).rowcount > 0
+            deleted = db.execute(tenants.delete().where(tenants.c.id == tenant_id)).rowcount > 0
+            if deleted:
+                self._changed(db)
+            return deleted
 
     def rotate_key(self, *, tenant_id: str) -> str | None:
         """A new API key for the tenant; the old one stops working at once."""
         secret = secrets.token_urlsafe(32)
         salt = secrets.token_bytes(16)
         with self._tx() as db:
-            cursor = db.execute(
-                "UPDATE tenants SET key_salt = ?, key_hash = ? WHERE id = ?",
-                (salt, _hash_secret(salt, secret), tenant_id),
+            result = db.execute(
+                tenants.update()
+                .where(tenants.c.id == tenant_id)
+                .values(key_salt=salt, key_hash=_hash_secret(salt, secret))
             )
-            if cursor.rowcount == 0:
+            if result.rowcount == 0:
                 return None
+            self._changed(db)
         return f"{KEY_PREFIX}_{tenant_id}_{secret}"
 
     def authenticate(self, *, api_key: str) -> Tenant | None:
@@ -264,11 +330,8 @@ class Store:
         if prefix != KEY_PREFIX or not tenant_id or not secret:
             return None
         with self._read() as db:
-            row = db.execute(
-                "SELECT id, name, created_at, key_salt, key_hash FROM tenants WHERE id = ?",
-                (tenant_id,),
-            ).fetchone()
-        if row is None or not hmac.compare_digest(_hash_secret(row[3], secret), row[4]):
+            row = db.execute(_TENANT_KEY, {"tenant_id": tenant_id}).first()
+        if row is None or not hmac.compare_digest(_hash_secret(row[3], secret), bytes(row[4])):
             return None
         return Tenant(*row[:3])
 
@@ -286,52 +349,49 @@ class Store:
         """A new head in `training` state; None if the tenant already has `max_heads`."""
         now = _now()
         head_id = uuid.uuid4().hex
-        # Counted in the insert's transaction, so concurrent creates cannot overshoot.
         with self._tx() as db:
             if max_heads is not None:
-                (count,) = db.execute(
-                    "SELECT COUNT(*) FROM heads WHERE tenant_id = ?", (tenant_id,)
-                ).fetchone()
+                # Counted in the insert's transaction, under a lock on the tenant's row
+                # (SQLite: the database's write lock), so concurrent creates on any replica
+                # cannot overshoot.
+                db.execute(
+                    sa.select(tenants.c.id).where(tenants.c.id == tenant_id).with_for_update()
+                )
+                count = db.scalar(
+                    sa.select(sa.func.count())
+                    .select_from(heads)
+                    .where(heads.c.tenant_id == tenant_id)
+                )
                 if count >= max_heads:
                     return None
             db.execute(
-                "INSERT INTO heads (id, tenant_id, name, backbone, status, label_descriptions,"
-                " created_at, updated_at) VALUES (?,?,?,?,'training',?,?,?)",
-                (
-                    head_id,
-                    tenant_id,
-                    name,
-                    backbone,
-                    json.dumps(label_descriptions or {}),
-                    now,
-                    now,
-                ),
+                heads.insert().values(
+                    id=head_id,
+                    tenant_id=tenant_id,
+                    name=name,
+                    backbone=backbone,
+                    status="training",
+                    label_descriptions=json.dumps(label_descriptions or {}),
+                    created_at=now,
+                    updated_at=now,
+                )
             )
         head = self.get_head(tenant_id=tenant_id, head_id=head_id)
         assert head is not None
         return head
 
     def get_head(self, *, tenant_id: str, head_id: str) -> Head | None:
+        query = sa.select(*_HEAD_COLUMNS).where(
+            heads.c.id == head_id, heads.c.tenant_id == tenant_id
+        )
         with self._read() as db:
-            row = db.execute(
-                f"SELECT {_HEAD_COLUMNS} FROM heads WHERE id = ? AND tenant_id = ?",
-                (head_id, tenant_id),
-            ).fetchone()
+            row = db.execute(query).first()
         return _head_from_row(row) if row else None
 
-    def serving_head(
-        self, *, tenant_id: str, head_id: str, known_version: int | None
-    ) -> ServingRow | None:
-        """One indexed read; the weights are sent only if `known_version` is not current."""
+    def serving_head(self, *, tenant_id: str, head_id: str) -> ServingRow | None:
+        """What serving needs of a head, in one indexed read."""
         with self._read() as db:
-            row = db.execute(
-                "SELECT backbone, status, version, labels,"
-                " CASE WHEN version IS ? THEN NULL ELSE weights END,"
-                " CASE WHEN version IS ? THEN NULL ELSE bias END,"
-                " CASE WHEN version IS ? THEN NULL ELSE prototypes END, unknown_threshold"
-                " FROM heads WHERE id = ? AND tenant_id = ?",
-                (known_version, known_version, known_version, head_id, tenant_id),
-            ).fetchone()
+            row = db.execute(_SERVING_HEAD, {"head_id": head_id, "tenant_id": tenant_id}).first()
         if row is None:
             return None
         backbone, status, version, labels, weights, bias, prototypes, threshold = row
@@ -341,28 +401,32 @@ class Store:
         return ServingRow(backbone, status, version, json.loads(labels), w, b, p, threshold)
 
     def list_heads(self, *, tenant_id: str) -> list[Head]:
+        query = (
+            sa.select(*_HEAD_COLUMNS)
+            .where(heads.c.tenant_id == tenant_id)
+            .order_by(heads.c.created_at, heads.c.id)
+        )
         with self._read() as db:
-            rows = db.execute(
-                f"SELECT {_HEAD_COLUMNS} FROM heads WHERE tenant_id = ? ORDER BY created_at",
-                (tenant_id,),
-            ).fetchall()
-        return [_head_from_row(row) for row in rows]
+            return [_head_from_row(row) for row in db.execute(query)]
 
     def delete_head(self, *, tenant_id: str, head_id: str) -> bool:
         with self._tx() as db:
-            cursor = db.execute(
-                "DELETE FROM heads WHERE id = ? AND tenant_id = ?", (head_id, tenant_id)
+            result = db.execute(
+                heads.delete().where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
             )
-            return cursor.rowcount > 0
+            if result.rowcount == 0:
+                return False
+            self._changed(db)
+            return True
 
     def set_status(
         self, *, tenant_id: str, head_id: str, status: str, error: str | None = None
     ) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE heads SET status = ?, error = ?, updated_at = ?"
-                " WHERE id = ? AND tenant_id = ?",
-                (status, error, _now(), head_id, tenant_id),
+                heads.update()
+                .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
+                .values(status=status, error=error, updated_at=_now())
             )
 
     def recover_interrupted(self) -> int:
@@ -372,9 +436,13 @@ class Store:
         """
         with self._tx() as db:
             return db.execute(
-                "UPDATE heads SET status = CASE WHEN version > 0 THEN 'ready' ELSE 'failed' END,"
-                " error = ?, updated_at = ? WHERE status = 'training'",
-                (INTERRUPTED, _now()),
+                heads.update()
+                .where(heads.c.status == "training")
+                .values(
+                    status=sa.case((heads.c.version > 0, "ready"), else_="failed"),
+                    error=INTERRUPTED,
+                    updated_at=_now(),
+                )
             ).rowcount
 
     # Examples and embeddings ------------------------------------------------------------
@@ -386,36 +454,43 @@ class Store:
         found: dict[str, np.ndarray] = {}
         with self._read() as db:
             for start in range(0, len(hashes), 500):  # stay under SQLite's variable limit
-                chunk = hashes[start : start + 500]
                 rows = db.execute(
-                    "SELECT content_hash, vector FROM embeddings WHERE tenant_id = ? AND"
-                    f" backbone = ? AND content_hash IN ({','.join('?' * len(chunk))})",
-                    (tenant_id, backbone, *chunk),
+                    sa.select(embeddings.c.content_hash, embeddings.c.vector).where(
+                        embeddings.c.tenant_id == tenant_id,
+                        embeddings.c.backbone == backbone,
+                        embeddings.c.content_hash.in_(hashes[start : start + 500]),
+                    )
                 )
                 found.update({h: np.frombuffer(v, dtype=np.float32) for h, v in rows})
         return found
 
     def example_keys(self, *, tenant_id: str, head_id: str) -> set[tuple[str, str]]:
         """(content_hash, label) of every example of the head's current version."""
+        query = (
+            sa.select(head_examples.c.content_hash, head_examples.c.label)
+            .join(heads, heads.c.id == head_examples.c.head_id)
+            .where(head_examples.c.head_id == head_id, heads.c.tenant_id == tenant_id)
+        )
         with self._read() as db:
-            rows = db.execute(
-                "SELECT x.content_hash, x.label FROM head_examples x"
-                " JOIN heads h ON h.id = x.head_id WHERE x.head_id = ? AND h.tenant_id = ?",
-                (head_id, tenant_id),
-            ).fetchall()
-        return set(rows)
+            return {tuple(row) for row in db.execute(query)}
 
     def training_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, str, np.ndarray]]:
-        """(content_hash, label, embedding) of every example of the head's current version."""
+        """(content_hash, label, embedding) of every example of the head's current version,
+        in a fixed order (by content hash: the same on either engine)."""
+        query = (
+            sa.select(head_examples.c.content_hash, head_examples.c.label, embeddings.c.vector)
+            .join(heads, heads.c.id == head_examples.c.head_id)
+            .join(
+                embeddings,
+                (embeddings.c.tenant_id == heads.c.tenant_id)
+                & (embeddings.c.backbone == heads.c.backbone)
+                & (embeddings.c.content_hash == head_examples.c.content_hash),
+            )
+            .where(head_examples.c.head_id == head_id, heads.c.tenant_id == tenant_id)
+            .order_by(head_examples.c.content_hash, head_examples.c.label)
+        )
         with self._read() as db:
-            rows = db.execute(
-                "SELECT x.content_hash, x.label, e.vector FROM head_examples x"
-                " JOIN heads h ON h.id = x.head_id"
-                " JOIN embeddings e ON e.tenant_id = h.tenant_id AND e.backbone = h.backbone"
-                "  AND e.content_hash = x.content_hash"
-                " WHERE x.head_id = ? AND h.tenant_id = ? ORDER BY x.rowid",
-                (head_id, tenant_id),
-            ).fetchall()
+            rows = db.execute(query).all()
         return [(h, label, np.frombuffer(v, dtype=np.float32)) for h, label, v in rows]
 
     def save_version(
@@ -432,49 +507,94 @@ class Store:
         prototypes: np.ndarray,
         unknown_threshold: float | None,
         metrics: dict[str, Any],
-    ) -> bool:
-        """Stores a trained version atomically; False if the head was deleted meanwhile.
-        `backbone` is the one the version was trained on (an `auto` head's choice)."""
+        ready: bool = True,
+    ) -> int | None:
+        """Stores a trained version atomically: its number, or None if the head was deleted
+        meanwhile. `backbone` is the one the version was trained on (an `auto` head's
+        choice). With `ready=False` the head stays `training` until `mark_ready`: serving
+        takes the version at once, clients are told it is ready once every cache has it."""
         with self._tx() as db:
-            cursor = db.execute(
-                "UPDATE heads SET status = 'ready', error = NULL, version = version + 1,"
-                " backbone = ?, labels = ?, weights = ?, bias = ?, prototypes = ?,"
-                " unknown_threshold = ?, metrics = ?, updated_at = ?"
-                " WHERE id = ? AND tenant_id = ?",
-                (
-                    backbone,
-                    json.dumps(labels),
-                    np.ascontiguousarray(weights, dtype=np.float32).tobytes(),
-                    np.ascontiguousarray(bias, dtype=np.float32).tobytes(),
-                    np.ascontiguousarray(prototypes, dtype=np.float32).tobytes(),
-                    unknown_threshold,
-                    json.dumps(metrics),
-                    _now(),
-                    head_id,
-                    tenant_id,
-                ),
+            result = db.execute(
+                heads.update()
+                .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
+                .values(
+                    status="ready" if ready else heads.c.status,
+                    error=None,
+                    version=heads.c.version + 1,
+                    backbone=backbone,
+                    labels=json.dumps(labels),
+                    weights=_blob(weights),
+                    bias=_blob(bias),
+                    prototypes=_blob(prototypes),
+                    unknown_threshold=unknown_threshold,
+                    metrics=json.dumps(metrics),
+                    updated_at=_now(),
+                )
             )
-            if cursor.rowcount == 0:
-                return False
-            db.executemany(
-                "INSERT OR IGNORE INTO embeddings (tenant_id, backbone, content_hash, vector)"
-                " VALUES (?,?,?,?)",
-                [
-                    (tenant_id, backbone, h, np.asarray(v, dtype=np.float32).tobytes())
-                    for h, v in new_embeddings.items()
-                ],
+            if result.rowcount == 0:
+                return None
+            if new_embeddings:
+                db.execute(
+                    self._insert_ignoring_duplicates(embeddings),
+                    [
+                        {"tenant_id": tenant_id, "backbone": backbone, "content_hash": h,
+                         "vector": _blob(v)}
+                        for h, v in new_embeddings.items()
+                    ],
+                )  # fmt: skip
+            if examples:
+                db.execute(
+                    self._insert_ignoring_duplicates(head_examples),
+                    [{"head_id": head_id, "content_hash": h, "label": label}
+                     for h, label in examples],
+                )  # fmt: skip
+            self._changed(db)
+            return db.scalar(sa.select(heads.c.version).where(heads.c.id == head_id))
+
+    def mark_ready(self, *, tenant_id: str, head_id: str, version: int) -> None:
+        """A version saved with `ready=False` is published: the head is `ready`, unless a
+        newer version was saved meanwhile."""
+        with self._tx() as db:
+            db.execute(
+                heads.update()
+                .where(
+                    heads.c.id == head_id,
+                    heads.c.tenant_id == tenant_id,
+                    heads.c.version == version,
+                    heads.c.status == "training",
+                )
+                .values(status="ready", updated_at=_now())
             )
-            db.executemany(
-                "INSERT OR IGNORE INTO head_examples (head_id, content_hash, label) VALUES (?,?,?)",
-                [(head_id, h, label) for h, label in examples],
-            )
-            return True
 
 
-_HEAD_COLUMNS = (
-    "id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,"
-    " unknown_threshold, label_descriptions, metrics, error, created_at, updated_at"
-)
+_HEAD_COLUMNS = tuple(
+    heads.c[name]
+    for name in (
+        "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
+        "bias", "prototypes", "unknown_threshold", "label_descriptions", "metrics", "error",
+        "created_at", "updated_at",
+    )
+)  # fmt: skip
+# The reads of a cold head and of a new key, built once (building a statement costs more
+# than running it).
+_SERVING_HEAD = sa.select(
+    heads.c.backbone,
+    heads.c.status,
+    heads.c.version,
+    heads.c.labels,
+    heads.c.weights,
+    heads.c.bias,
+    heads.c.prototypes,
+    heads.c.unknown_threshold,
+).where(heads.c.id == sa.bindparam("head_id"), heads.c.tenant_id == sa.bindparam("tenant_id"))
+_CHANGE_COUNT = sa.select(changes.c.count).where(changes.c.id == 1)
+_TENANT_KEY = sa.select(
+    tenants.c.id, tenants.c.name, tenants.c.created_at, tenants.c.key_salt, tenants.c.key_hash
+).where(tenants.c.id == sa.bindparam("tenant_id"))
+
+
+def _blob(array: np.ndarray) -> bytes:
+    return np.ascontiguousarray(array, dtype=np.float32).tobytes()
 
 
 def _head_arrays(
@@ -488,7 +608,7 @@ def _head_arrays(
     return w, b, p
 
 
-def _head_from_row(row: tuple) -> Head:
+def _head_from_row(row) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
      threshold, descriptions, metrics, error, created_at, updated_at) = row  # fmt: skip
     label_list = json.loads(labels)
@@ -511,22 +631,3 @@ def _head_from_row(row: tuple) -> Head:
         created_at=created_at,
         updated_at=updated_at,
     )
-
-
-class _Transaction:
-    """`with store._tx() as db:` runs under the lock in one BEGIN…COMMIT, rolled back on error."""
-
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock) -> None:
-        self._db = db
-        self._lock = lock
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
-        return self._db
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self._lock.release()

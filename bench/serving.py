@@ -48,6 +48,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
+import sqlalchemy as sa
 from PIL import Image
 from tqdm import tqdm
 
@@ -112,7 +113,9 @@ def in_process(
 def seed_heads(data_dir: Path, n: int, dim: int) -> list[tuple[str, str]]:
     """n two-label heads, each of its own tenant, written straight to the registry."""
     store = Store(data_dir / "graft.sqlite3")
-    store._db.execute("PRAGMA synchronous=OFF")  # seeding only: not what is measured
+    # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
+    sa.event.listen(store.engine, "connect", lambda db, _: db.execute("PRAGMA synchronous=OFF"))
+    store.engine.dispose()
     rng = np.random.default_rng(0)
     heads = []
     for i in tqdm(range(n), desc="seeding the registry", mininterval=5, file=sys.stderr):

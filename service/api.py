@@ -77,18 +77,14 @@ def list_tenants(graft: GraftDep) -> dict:
 
 @tenants.delete("/{tenant_id}", status_code=204, responses=ERRORS)
 def delete_tenant(tenant_id: str, graft: GraftDep) -> Response:
-    if not graft.store.delete_tenant(tenant_id=tenant_id):
-        raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
+    graft.delete_tenant(tenant_id)
     return Response(status_code=204)
 
 
 @tenants.post("/{tenant_id}/key", response_model=TenantKey, responses=ERRORS)
 def rotate_key(tenant_id: str, graft: GraftDep) -> dict:
     """Issue the tenant a new API key; the old one is refused from now on."""
-    api_key = graft.store.rotate_key(tenant_id=tenant_id)
-    if api_key is None:
-        raise NotFoundError(f"no tenant {tenant_id!r}", code="tenant_not_found")
-    return {"id": tenant_id, "api_key": api_key}
+    return {"id": tenant_id, "api_key": graft.rotate_key(tenant_id)}
 
 
 @operations.get("", response_model=ServingStats, responses=ERRORS)
@@ -225,8 +221,7 @@ def get_head(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> dict:
 
 @heads.delete("/{head_id}", status_code=204, responses=ERRORS)
 def delete_head(head_id: str, tenant: CurrentTenant, graft: GraftDep) -> Response:
-    if not graft.store.delete_head(tenant_id=tenant.id, head_id=head_id):
-        raise NotFoundError(f"no head {head_id!r}", code="head_not_found")
+    graft.delete_head(tenant, head_id)
     return Response(status_code=204)
 
 

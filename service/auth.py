@@ -70,7 +70,7 @@ def _is_admin(request: Request, key: str) -> bool:
 
 async def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) -> Tenant:
     key = _key(credentials)
-    tenant = graft.store.authenticate(api_key=key)
+    tenant = graft.keys.authenticate(key)
     if tenant is None:
         if _is_admin(request, key):
             raise Forbidden("the admin key cannot act as a tenant", code="tenant_key_required")
@@ -89,7 +89,7 @@ async def require_admin(request: Request, graft: GraftDep, credentials: Credenti
     key = _key(credentials)
     if _is_admin(request, key):
         return
-    if graft.store.authenticate(api_key=key) is not None:
+    if graft.keys.authenticate(key) is not None:
         raise Forbidden("this route needs the admin key", code="admin_key_required")
     raise Unauthorized("the API key is not valid", code="invalid_api_key")
 

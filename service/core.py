@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -20,6 +21,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CollectorRegistry
 
 from adapters import heads
+from adapters.coherence import ChangeWatcher, KeyCache
 from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
@@ -59,9 +61,11 @@ class Graft:
     ) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(settings.database_path)
+        self.store = Store(settings.database_url)
         self.backbones: dict[str, BackboneSpec] = {spec.id: spec for spec in list_backbones()}
         self.heads = HeadCache(self.store, settings.head_cache_bytes)
+        self.keys = KeyCache(self.store)
+        self._watcher = ChangeWatcher(self.store, settings.cache_poll_s, [self.heads, self.keys])
         self._metrics_registry = metrics_registry or CollectorRegistry()
         self._head_cache_gauges = HeadCacheGauges(self._metrics_registry)
         self.runner = runner
@@ -74,6 +78,7 @@ class Graft:
         )
 
     def close(self) -> None:
+        self._watcher.close()
         self.training.close()
         self.runner.close()
         self.store.close()
@@ -88,6 +93,30 @@ class Graft:
             },
             "batchers": self._runner_stats(),
         }
+
+    # Writes that every process's caches must see ---------------------------------------
+    # Each drops this process's copy at once and answers once every other process has
+    # polled (adapters/coherence.py): a client that has the answer finds it everywhere.
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        if not self.store.delete_tenant(tenant_id=tenant_id):
+            raise NotFound(f"no tenant {tenant_id!r}", code="tenant_not_found")
+        self.keys.clear()
+        time.sleep(self.settings.publish_delay_s)
+
+    def rotate_key(self, tenant_id: str) -> str:
+        api_key = self.store.rotate_key(tenant_id=tenant_id)
+        if api_key is None:
+            raise NotFound(f"no tenant {tenant_id!r}", code="tenant_not_found")
+        self.keys.clear()
+        time.sleep(self.settings.publish_delay_s)
+        return api_key
+
+    def delete_head(self, tenant: Tenant, head_id: str) -> None:
+        if not self.store.delete_head(tenant_id=tenant.id, head_id=head_id):
+            raise NotFound(f"no head {head_id!r}", code="head_not_found")
+        self.heads.evict(head_id)
+        time.sleep(self.settings.publish_delay_s)
 
     # Backbones ---------------------------------------------------------------------
 

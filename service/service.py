@@ -57,7 +57,7 @@ class BackboneRunner:
     def __init__(self) -> None:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # One runner per server start: no training job can be running yet.
-        store = Store(settings.database_path)
+        store = Store(settings.database_url)
         recovered = store.recover_interrupted()
         store.close()
         if recovered:

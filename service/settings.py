@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     )
 
     data_dir: Path = Field(Path(".graft"), description="SQLite database and state")
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the store: default a SQLite file in the data directory;"
+        " postgresql+psycopg://user:password@host/db for a fleet of replicas",
+    )
     backbone_dir: Path | None = Field(
         None, description="cache of exported ONNX backbones; default <data_dir>/backbones"
     )
@@ -79,6 +84,13 @@ class Settings(BaseSettings):
         description="longest backbone pass of training rows, run only while no predict waits",
     )
     head_cache_bytes: int = Field(256 * 1024 * 1024, ge=0, description="LRU of served heads")
+    cache_poll_s: float = Field(
+        0.1,
+        gt=0,
+        le=0.4,
+        description="how often each process reads the store's change count; a change"
+        " anywhere reaches its cached heads and keys within about this",
+    )
     predict_timeout_s: float = Field(60.0, gt=0)
 
     # Training
@@ -111,6 +123,8 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.data_dir / 'graft.sqlite3'}"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
         if self.device == "auto":
             # Resolved once, here: the batch size, the lanes and the runner's GPU request
@@ -147,8 +161,10 @@ class Settings(BaseSettings):
         return self.data_dir / "run"
 
     @property
-    def database_path(self) -> Path:
-        return self.data_dir / "graft.sqlite3"
+    def publish_delay_s(self) -> float:
+        """How long after a write its answer waits, so that every polling process has seen
+        it: two polls, and a margin for a busy machine."""
+        return 2 * self.cache_poll_s + 0.05
 
     @property
     def admin_key_path(self) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -150,7 +151,7 @@ class Trainer:
                         training_set.labels,
                         label_embeddings=label_embeddings[chosen],
                     )
-                self.store.save_version(
+                version = self.store.save_version(
                     tenant_id=tenant.id,
                     head_id=head.id,
                     backbone=chosen,
@@ -162,7 +163,12 @@ class Trainer:
                     prototypes=trained.prototypes,
                     unknown_threshold=trained.unknown_threshold,
                     metrics=trained.metrics,
+                    ready=False,
                 )
+                if version is not None:
+                    # Ready once every process's cache serves it (adapters/coherence.py).
+                    time.sleep(self.settings.publish_delay_s)
+                    self.store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=version)
             except Exception as exc:
                 log.exception("training head %s failed", head.id)
                 current = self.store.get_head(tenant_id=tenant.id, head_id=head.id)

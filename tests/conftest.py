@@ -13,6 +13,7 @@ import pytest
 from models.export import ensure_onnx
 from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
+from tests.postgres import SUITE_SERVER, database_for, postgres
 from tests.server import BENTOML, Server, start_server, stop_server
 
 
@@ -22,6 +23,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         action="store_true",
         help="run the attack, crash and load tests at full length (make test-long)",
     )
+    parser.addoption(
+        "--database",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the store every test and server uses: a SQLite file each (the default), or a"
+        " database each on one PostgreSQL server the suite starts (make test runs both)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def suite_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Under --database postgresql, one real PostgreSQL server for the whole session."""
+    engine = request.config.getoption("--database")
+    if engine == "sqlite":
+        yield engine
+        return
+    with postgres() as url:
+        os.environ[SUITE_SERVER] = url
+        try:
+            yield engine
+        finally:
+            del os.environ[SUITE_SERVER]
+
+
+@pytest.fixture
+def database_url(tmp_path: Path) -> str:
+    """A new, empty store: a SQLite file, or a database of the suite's PostgreSQL server."""
+    return database_for(tmp_path / "database") or f"sqlite:///{tmp_path / 'graft.sqlite3'}"
 
 
 @pytest.fixture(scope="session")

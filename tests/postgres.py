@@ -2,6 +2,9 @@
 loopback port (tests and benchmarks). Nothing outside the directory is touched; the
 server is stopped and the directory removed at the end.
 
+Under `pytest --database postgresql` the suite starts one such server and every store
+and Graft server of the tests gets a database of its own on it (`database_for`).
+
 PostgreSQL refuses to run as root: as root (this machine's CI), its programs run as the
 `postgres` user that Debian's package creates.
 """
@@ -14,8 +17,11 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+
+import psycopg
 
 from tests.server import free_port
 
@@ -35,6 +41,33 @@ def _program(name: str) -> str:
 
 def _as_server_user(args: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+# Set while the suite runs on PostgreSQL: the server's maintenance database.
+SUITE_SERVER = "GRAFT_TEST_POSTGRES_URL"
+
+
+def create_database(server_url: str) -> str:
+    """A new, empty database on the server of `server_url`; its SQLAlchemy URL."""
+    name = f"graft_{uuid.uuid4().hex[:12]}"
+    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(plain, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+def database_for(data_dir: Path) -> str | None:
+    """The database of a test's data directory while the suite runs on PostgreSQL (made
+    once, so a restarted server finds its data again); None on SQLite (the default file
+    in the data directory)."""
+    server_url = os.environ.get(SUITE_SERVER)
+    if server_url is None:
+        return None
+    data_dir.mkdir(parents=True, exist_ok=True)
+    remembered = data_dir / "database_url"
+    if not remembered.exists():
+        remembered.write_text(create_database(server_url))
+    return remembered.read_text()
 
 
 @contextlib.contextmanager

@@ -81,6 +81,11 @@ def start_server(
         "HF_HUB_OFFLINE": "1",
         **(env or {}),
     }
+    from tests.postgres import database_for  # it imports free_port from here
+
+    database_url = database_for(data_dir)
+    if database_url is not None:
+        full_env["GRAFT_DATABASE_URL"] = database_url
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],

@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 import random
 import signal
-import sqlite3
 import threading
 import time
 
 import httpx
 import pytest
+import sqlalchemy as sa
 
 from models.registry import get_backbone
 from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
+from tests.postgres import database_for
 from tests.server import BENTOML, kill_server, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -108,16 +109,18 @@ def _check_everything_acknowledged_survived(server, api_key: str, acknowledged: 
                 assert head["version"] == 0 and head["error"], head
 
 
-def _check_database(path) -> None:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+def _check_database(data_dir) -> None:
+    engine = sa.create_engine(database_for(data_dir) or f"sqlite:///{data_dir / 'graft.sqlite3'}")
     try:
-        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-        rows = db.execute("SELECT labels, weights, bias FROM heads WHERE version > 0").fetchall()
-        for labels, weights, bias in rows:
-            n_labels = len(json.loads(labels))
-            assert len(bias) == 4 * n_labels and len(weights) == 4 * DIM * n_labels
+        with engine.connect() as db:
+            if engine.dialect.name == "sqlite":
+                assert db.exec_driver_sql("PRAGMA integrity_check").one() == ("ok",)
+            rows = db.exec_driver_sql("SELECT labels, weights, bias FROM heads WHERE version > 0")
+            for labels, weights, bias in rows:
+                n_labels = len(json.loads(labels))
+                assert len(bias) == 4 * n_labels and len(weights) == 4 * DIM * n_labels
     finally:
-        db.close()
+        engine.dispose()
 
 
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(
@@ -145,7 +148,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(
         stop_server(server)
     assert not unexpected, unexpected
     assert len(acknowledged) >= kills  # the writers really wrote between the kills
-    _check_database(data_dir / "graft.sqlite3")
+    _check_database(data_dir)
     versions = sum(acknowledged.values())
     print(
         f"\ncrash: {kills} SIGKILLs survived; {len(acknowledged)} heads and {versions} versions"

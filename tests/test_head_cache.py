@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
+from adapters.coherence import ChangeWatcher, KeyCache
 from adapters.head_cache import HeadCache, Unservable
 from adapters.store import Store
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "graft.sqlite3")
+def store(database_url):
+    s = Store(database_url)
     yield s
     s.close()
 
@@ -29,21 +32,81 @@ def _retrain(store, tenant_id, head_id, dim=64, fill=1.0):
     )  # fmt: skip
 
 
-def test_hits_stay_current_with_the_store(store) -> None:
+def _within(seconds: float, condition) -> float:
+    """Seconds until `condition()` held; fails if it did not within `seconds`."""
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < seconds, "not seen in time"
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+def test_a_write_by_another_process_reaches_the_caches_within_a_poll(database_url) -> None:
+    """Two stores on one database stand for two replicas: what one writes, the other's
+    caches serve within about one poll, and never after its writer has seen its answer
+    wait two polls."""
+    writer, reader = Store(database_url), Store(database_url)
+    cache, keys = HeadCache(reader, max_bytes=10**6), KeyCache(reader)
+    watcher = ChangeWatcher(reader, interval_s=0.05, caches=[cache, keys])
+    try:
+        tenant, key = writer.create_tenant(name="t")
+        head_id = _trained_head(writer, tenant.id)
+        first = cache.get(tenant_id=tenant.id, head_id=head_id)
+        assert first.version == 1 and cache.misses == 1 and keys.authenticate(key) == tenant
+        assert cache.get(tenant_id=tenant.id, head_id=head_id) is first and cache.hits == 1
+
+        _retrain(writer, tenant.id, head_id, fill=2.0)
+        _within(0.1, lambda: cache.get(tenant_id=tenant.id, head_id=head_id).version == 2)
+        assert float(cache.get(tenant_id=tenant.id, head_id=head_id).weights[0, 0]) == 2.0
+
+        new_key = writer.rotate_key(tenant_id=tenant.id)
+        _within(0.1, lambda: keys.authenticate(key) is None)
+        assert keys.authenticate(new_key) == tenant
+
+        writer.delete_head(tenant_id=tenant.id, head_id=head_id)
+        _within(0.1, lambda: cache.get(tenant_id=tenant.id, head_id=head_id) is None)
+        assert len(cache) == 0 and cache.bytes == 0
+    finally:
+        watcher.close()
+        writer.close()
+        reader.close()
+
+
+def test_a_read_that_straddles_a_check_is_served_but_not_kept(store) -> None:
+    """A cold read that began before a check may hold the version the check replaced: it
+    answers its own request, and the next one reads again."""
     tenant, _ = store.create_tenant(name="t")
     head_id = _trained_head(store, tenant.id)
     cache = HeadCache(store, max_bytes=10**6)
-    first = cache.get(tenant_id=tenant.id, head_id=head_id)
-    assert first.version == 1 and cache.misses == 1
-    assert cache.get(tenant_id=tenant.id, head_id=head_id) is first and cache.hits == 1
+    read = store.serving_head
 
-    _retrain(store, tenant.id, head_id, fill=2.0)  # a new version is never served stale
-    second = cache.get(tenant_id=tenant.id, head_id=head_id)
-    assert second.version == 2 and float(second.weights[0, 0]) == 2.0
+    def read_then_check(**where):
+        row = read(**where)
+        cache.revalidate()  # another process's write was seen meanwhile
+        return row
 
-    store.delete_head(tenant_id=tenant.id, head_id=head_id)  # nor is a deleted head
-    assert cache.get(tenant_id=tenant.id, head_id=head_id) is None
-    assert len(cache) == 0 and cache.bytes == 0
+    store.serving_head = read_then_check
+    assert cache.get(tenant_id=tenant.id, head_id=head_id).version == 1
+    assert len(cache) == 0
+    del store.serving_head
+    cache.get(tenant_id=tenant.id, head_id=head_id)
+    assert len(cache) == 1
+
+
+def test_caches_are_cleared_when_the_store_cannot_be_checked(store) -> None:
+    tenant, key = store.create_tenant(name="t")
+    head_id = _trained_head(store, tenant.id)
+    cache, keys = HeadCache(store, max_bytes=10**6), KeyCache(store)
+    watcher = ChangeWatcher(store, interval_s=3600, caches=[cache, keys])  # polled by hand
+    try:
+        cache.get(tenant_id=tenant.id, head_id=head_id)
+        keys.authenticate(key)
+        with store._tx() as db:
+            db.exec_driver_sql("DROP TABLE changes")
+        watcher.poll()
+        assert len(cache) == 0 and keys.authenticate(key) == tenant  # read again, not cached
+    finally:
+        watcher.close()
 
 
 def test_another_tenant_never_gets_the_cached_head(store) -> None:

@@ -1,20 +1,23 @@
-"""The SQLite store: tenant scoping, whole versions, keys, recovery after a restart."""
+"""The store, on SQLite and (pytest --database postgresql) on PostgreSQL: tenant scoping,
+whole versions, keys, recovery after a restart, migrations."""
 
 from __future__ import annotations
 
 import multiprocessing
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
+import sqlalchemy as sa
 
-from adapters.store import ADDED_HEAD_COLUMNS, INTERRUPTED, SCHEMA, Store
+from adapters.migrations import latest_revision
+from adapters.store import INTERRUPTED, Store
+from tests.postgres import database_for
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path / "graft.sqlite3")
+def store(database_url):
+    s = Store(database_url)
     yield s
     s.close()
 
@@ -36,13 +39,14 @@ def _save(store, tenant_id, head_id, hashes, labels=("a", "b")):
     )
 
 
-def test_keys_are_stored_hashed_and_checked(store, tmp_path) -> None:
+def test_keys_are_stored_hashed_and_checked(store) -> None:
     tenant, key = store.create_tenant(name="acme")
     assert store.authenticate(api_key=key) == tenant
     assert store.authenticate(api_key=key[:-1] + ("x" if key[-1] != "x" else "y")) is None
     assert store.authenticate(api_key="graft_" + tenant.id + "_") is None
     assert store.authenticate(api_key="") is None
-    raw = sqlite3.connect(tmp_path / "graft.sqlite3").execute("SELECT * FROM tenants").fetchall()
+    with store.engine.connect() as db:
+        raw = db.exec_driver_sql("SELECT * FROM tenants").all()
     secret = key.split("_", 2)[2]  # graft_<tenant id>_<secret>; the secret may hold "_"
     assert secret not in repr(raw)
 
@@ -53,7 +57,7 @@ def test_heads_are_scoped_to_their_tenant(store) -> None:
     head = store.create_head(tenant_id=a.id, name="h", backbone="bb")
     assert store.get_head(tenant_id=b.id, head_id=head.id) is None
     assert store.delete_head(tenant_id=b.id, head_id=head.id) is False
-    assert _save(store, b.id, head.id, ["x", "y"]) is False
+    assert _save(store, b.id, head.id, ["x", "y"]) is None
     assert store.training_set(tenant_id=b.id, head_id=head.id) == []
     assert store.get_head(tenant_id=a.id, head_id=head.id).version == 0
 
@@ -78,7 +82,7 @@ def test_a_version_is_saved_whole(store) -> None:
     assert set(cached) == {"x"}
     # A failure inside the transaction leaves the previous version as it was.
     with pytest.raises(ValueError), store._tx() as db:
-        db.execute("UPDATE heads SET version = 99 WHERE id = ?", (head.id,))
+        db.execute(sa.text("UPDATE heads SET version = 99 WHERE id = :id"), {"id": head.id})
         raise ValueError("crash mid-write")
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).version == 1
 
@@ -96,26 +100,42 @@ def test_restart_resolves_interrupted_training(store) -> None:
     assert (back.status, back.version) == ("ready", 1)
 
 
-def test_deleting_a_tenant_removes_everything_it_owned(store, tmp_path) -> None:
+def test_deleting_a_tenant_removes_everything_it_owned(store) -> None:
     tenant, key = store.create_tenant(name="t")
     head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
     _save(store, tenant.id, head.id, ["x", "y"])
     assert store.delete_tenant(tenant_id=tenant.id)
     assert store.authenticate(api_key=key) is None
-    db = sqlite3.connect(tmp_path / "graft.sqlite3")
-    for table in ("heads", "embeddings", "head_examples"):
-        assert db.execute(f"SELECT COUNT(*) FROM {table}").fetchone() == (0,)
+    with store.engine.connect() as db:
+        for table in ("heads", "embeddings", "head_examples"):
+            assert db.exec_driver_sql(f"SELECT COUNT(*) FROM {table}").one() == (0,)
 
 
-def test_a_data_directory_from_before_class_means_opens_and_serves(tmp_path) -> None:
-    """A `heads` table without the columns added later gains them in place; its trained
-    versions still load, with no class means and no unknown threshold."""
+# The schema of Graft's first release, as it created it (before Alembic).
+FIRST_SCHEMA = """
+CREATE TABLE tenants (id TEXT PRIMARY KEY, name TEXT NOT NULL, key_salt BLOB NOT NULL,
+    key_hash BLOB NOT NULL, created_at TEXT NOT NULL);
+CREATE TABLE heads (id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE, name TEXT NOT NULL,
+    backbone TEXT NOT NULL, status TEXT NOT NULL, version INTEGER NOT NULL DEFAULT 0,
+    labels TEXT NOT NULL DEFAULT '[]', weights BLOB, bias BLOB, metrics TEXT, error TEXT,
+    created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+CREATE INDEX heads_by_tenant ON heads(tenant_id, created_at);
+CREATE TABLE embeddings (tenant_id TEXT NOT NULL REFERENCES tenants(id) ON DELETE CASCADE,
+    backbone TEXT NOT NULL, content_hash TEXT NOT NULL, vector BLOB NOT NULL,
+    PRIMARY KEY (tenant_id, backbone, content_hash));
+CREATE TABLE head_examples (head_id TEXT NOT NULL REFERENCES heads(id) ON DELETE CASCADE,
+    content_hash TEXT NOT NULL, label TEXT NOT NULL, PRIMARY KEY (head_id, content_hash, label));
+"""
+
+
+def test_a_data_directory_from_the_first_release_is_migrated_and_serves(tmp_path) -> None:
+    """A SQLite store written before migrations existed gains the columns added since (and
+    Alembic's version table) in place; its trained versions still load, with no class
+    means and no unknown threshold."""
     path = tmp_path / "old.sqlite3"
     db = sqlite3.connect(path)
-    old_schema = SCHEMA
-    for column in ADDED_HEAD_COLUMNS:
-        old_schema = "\n".join(line for line in old_schema.split("\n") if column not in line)
-    db.executescript(old_schema)
+    db.executescript(FIRST_SCHEMA)
     db.execute("INSERT INTO tenants VALUES ('t', 'old', x'00', x'00', '')")
     db.execute(
         "INSERT INTO heads (id, tenant_id, name, backbone, status, version, labels, weights,"
@@ -125,31 +145,37 @@ def test_a_data_directory_from_before_class_means_opens_and_serves(tmp_path) -> 
     )
     db.commit()
     db.close()
-    store = Store(path)
-    try:
-        head = store.get_head(tenant_id="t", head_id="h")
-        assert head.servable and head.prototypes is None and head.unknown_threshold is None
-        assert head.label_descriptions == {}
-        row = store.serving_head(tenant_id="t", head_id="h", known_version=None)
-        assert row.weights.shape == (4, 2) and row.prototypes is None
-    finally:
-        store.close()
+    for _ in range(2):  # the second opening finds it migrated already
+        store = Store(path)
+        try:
+            head = store.get_head(tenant_id="t", head_id="h")
+            assert head.servable and head.prototypes is None and head.unknown_threshold is None
+            assert head.label_descriptions == {}
+            row = store.serving_head(tenant_id="t", head_id="h")
+            assert row.weights.shape == (4, 2) and row.prototypes is None
+        finally:
+            store.close()
+    with sqlite3.connect(path) as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert revision == (latest_revision(),)
 
 
-def _open_store(path: str, ready, answers) -> None:
+def _open_store(url: str, ready, answers) -> None:
     ready.wait()
     try:
-        Store(Path(path)).close()
+        Store(url).close()
         answers.put("opened")
     except Exception as exc:  # the parent asserts on what each process says
         answers.put(repr(exc))
 
 
 def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path) -> None:
-    # The runner and every API worker open the store at once when a server first starts.
+    # The runner and every API worker open (and migrate) the store at once when a server
+    # first starts.
     context = multiprocessing.get_context("fork")
     for attempt in range(10):  # before the fix, about one new store in four failed
-        path = str(tmp_path / f"{attempt}" / "graft.sqlite3")
+        folder = tmp_path / f"{attempt}"
+        path = database_for(folder) or folder / "graft.sqlite3"
         ready, answers = context.Barrier(4), context.Queue()
         processes = [
             context.Process(target=_open_store, args=(path, ready, answers)) for _ in range(4)
@@ -160,3 +186,22 @@ def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path) -> None:
         for process in processes:
             process.join()
         assert said == ["opened"] * 4, said
+
+
+def test_a_version_is_served_before_it_is_announced_ready(store) -> None:
+    """A trainer saves with ready=False, waits until every cache has the version, then
+    marks it ready; a newer version saved meanwhile is not overtaken."""
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    version = store.save_version(
+        tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={}, examples=[],
+        labels=["a", "b"], weights=np.ones((4, 2), np.float32), bias=np.zeros(2, np.float32),
+        prototypes=np.ones((4, 2), np.float32), unknown_threshold=None, metrics={}, ready=False,
+    )  # fmt: skip
+    saved = store.get_head(tenant_id=tenant.id, head_id=head.id)
+    assert (version, saved.status) == (1, "training")
+    assert store.serving_head(tenant_id=tenant.id, head_id=head.id).version == 1
+    store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=0)  # an older one: no-op
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "training"
+    store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=1)
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "ready"

@@ -1,0 +1,63 @@
+"""The store's schema history, as Alembic revisions in `versions/`.
+
+Every process brings the database to the latest revision when it opens the store: one at
+a time (SQLite: the write lock; PostgreSQL: an advisory lock), a no-op once done. A fleet
+can run it once before its replicas start (a Kubernetes init step):
+
+    python -m adapters.migrations          # the database of GRAFT_DATABASE_URL
+
+A new revision: `python -m adapters.migrations revision "what changes"` writes its file;
+revisions only add (columns with defaults, tables), so that replicas of the previous
+release keep working during a rolling update.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+# pg_advisory_xact_lock's key: any constant that no other application on the server uses.
+MIGRATION_LOCK = 0x67726166  # "graf"
+
+
+def _config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent))
+    return config
+
+
+def latest_revision() -> str:
+    return ScriptDirectory.from_config(_config()).get_current_head()
+
+
+def upgrade(writer: sa.Engine) -> None:
+    """Brings the database of `writer` (an engine whose transactions take the write lock)
+    to the latest revision, in one transaction."""
+    config = _config()
+    with writer.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+def main(argv: list[str]) -> None:
+    from adapters.store import Store
+    from service.settings import Settings
+
+    if argv[:1] == ["revision"]:
+        command.revision(_config(), message=" ".join(argv[1:]) or None)
+        return
+    settings = Settings()
+    Store(settings.database_url).close()  # opening it migrates it
+    shown = sa.make_url(settings.database_url).render_as_string(hide_password=True)
+    print(f"the store at {shown} is at the latest revision")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
