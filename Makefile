@@ -34,8 +34,11 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# The whole suite twice: on SQLite (the embedded default), then on a PostgreSQL server it
+# starts from Debian's packages (apt-get install postgresql; .ci/run does).
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --database postgresql $(PYTEST_ARGS)
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
 # operation and mode, 3 minutes of load on 72 tenants (about 12 minutes).
