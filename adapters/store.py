@@ -95,10 +95,45 @@ changes = sa.Table(
     sa.Column("count", sa.BigInteger, nullable=False),
 )
 
+# Training jobs (migration 0003): what a training needs beyond what is stored, and a lease
+# that says which process trains it.
+training_jobs = sa.Table(
+    "training_jobs",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column(
+        "tenant_id", sa.Text, sa.ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("head_id", sa.Text, sa.ForeignKey("heads.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("backbones", sa.Text, nullable=False),  # JSON: the backbones it may choose
+    sa.Column("created_at", sa.Text, nullable=False),
+    sa.Column("lease_owner", sa.Text),
+    sa.Column("lease_until", sa.Float),  # Unix time
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("training_jobs_by_head", "head_id", "created_at"),
+)
+job_examples = sa.Table(
+    "job_examples",
+    metadata,
+    sa.Column(
+        "job_id",
+        sa.Text,
+        sa.ForeignKey("training_jobs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("kind", sa.Text, nullable=False),  # "image" or "text" (UTF-8)
+    sa.Column("data", sa.LargeBinary, nullable=False),
+)
+
 KEY_PREFIX = "graft"
 # How long opening waits for other processes that open the same new store at once.
 OPEN_TIMEOUT_S = 30
 INTERRUPTED = "training was interrupted by a restart; post the examples again"
+# A job whose process died this many times is not tried again (its input may be the cause).
+MAX_JOB_ATTEMPTS = 3
+GAVE_UP = f"training stopped {MAX_JOB_ATTEMPTS} times with the process that ran it; not retried"
 
 
 def _now() -> str:
@@ -157,6 +192,17 @@ class Head:
             "updated_at": self.updated_at,
             "error": self.error,
         }
+
+
+@dataclass(frozen=True)
+class Job:
+    """A training job, as the process that claimed it sees it."""
+
+    id: str
+    tenant_id: str
+    head_id: str
+    backbones: list[str]
+    attempts: int
 
 
 @dataclass(frozen=True)
@@ -430,14 +476,14 @@ class Store:
             )
 
     def recover_interrupted(self) -> int:
-        """After a restart, no training is running: heads left `training` are resolved.
-
-        A head with a stored version goes back to serving it; one without fails.
-        """
+        """Heads left `training` with no job to finish them (written by a Graft from before
+        jobs were rows) are resolved: a head with a stored version goes back to serving
+        it; one without fails."""
+        no_job = ~sa.exists().where(training_jobs.c.head_id == heads.c.id)
         with self._tx() as db:
             return db.execute(
                 heads.update()
-                .where(heads.c.status == "training")
+                .where(heads.c.status == "training", no_job)
                 .values(
                     status=sa.case((heads.c.version > 0, "ready"), else_="failed"),
                     error=INTERRUPTED,
@@ -511,7 +557,7 @@ class Store:
     ) -> int | None:
         """Stores a trained version atomically: its number, or None if the head was deleted
         meanwhile. `backbone` is the one the version was trained on (an `auto` head's
-        choice). With `ready=False` the head stays `training` until `mark_ready`: serving
+        choice). With `ready=False` the head stays `training` until `finish_job`: serving
         takes the version at once, clients are told it is ready once every cache has it."""
         with self._tx() as db:
             result = db.execute(
@@ -551,9 +597,140 @@ class Store:
             self._changed(db)
             return db.scalar(sa.select(heads.c.version).where(heads.c.id == head_id))
 
-    def mark_ready(self, *, tenant_id: str, head_id: str, version: int) -> None:
-        """A version saved with `ready=False` is published: the head is `ready`, unless a
-        newer version was saved meanwhile."""
+    # Training jobs --------------------------------------------------------------------
+
+    def create_job(
+        self,
+        *,
+        tenant_id: str,
+        head_id: str,
+        backbones: list[str],
+        examples: list[tuple[str, str, bytes]],
+        owner: str,
+        lease_s: float,
+    ) -> tuple[str, bool] | None:
+        """Stores a training job with its new examples (label, kind, data) and marks the
+        head `training`, in one transaction: once this returns, a crash loses nothing.
+        The job is claimed for `owner` unless the head has other jobs (a head trains one
+        job at a time, oldest first). (job id, claimed); None if the head is gone."""
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        with self._tx() as db:
+            # First: on PostgreSQL this locks the head's row, so concurrent jobs of one
+            # head see each other.
+            marked = db.execute(
+                heads.update()
+                .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
+                .values(status="training", error=None, updated_at=_now())
+            )
+            if marked.rowcount == 0:
+                return None
+            claimed = not db.scalar(
+                sa.select(sa.func.count())
+                .select_from(training_jobs)
+                .where(training_jobs.c.head_id == head_id)
+            )
+            db.execute(
+                training_jobs.insert().values(
+                    id=job_id,
+                    tenant_id=tenant_id,
+                    head_id=head_id,
+                    backbones=json.dumps(backbones),
+                    created_at=_now(),
+                    lease_owner=owner if claimed else None,
+                    lease_until=now + lease_s if claimed else None,
+                    attempts=1 if claimed else 0,
+                )
+            )
+            if examples:
+                db.execute(
+                    job_examples.insert(),
+                    [
+                        {"job_id": job_id, "position": i, "label": label, "kind": kind,
+                         "data": data}
+                        for i, (label, kind, data) in enumerate(examples)
+                    ],
+                )  # fmt: skip
+        return job_id, claimed
+
+    def claim_job(self, *, owner: str, lease_s: float) -> Job | None:
+        """The oldest job that no process holds (never claimed, or its lease ran out: its
+        process died) and that is the oldest of its head, now leased to `owner`. A job
+        claimed for the MAX_JOB_ATTEMPTS+1-th time fails its head instead."""
+        now = time.time()
+        older = training_jobs.alias("older")
+        free = (
+            sa.select(training_jobs)
+            .where(
+                sa.or_(training_jobs.c.lease_until.is_(None), training_jobs.c.lease_until < now),
+                ~sa.exists().where(
+                    older.c.head_id == training_jobs.c.head_id,
+                    sa.tuple_(older.c.created_at, older.c.id)
+                    < sa.tuple_(training_jobs.c.created_at, training_jobs.c.id),
+                ),
+            )
+            .order_by(training_jobs.c.created_at, training_jobs.c.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)  # replicas claiming at once take different jobs
+        )
+        with self._tx() as db:
+            row = db.execute(free).first()
+            if row is None:
+                return None
+            attempts = row.attempts + 1
+            job = Job(row.id, row.tenant_id, row.head_id, json.loads(row.backbones), attempts)
+            if job.attempts > MAX_JOB_ATTEMPTS:
+                self._resolve_head(db, job.tenant_id, job.head_id, GAVE_UP)
+                db.execute(training_jobs.delete().where(training_jobs.c.id == job.id))
+                return None
+            db.execute(
+                training_jobs.update()
+                .where(training_jobs.c.id == job.id)
+                .values(lease_owner=owner, lease_until=now + lease_s, attempts=job.attempts)
+            )
+        return job
+
+    def job_examples(self, *, job_id: str) -> list[tuple[str, str, bytes]]:
+        """(label, kind, data) of the job's new examples, in the order they were sent."""
+        query = (
+            sa.select(job_examples.c.label, job_examples.c.kind, job_examples.c.data)
+            .where(job_examples.c.job_id == job_id)
+            .order_by(job_examples.c.position)
+        )
+        with self._read() as db:
+            return [(label, kind, bytes(data)) for label, kind, data in db.execute(query)]
+
+    def renew_leases(self, *, owner: str, lease_s: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                training_jobs.update()
+                .where(training_jobs.c.lease_owner == owner)
+                .values(lease_until=time.time() + lease_s)
+            )
+
+    def release_leases(self, *, owner_prefix: str) -> int:
+        """Jobs held by processes that are known to be gone (a replica's, as it starts
+        again; a process's own, as it stops) are free for any process to take now."""
+        with self._tx() as db:
+            return db.execute(
+                training_jobs.update()
+                .where(training_jobs.c.lease_owner.startswith(owner_prefix, autoescape=True))
+                .values(lease_owner=None, lease_until=None)
+            ).rowcount
+
+    def release_job(self, *, job_id: str) -> None:
+        """The job could not run for a passing reason of its process (the runner was
+        restarting): free for any process again, the attempt not counted."""
+        with self._tx() as db:
+            db.execute(
+                training_jobs.update()
+                .where(training_jobs.c.id == job_id)
+                .values(lease_owner=None, lease_until=None, attempts=training_jobs.c.attempts - 1)
+            )
+
+    def finish_job(self, *, job_id: str, tenant_id: str, head_id: str, version: int) -> None:
+        """The job's version (saved with `ready=False`) is published: the head turns
+        `ready`, unless a newer version was saved meanwhile, and the job is gone."""
         with self._tx() as db:
             db.execute(
                 heads.update()
@@ -565,6 +742,26 @@ class Store:
                 )
                 .values(status="ready", updated_at=_now())
             )
+            db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+
+    def fail_job(self, *, job_id: str, tenant_id: str, head_id: str, error: str) -> None:
+        """The job failed (not its process: it is not tried again); the head goes back to
+        its last version, or fails if it has none."""
+        with self._tx() as db:
+            self._resolve_head(db, tenant_id, head_id, error)
+            db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+
+    @staticmethod
+    def _resolve_head(db: sa.Connection, tenant_id: str, head_id: str, error: str) -> None:
+        db.execute(
+            heads.update()
+            .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
+            .values(
+                status=sa.case((heads.c.version > 0, "ready"), else_="failed"),
+                error=error,
+                updated_at=_now(),
+            )
+        )
 
 
 _HEAD_COLUMNS = tuple(

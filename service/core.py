@@ -173,10 +173,10 @@ class Graft:
         # Every input is checked and decoded here, for the first candidate; `auto` decodes
         # for the others during training, one backbone at a time, so the decoded images
         # of only one backbone are held at once.
-        prepared = self.training.prepare(tenant, candidates[0], raws)
+        prepared = self.training.prepare(tenant.id, candidates[0], raws)
         check_head_size(set(), prepared.content_hashes, labels, self.settings)
         options = [(candidates[0], lambda: prepared)] + [
-            (spec, functools.partial(self.training.prepare, tenant, spec, raws))
+            (spec, functools.partial(self.training.prepare, tenant.id, spec, raws))
             for spec in candidates[1:]
         ]
         head = self.store.create_head(
@@ -192,7 +192,7 @@ class Graft:
                 " hold; delete one first",
                 code="head_limit_reached",
             )
-        return self._train_and_wait(tenant, head, options, labels)
+        return self._train_and_wait(tenant, head, options, list(zip(labels, raws, strict=True)))
 
     def add_examples(
         self, tenant: Tenant, head_id: str, examples: Sequence[tuple[str, RawInput]]
@@ -206,16 +206,26 @@ class Graft:
             )
         spec = self.backbone(head.backbone)
         labels = check_labels([label for label, _ in examples], head.labels, self.settings)
-        prepared = self.training.prepare(tenant, spec, [raw for _, raw in examples])
+        raws = [raw for _, raw in examples]
+        prepared = self.training.prepare(tenant.id, spec, raws)
         stored = self.store.example_keys(tenant_id=tenant.id, head_id=head.id)
         check_head_size(stored, prepared.content_hashes, labels, self.settings)
-        self.store.set_status(tenant_id=tenant.id, head_id=head.id, status="training")
-        return self._train_and_wait(tenant, head, [(spec, lambda: prepared)], labels)
+        options = [(spec, lambda: prepared)]
+        return self._train_and_wait(tenant, head, options, list(zip(labels, raws, strict=True)))
 
-    def _train_and_wait(self, tenant: Tenant, head: Head, options, labels: list[str]) -> Head:
-        job = self.training.start(tenant, head, options, labels)
-        with contextlib.suppress(FutureTimeout):  # still training: 202, the caller polls
-            job.result(timeout=self.settings.sync_training_timeout_s)
+    def _train_and_wait(
+        self, tenant: Tenant, head: Head, options, examples: list[tuple[str, RawInput]]
+    ) -> Head:
+        """Stores the training job (from here on a crash loses none of its examples), then
+        waits up to GRAFT_SYNC_TRAINING_TIMEOUT_S for it: the head, trained (201) or still
+        training (202, also when the job waits behind another of the same head)."""
+        try:
+            job = self.training.start(head, options, examples)
+        except LookupError:
+            raise NotFound(f"no head {head.id!r}", code="head_not_found") from None
+        if job is not None:
+            with contextlib.suppress(FutureTimeout):  # still training: 202, the caller polls
+                job.result(timeout=self.settings.sync_training_timeout_s)
         return self.get_head(tenant, head.id)
 
     async def predict(

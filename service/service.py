@@ -58,8 +58,13 @@ class BackboneRunner:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # One runner per server start: no training job can be running yet.
         store = Store(settings.database_url)
+        # This replica's processes from before are gone: their jobs are free now (not when
+        # their leases run out), for this replica's workers or any other's.
+        released = store.release_leases(owner_prefix=f"{settings.replica_id}/")
         recovered = store.recover_interrupted()
         store.close()
+        if released:
+            log.warning("freed %d training jobs this replica held before it restarted", released)
         if recovered:
             log.warning("resolved %d heads whose training a restart interrupted", recovered)
         self.runner = Runner(settings)

@@ -8,7 +8,9 @@ the environment wins over its file; a folder that does not exist is warned of.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -95,6 +97,18 @@ class Settings(BaseSettings):
 
     # Training
     training_workers: int = Field(1, ge=1, le=16)
+    replica_id: str | None = Field(
+        None,
+        description="this replica's name in training-job leases, unique in a fleet; default"
+        " the host name and a hash of the data directory",
+    )
+    job_lease_s: float = Field(
+        30.0,
+        ge=3,
+        le=3600,
+        description="a training job whose process stops renewing its lease for this long is"
+        " taken over by another (replicas' clocks must agree to well within it)",
+    )
     sync_training_timeout_s: float = Field(
         20.0, ge=0, description="answer 201 if training finishes within this, else 202"
     )
@@ -123,6 +137,9 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
+        if self.replica_id is None:
+            digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:8]
+            self.replica_id = f"{socket.gethostname()}-{digest}"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'graft.sqlite3'}"
         self.backbone_dir = self.backbone_dir.expanduser().resolve()

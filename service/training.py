@@ -1,6 +1,12 @@
 """Training jobs, in the API worker: embed what is new through the runner at training
 priority, fit the head on its whole set, store the version whole.
 
+Every job is a row in the store with its new examples, written before the request is
+answered, and leased to the process that trains it (renewed while it runs). A sweeper
+thread in every API worker takes over jobs whose process died (the lease ran out, or
+its replica started again) and jobs queued behind another of the same head: a crash on
+any replica loses no acknowledged example, and every head ends `ready` or `failed`.
+
 What a training costs runs at a lower OS priority: the decoding of its images (`prepare`,
 which the request waits for, so that bad input is refused before anything is stored) in
 a process of its own at SCHED_IDLE (`service/decoder.py`), the job on a thread of this
@@ -12,9 +18,13 @@ runner, in turn, embeds training rows at SCHED_IDLE, beside predicts
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import random
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +33,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters import heads
-from adapters.store import Head, Store, Tenant
+from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
-from models.registry import BackboneSpec, ImagePreprocessing
+from models.registry import BackboneSpec, ImagePreprocessing, get_backbone
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
-from service.runner import RunnerClient
+from service.runner import RunnerClient, RunnerUnavailable
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,6 +47,8 @@ log = logging.getLogger(__name__)
 # The backbone id that asks Graft to choose: every backbone of the examples' modality is
 # scored (LogME), the best are tried, and the head keeps the one it validates best on.
 AUTO_BACKBONE = "auto"
+# How often each worker looks for a job to take over (jittered, so workers spread out).
+JOB_POLL_S = 1.0
 # Rows per message to the runner (8 decoded images: 1.2 MB).
 TRAINING_MESSAGE_ROWS = 8
 TRAINING_MESSAGES_IN_FLIGHT = 2
@@ -75,6 +87,8 @@ class Trainer:
         self.store = store
         self.runner = runner
         self.settings = settings
+        # Leases name the replica, so that one starting again frees its old processes' jobs.
+        self.owner = f"{settings.replica_id}/{os.getpid()}/{uuid.uuid4().hex[:8]}"
         self._pool = ThreadPoolExecutor(
             max_workers=settings.training_workers,
             thread_name_prefix="graft-train",
@@ -82,22 +96,29 @@ class Trainer:
             initargs=(TRAINING_JOB_NICE,),
         )
         self._images = TrainingDecoder()
-        self._head_locks: dict[str, threading.Lock] = {}
-        self._head_locks_guard = threading.Lock()
+        self._jobs: set[str] = set()  # held by this process, running or waiting in the pool
+        self._jobs_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sweeper = threading.Thread(target=self._sweep, name="graft-jobs", daemon=True)
+        self._sweeper.start()
 
     def close(self) -> None:
+        self._stop.set()
+        self._sweeper.join()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._images.close()
+        # Jobs cancelled in the pool are free for another process at once.
+        self.store.release_leases(owner_prefix=self.owner)
 
     def prepare(
-        self, tenant: Tenant, spec: BackboneSpec, inputs: Sequence[RawInput]
+        self, tenant_id: str, spec: BackboneSpec, inputs: Sequence[RawInput]
     ) -> PreparedInputs:
         """Checks examples against the backbone; decodes those with no cached embedding
         (images in the decoding process, `service/decoder.py`; this thread waits)."""
         check_modality(spec, inputs)
         hashes = [content_hash(raw) for raw in inputs]
         cached = self.store.cached_embeddings(
-            tenant_id=tenant.id, backbone=spec.id, content_hashes=hashes
+            tenant_id=tenant_id, backbone=spec.id, content_hashes=hashes
         )
         to_decode: list[tuple[int, RawInput]] = []
         to_embed: list[str] = []
@@ -115,74 +136,136 @@ class Trainer:
             rows = to_rows(spec, to_decode, self.settings)
         return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows)
 
-    def start(self, tenant: Tenant, head: Head, options: list[Option], labels: list[str]) -> Future:
-        return self._pool.submit(self._train, tenant, head, options, labels)
+    def start(
+        self,
+        head: Head,
+        options: list[Option],
+        examples: Sequence[tuple[str, RawInput]],
+    ) -> Future | None:
+        """Stores the job and its examples, then trains it here: the future of its end, or
+        None when it waits behind another job of the head (a sweeper will take it)."""
+        created = self.store.create_job(
+            tenant_id=head.tenant_id,
+            head_id=head.id,
+            backbones=[spec.id for spec, _ in options],
+            examples=[(label, raw.kind, _as_bytes(raw)) for label, raw in examples],
+            owner=self.owner,
+            lease_s=self.settings.job_lease_s,
+        )
+        if created is None:
+            raise LookupError(f"head {head.id} was deleted")
+        job_id, claimed = created
+        if not claimed:
+            return None
+        return self._submit(job_id, head, options, [label for label, _ in examples])
 
-    def _train(
-        self, tenant: Tenant, head: Head, options: list[Option], new_labels: list[str]
-    ) -> None:
+    def _submit(self, job_id: str, head: Head, options: list[Option], labels: list[str]):
+        with self._jobs_lock:
+            self._jobs.add(job_id)
+        return self._pool.submit(self._train, job_id, head, options, labels)
+
+    def _sweep(self) -> None:
+        """Renews this process's leases; when it trains nothing, takes over a free job."""
+        renewed = time.monotonic()
+        while not self._stop.wait(JOB_POLL_S * random.uniform(0.5, 1.5)):
+            try:
+                with self._jobs_lock:
+                    busy = bool(self._jobs)
+                if busy and time.monotonic() - renewed > self.settings.job_lease_s / 3:
+                    self.store.renew_leases(owner=self.owner, lease_s=self.settings.job_lease_s)
+                    renewed = time.monotonic()
+                if not busy:
+                    job = self.store.claim_job(owner=self.owner, lease_s=self.settings.job_lease_s)
+                    if job is not None:
+                        renewed = time.monotonic()
+                        self._take_over(job)
+            except Exception:
+                log.exception("the training job sweeper failed; it tries again")
+
+    def _take_over(self, job: Job) -> None:
+        head = self.store.get_head(tenant_id=job.tenant_id, head_id=job.head_id)
+        if head is None:
+            return  # deleted with its jobs since
+        log.warning(
+            "taking over training job %s of head %s (attempt %d)", job.id, head.id, job.attempts
+        )
+        examples = [
+            (label, RawInput(kind, data.decode("utf-8") if kind == "text" else data))
+            for label, kind, data in self.store.job_examples(job_id=job.id)
+        ]
+        raws = [raw for _, raw in examples]
+        options = [
+            (spec, functools.partial(self.prepare, job.tenant_id, spec, raws))
+            for spec in (get_backbone(b) for b in job.backbones)
+        ]
+        self._submit(job.id, head, options, [label for label, _ in examples])
+
+    def _train(self, job_id: str, head: Head, options: list[Option], new_labels: list[str]) -> None:
         """Embeds what is new, trains on the head's whole set, stores the version whole.
         With several backbone options (`auto`) the examples are embedded by each and
         `choose_backbone` picks one."""
-        with self._head_lock(head.id):
-            try:
-                # One backbone at a time: its decoded inputs are dropped once embedded.
-                sets = {
-                    spec.id: self._training_set(tenant, head, spec, prepare(), new_labels)
-                    for spec, prepare in options
-                }
-                label_embeddings = {
-                    spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
-                    for spec, _ in options
-                }
-                if head.backbone == AUTO_BACKBONE:
-                    choice = choose_backbone(
-                        {b: s.x for b, s in sets.items()},
-                        next(iter(sets.values())).labels,
-                        label_embeddings,
-                    )
-                    chosen, training_set = choice.backbone, sets[choice.backbone]
-                    trained = choice.trained
-                    trained.metrics["backbone_selection"] = choice.report
-                else:
-                    [(chosen, training_set)] = sets.items()
-                    trained = heads.train_head(
-                        training_set.x,
-                        training_set.labels,
-                        label_embeddings=label_embeddings[chosen],
-                    )
-                version = self.store.save_version(
-                    tenant_id=tenant.id,
-                    head_id=head.id,
-                    backbone=chosen,
-                    new_embeddings=training_set.new_vectors,
-                    examples=training_set.examples,
-                    labels=trained.labels,
-                    weights=trained.weights,
-                    bias=trained.bias,
-                    prototypes=trained.prototypes,
-                    unknown_threshold=trained.unknown_threshold,
-                    metrics=trained.metrics,
-                    ready=False,
+        tenant_id = head.tenant_id
+        try:
+            # One backbone at a time: its decoded inputs are dropped once embedded.
+            sets = {
+                spec.id: self._training_set(tenant_id, head, spec, prepare(), new_labels)
+                for spec, prepare in options
+            }
+            label_embeddings = {
+                spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
+                for spec, _ in options
+            }
+            if head.backbone == AUTO_BACKBONE:
+                choice = choose_backbone(
+                    {b: s.x for b, s in sets.items()},
+                    next(iter(sets.values())).labels,
+                    label_embeddings,
                 )
-                if version is not None:
-                    # Ready once every process's cache serves it (adapters/coherence.py).
-                    time.sleep(self.settings.publish_delay_s)
-                    self.store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=version)
-            except Exception as exc:
-                log.exception("training head %s failed", head.id)
-                current = self.store.get_head(tenant_id=tenant.id, head_id=head.id)
-                if current is not None:
-                    self.store.set_status(
-                        tenant_id=tenant.id,
-                        head_id=head.id,
-                        status="ready" if current.servable else "failed",
-                        error=f"training failed: {exc}",
-                    )
+                chosen, training_set = choice.backbone, sets[choice.backbone]
+                trained = choice.trained
+                trained.metrics["backbone_selection"] = choice.report
+            else:
+                [(chosen, training_set)] = sets.items()
+                trained = heads.train_head(
+                    training_set.x,
+                    training_set.labels,
+                    label_embeddings=label_embeddings[chosen],
+                )
+            version = self.store.save_version(
+                tenant_id=tenant_id,
+                head_id=head.id,
+                backbone=chosen,
+                new_embeddings=training_set.new_vectors,
+                examples=training_set.examples,
+                labels=trained.labels,
+                weights=trained.weights,
+                bias=trained.bias,
+                prototypes=trained.prototypes,
+                unknown_threshold=trained.unknown_threshold,
+                metrics=trained.metrics,
+                ready=False,
+            )
+            if version is not None:
+                # Ready once every process's cache serves it (adapters/coherence.py).
+                time.sleep(self.settings.publish_delay_s)
+                self.store.finish_job(
+                    job_id=job_id, tenant_id=tenant_id, head_id=head.id, version=version
+                )
+        except RunnerUnavailable:
+            log.warning("the runner is restarting: job %s of head %s waits for it", job_id, head.id)
+            self.store.release_job(job_id=job_id)
+        except Exception as exc:
+            log.exception("training head %s failed", head.id)
+            self.store.fail_job(
+                job_id=job_id, tenant_id=tenant_id, head_id=head.id, error=f"training failed: {exc}"
+            )
+        finally:
+            with self._jobs_lock:
+                self._jobs.discard(job_id)
 
     def _training_set(
         self,
-        tenant: Tenant,
+        tenant_id: str,
         head: Head,
         spec: BackboneSpec,
         prepared: PreparedInputs,
@@ -191,12 +274,12 @@ class Trainer:
         """The head's stored examples plus the new ones, as this backbone's embeddings."""
         new_vectors = self._embed(spec, prepared)
         cached = self.store.cached_embeddings(
-            tenant_id=tenant.id,
+            tenant_id=tenant_id,
             backbone=spec.id,
             content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
         )
         vectors = {**cached, **new_vectors}
-        stored = self.store.training_set(tenant_id=tenant.id, head_id=head.id)
+        stored = self.store.training_set(tenant_id=tenant_id, head_id=head.id)
         for h, _, vector in stored:
             vectors.setdefault(h, vector)
         examples = [(h, label) for h, label, _ in stored]
@@ -243,6 +326,7 @@ class Trainer:
         embeddings.extend(future.result() for future in in_flight)
         return np.concatenate(embeddings)
 
-    def _head_lock(self, head_id: str) -> threading.Lock:
-        with self._head_locks_guard:
-            return self._head_locks.setdefault(head_id, threading.Lock())
+
+def _as_bytes(raw: RawInput) -> bytes:
+    # Checked already: valid text, so plain UTF-8.
+    return raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8")

@@ -36,7 +36,9 @@ def _fresh_examples(rng: random.Random, per_label: int) -> list[dict]:
 
 class Writers:
     """Threads that create heads and add examples until the server dies under them,
-    recording what the server acknowledged: head id -> the version it answered."""
+    recording what the server acknowledged: head id -> the version it promised (201: the
+    version answered; 202: the examples are stored, so one more than the version
+    answered)."""
 
     def __init__(self, server, api_key: str, acknowledged: dict[str, int], seed: int) -> None:
         self.server = server
@@ -79,29 +81,44 @@ class Writers:
                         )
                 except httpx.HTTPError:
                     return  # the server was killed under this request
-                if response.status_code in (200, 201):
+                if response.status_code in (200, 201, 202):
                     head = response.json()
+                    promised = head["version"] + (response.status_code == 202)
                     with self._lock:
                         previous = self.acknowledged.get(head["id"], 0)
-                        self.acknowledged[head["id"]] = max(previous, head["version"])
-                elif response.status_code != 202:  # 202: accepted, not yet acknowledged
+                        self.acknowledged[head["id"]] = max(previous, promised)
+                else:
                     self.unexpected.append(f"{response.status_code}: {response.text[:200]}")
+
+
+def _settled_heads(client: httpx.Client, seconds: float = 120) -> dict[str, dict]:
+    """The tenant's heads once none is training: jobs the kill interrupted are taken over
+    by the restarted server and finished."""
+    deadline = time.monotonic() + seconds
+    while True:
+        heads = {h["id"]: h for h in client.get("/v1/heads").json()["heads"]}
+        training = [h for h in heads.values() if h["status"] == "training"]
+        if not training:
+            return heads
+        assert time.monotonic() < deadline, f"still training: {training}"
+        time.sleep(0.5)
 
 
 def _check_everything_acknowledged_survived(server, api_key: str, acknowledged: dict) -> None:
     with server.client(api_key) as client:
-        heads = {h["id"]: h for h in client.get("/v1/heads").json()["heads"]}
+        heads = _settled_heads(client)
         for head_id, version in acknowledged.items():
             head = heads.get(head_id)
             assert head is not None, f"acknowledged head {head_id} is gone"
-            assert head["version"] >= version, (head, version)
+            assert head["status"] == "ready" and head["version"] >= version, (head, version)
             answer = client.post(
                 f"/v1/heads/{head_id}/predict", json={"inputs": [{"text": "a late goal"}]}
             )
             assert answer.status_code == 200, answer.text
             assert answer.json()["predictions"][0]["label"] in head["labels"]
         for head in heads.values():
-            # Training a restart interrupted is resolved; nothing is left half-done.
+            # A job the kill interrupted is finished; a head created with no job stored
+            # yet (its request got no answer) is resolved; nothing is left half-done.
             assert head["status"] in ("ready", "failed"), head
             if head["status"] == "ready":
                 assert head["version"] >= 1 and head["metrics"] and len(head["labels"]) == 2
@@ -202,3 +219,33 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path, backbone_dir) -> None:
     assert len(answers["predict"].json()["predictions"]) == 16
     assert "Completed cleanup hook: shutdown" in server.log()
     assert "Traceback" not in server.log()
+
+
+def test_examples_answered_202_survive_a_kill_and_their_head_is_trained(
+    tmp_path, backbone_dir
+) -> None:
+    """202 means stored: a server killed right after it finishes the job when it starts
+    again (its old processes' leases are freed at once, and a worker takes the job)."""
+    data_dir = tmp_path / "data"
+    always_202 = {"GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"}
+    server = start_server(BENTOML, data_dir, backbone_dir, always_202)
+    try:
+        tenant = server.new_tenant("killed")
+        api_key = tenant.headers["Authorization"].removeprefix("Bearer ")
+        examples = _fresh_examples(random.Random(7), per_label=50)
+        body = {"name": "h", "backbone": TEXT, "examples": examples}
+        answer = tenant.post("/v1/heads", json=body)
+        assert answer.status_code == 202, answer.text
+    finally:
+        kill_server(server)  # at once: the 100 texts take seconds to embed and fit
+    head_id = answer.json()["id"]
+    server = start_server(BENTOML, data_dir, backbone_dir, always_202)
+    try:
+        with server.client(api_key) as client:
+            head = _settled_heads(client)[head_id]
+            assert head["status"] == "ready" and head["version"] >= 1, head
+            assert head["metrics"]["n_examples"] == 100
+    finally:
+        stop_server(server)
+    log = server.log()  # read once the workers have flushed it
+    assert "freed 1 training jobs this replica held" in log and "taking over training job" in log

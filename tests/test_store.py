@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import multiprocessing
 import sqlite3
+import time
 
 import numpy as np
 import pytest
 import sqlalchemy as sa
 
 from adapters.migrations import latest_revision
-from adapters.store import INTERRUPTED, Store
+from adapters.store import GAVE_UP, INTERRUPTED, Store
 from tests.postgres import database_for
 
 
@@ -188,20 +189,79 @@ def test_processes_opening_a_new_store_at_once_all_open_it(tmp_path) -> None:
         assert said == ["opened"] * 4, said
 
 
-def test_a_version_is_served_before_it_is_announced_ready(store) -> None:
-    """A trainer saves with ready=False, waits until every cache has the version, then
-    marks it ready; a newer version saved meanwhile is not overtaken."""
+def _job(store, tenant_id, head_id, owner="replica-a/1/x", lease_s=30.0):
+    return store.create_job(
+        tenant_id=tenant_id, head_id=head_id, backbones=["bb"],
+        examples=[("a", "text", b"one"), ("b", "image", b"\x89PNG")], owner=owner,
+        lease_s=lease_s,
+    )  # fmt: skip
+
+
+def test_a_job_keeps_its_examples_and_is_published_only_when_finished(store) -> None:
+    """A job is stored with its examples before training; its version is served at once
+    (ready=False) but the head turns ready only when the job finishes."""
     tenant, _ = store.create_tenant(name="t")
     head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    job_id, claimed = _job(store, tenant.id, head.id)
+    assert claimed
+    assert store.job_examples(job_id=job_id) == [("a", "text", b"one"), ("b", "image", b"\x89PNG")]
     version = store.save_version(
         tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={}, examples=[],
         labels=["a", "b"], weights=np.ones((4, 2), np.float32), bias=np.zeros(2, np.float32),
         prototypes=np.ones((4, 2), np.float32), unknown_threshold=None, metrics={}, ready=False,
     )  # fmt: skip
-    saved = store.get_head(tenant_id=tenant.id, head_id=head.id)
-    assert (version, saved.status) == (1, "training")
+    assert (version, store.get_head(tenant_id=tenant.id, head_id=head.id).status) == (1, "training")
     assert store.serving_head(tenant_id=tenant.id, head_id=head.id).version == 1
-    store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=0)  # an older one: no-op
-    assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "training"
-    store.mark_ready(tenant_id=tenant.id, head_id=head.id, version=1)
+    store.finish_job(job_id=job_id, tenant_id=tenant.id, head_id=head.id, version=1)
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "ready"
+    assert store.job_examples(job_id=job_id) == []
+    assert store.claim_job(owner="b/1/y", lease_s=30) is None
+
+
+def test_a_job_whose_process_died_is_taken_over_then_given_up(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    job_id, _ = _job(store, tenant.id, head.id, lease_s=0.05)
+    assert store.claim_job(owner="b/1/y", lease_s=30) is None  # its lease is live
+    time.sleep(0.1)  # ... and now it ran out: the process died
+    taken = store.claim_job(owner="b/1/y", lease_s=0.05)
+    assert (taken.id, taken.head_id, taken.backbones, taken.attempts) == (
+        job_id,
+        head.id,
+        ["bb"],
+        2,
+    )
+    store.release_job(job_id=job_id)  # a passing failure: not counted
+    assert store.claim_job(owner="b/1/y", lease_s=0.05).attempts == 2
+    time.sleep(0.1)
+    assert store.claim_job(owner="c/1/z", lease_s=0.05).attempts == 3
+    time.sleep(0.1)
+    assert store.claim_job(owner="c/1/z", lease_s=30) is None  # a fourth time: given up
+    failed = store.get_head(tenant_id=tenant.id, head_id=head.id)
+    assert (failed.status, failed.error) == ("failed", GAVE_UP)
+    assert store.job_examples(job_id=job_id) == []
+
+
+def test_a_head_trains_one_job_at_a_time_oldest_first(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    first, claimed_first = _job(store, tenant.id, head.id)
+    second, claimed_second = _job(store, tenant.id, head.id)
+    assert claimed_first and not claimed_second
+    assert store.claim_job(owner="b/1/y", lease_s=30) is None  # waits behind the first
+    store.fail_job(job_id=first, tenant_id=tenant.id, head_id=head.id, error="bad input")
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).error == "bad input"
+    assert store.claim_job(owner="b/1/y", lease_s=30).id == second
+
+
+def test_a_restarting_replica_frees_its_jobs_and_only_its_own(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    mine = store.create_head(tenant_id=tenant.id, name="mine", backbone="bb")
+    theirs = store.create_head(tenant_id=tenant.id, name="theirs", backbone="bb")
+    _job(store, tenant.id, mine.id, owner="host-1234/77/ab")
+    _job(store, tenant.id, theirs.id, owner="host-12345/78/cd")
+    assert store.release_leases(owner_prefix="host-1234/") == 1
+    assert store.claim_job(owner="host-1234/79/ef", lease_s=30).head_id == mine.id
+    assert store.claim_job(owner="host-1234/79/ef", lease_s=30) is None
+    # A head with a job is not "interrupted": its job will finish it.
+    assert store.recover_interrupted() == 0
