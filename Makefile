@@ -3,11 +3,12 @@ VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 PORT ?= 3000
+FLEET_PORT ?= 8080
 HOST ?= 127.0.0.1
 export GRAFT_DATA_DIR ?= $(CURDIR)/.graft
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install prepare serve test test-long lint format bench clean
+.PHONY: install prepare serve fleet test test-long lint format bench clean
 
 # Reinstall when pyproject.toml changes; the stamp marks a finished install.
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +27,11 @@ serve: prepare
 	@$(PY) -m service.auth
 	$(VENV)/bin/bentoml serve service.service:Graft --host $(HOST) --port $(PORT)
 
+# A fleet on this machine: PostgreSQL, 3 replicas and nginx in front (Debian's packages:
+# apt-get install postgresql nginx), on loopback; Ctrl-C stops it.
+fleet: prepare
+	@$(PY) -m deploy.local_fleet --replicas 3 --port $(FLEET_PORT)
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -41,9 +47,11 @@ test: lint
 	$(VENV)/bin/pytest --database postgresql $(PYTEST_ARGS)
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
-# operation and mode, 3 minutes of load on 72 tenants (about 12 minutes).
+# operation and mode, 3 minutes of load on 72 tenants (about 12 minutes); then the crash
+# tests and the fleet drill (a replica killed every 10 s for 2 minutes) on PostgreSQL.
 test-long: lint
 	$(VENV)/bin/pytest --long -s tests/test_e2e_crash.py tests/test_e2e_fuzz.py tests/test_e2e_load.py
+	$(VENV)/bin/pytest --long -s --database postgresql tests/test_e2e_crash.py tests/test_e2e_fleet.py
 
 # Accuracy and speed on the shared data sets (not part of the test suite).
 bench: prepare

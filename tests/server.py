@@ -66,10 +66,16 @@ class Server:
 
 
 def start_server(
-    command: list[str], data_dir: Path, backbone_dir: Path, env: dict[str, str] | None = None
+    command: list[str],
+    data_dir: Path,
+    backbone_dir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    admin_key: str | None = None,
+    port: int | None = None,
 ) -> Server:
-    port = free_port()
-    admin_key = secrets.token_urlsafe(24)
+    port = port or free_port()
+    admin_key = admin_key or secrets.token_urlsafe(24)
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "server.log"
     full_env = {
@@ -83,7 +89,7 @@ def start_server(
     }
     from tests.postgres import database_for  # it imports free_port from here
 
-    database_url = database_for(data_dir)
+    database_url = None if "GRAFT_DATABASE_URL" in full_env else database_for(data_dir)
     if database_url is not None:
         full_env["GRAFT_DATABASE_URL"] = database_url
     with open(log_path, "wb") as log:
