@@ -11,7 +11,8 @@ WORKDIR /app
 COPY --chown=graft:graft . .
 USER graft
 
-# State (SQLite, admin key) lives on a volume; exported backbones stay in the image.
+# State (SQLite, admin key) lives on a volume, or in PostgreSQL (GRAFT_DATABASE_URL);
+# exported backbones stay in the image.
 ENV GRAFT_DATA_DIR=/data \
     GRAFT_BACKBONE_DIR=/app/backbones \
     BENTOML_DO_NOT_TRACK=True \
@@ -21,6 +22,15 @@ ENV GRAFT_DATA_DIR=/data \
 
 # Install and export the backbones at build time, so the container starts offline.
 RUN make prepare
+
+# The GPU image (`docker build --build-arg GPU=1 -t graft:gpu .`, for
+# deploy/kubernetes/gpu): onnxruntime's CUDA build with the CUDA and cuDNN libraries from
+# pip, which models/runtime.py preloads.
+ARG GPU=0
+RUN if [ "$GPU" = 1 ]; then \
+        .venv/bin/pip uninstall -y onnxruntime \
+        && .venv/bin/pip install --no-cache-dir "onnxruntime-gpu[cuda,cudnn]"; \
+    fi
 
 VOLUME ["/data"]
 EXPOSE 3000
