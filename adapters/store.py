@@ -127,6 +127,14 @@ job_examples = sa.Table(
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
+# The replicas alive (migration 0004): a heartbeat each, written by its runner.
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("id", sa.Text, primary_key=True),
+    sa.Column("seen_at", sa.Float, nullable=False),  # Unix time
+)
+
 KEY_PREFIX = "graft"
 # How long opening waits for other processes that open the same new store at once.
 OPEN_TIMEOUT_S = 30
@@ -596,6 +604,21 @@ class Store:
                 )  # fmt: skip
             self._changed(db)
             return db.scalar(sa.select(heads.c.version).where(heads.c.id == head_id))
+
+    # Replicas -------------------------------------------------------------------------
+
+    def heartbeat(self, *, replica_id: str) -> None:
+        dialect = postgresql if self._postgres else sqlite
+        now = time.time()
+        insert = dialect.insert(replicas).values(id=replica_id, seen_at=now)
+        with self._tx() as db:
+            db.execute(insert.on_conflict_do_update(index_elements=["id"], set_={"seen_at": now}))
+
+    def live_replicas(self, *, within_s: float) -> int:
+        """Replicas whose heartbeat is at most `within_s` old (this one at least)."""
+        query = sa.select(sa.func.count()).where(replicas.c.seen_at > time.time() - within_s)
+        with self._read() as db:
+            return max(1, db.scalar(query.select_from(replicas)))
 
     # Training jobs --------------------------------------------------------------------
 

@@ -110,12 +110,15 @@ def in_process(
     return {size: statistics.median(values) for size, values in timings.items()}
 
 
-def seed_heads(data_dir: Path, n: int, dim: int) -> list[tuple[str, str]]:
-    """n two-label heads, each of its own tenant, written straight to the registry."""
-    store = Store(data_dir / "graft.sqlite3")
-    # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
-    sa.event.listen(store.engine, "connect", lambda db, _: db.execute("PRAGMA synchronous=OFF"))
-    store.engine.dispose()
+def seed_heads(database: str | Path, n: int, dim: int) -> list[tuple[str, str]]:
+    """n two-label heads, each of its own tenant, written straight to the registry (a URL,
+    or the path of a SQLite file)."""
+    store = Store(database)
+    if store.engine.dialect.name == "sqlite":
+        # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
+        listen = sa.event.listen
+        listen(store.engine, "connect", lambda db, _: db.execute("PRAGMA synchronous=OFF"))
+        store.engine.dispose()
     rng = np.random.default_rng(0)
     heads = []
     for i in tqdm(range(n), desc="seeding the registry", mininterval=5, file=sys.stderr):
@@ -427,7 +430,7 @@ def main() -> None:
     print(f"(decoding and resizing one client image: {decode_ms:.2f} ms of one core)")
 
     registry = max(args.registry, max(head_counts) + 100)
-    heads = seed_heads(scratch / "graft", registry, spec.embedding_dim)
+    heads = seed_heads(scratch / "graft" / "graft.sqlite3", registry, spec.embedding_dim)
     server = start_server(BENTOML, scratch / "graft", settings.backbone_dir, env)
     results: dict[tuple[int, int], list[dict]] = {(s, n): [] for s in sizes for n in head_counts}
     try:

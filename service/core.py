@@ -22,6 +22,7 @@ from prometheus_client import CollectorRegistry
 
 from adapters import heads
 from adapters.coherence import ChangeWatcher, KeyCache
+from adapters.fleet import FleetSize, Heartbeat
 from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
@@ -76,8 +77,13 @@ class Graft:
             settings.rate_limit_burst,
             path=settings.run_dir / "rate_limits.sqlite3",
         )
+        # This replica is alive, and takes its share of the fleet's rate limits.
+        self._heartbeat = Heartbeat(self.store, settings.replica_id)
+        self._fleet_size = FleetSize(self.store, self.rate_limiter.share_with)
 
     def close(self) -> None:
+        self._fleet_size.close()
+        self._heartbeat.close()
         self._watcher.close()
         self.training.close()
         self.runner.close()

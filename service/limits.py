@@ -68,6 +68,9 @@ class RateLimiter:
     The buckets live in a small SQLite file beside the runner's socket, so every API
     worker of this machine takes from the same bucket, whichever worker a connection
     lands on. Written without fsync: after a crash, buckets simply start full again.
+
+    In a fleet of N replicas, each holds a tenant to 1/N of the rate and burst
+    (`share_with`), so that the fleet as a whole holds it to them.
     """
 
     # Past this many buckets, those that have refilled (idle tenants) are dropped.
@@ -75,8 +78,8 @@ class RateLimiter:
 
     def __init__(self, rate: float, burst: int, path: Path, clock=time.monotonic) -> None:
         # time.monotonic is one clock for every process of a machine (CLOCK_MONOTONIC).
-        self.rate = rate
-        self.burst = burst
+        self.fleet_rate, self.fleet_burst = rate, burst
+        self.rate, self.burst = rate, float(burst)
         self._clock = clock
         self._path = path
         self._local = threading.local()  # a connection per thread
@@ -97,6 +100,11 @@ class RateLimiter:
             self._local.db = db
         return db
 
+    def share_with(self, replicas: int) -> None:
+        """This replica's share when `replicas` replicas serve (a burst of 1 at least)."""
+        self.rate = self.fleet_rate / replicas
+        self.burst = max(1.0, self.fleet_burst / replicas)
+
     def wait_needed(self, key: str) -> float:
         """Takes a token and returns 0, or returns the seconds until one is free."""
         if self.rate <= 0:
@@ -106,8 +114,8 @@ class RateLimiter:
         try:
             now = self._clock()
             row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
-            tokens, at = row if row else (float(self.burst), now)
-            tokens = min(float(self.burst), tokens + max(0.0, now - at) * self.rate)
+            tokens, at = row if row else (self.burst, now)
+            tokens = min(self.burst, tokens + max(0.0, now - at) * self.rate)
             wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate
             db.execute(
                 "INSERT OR REPLACE INTO buckets (key, tokens, at) VALUES (?, ?, ?)",

@@ -1,4 +1,9 @@
-"""The link between API workers and the backbone runner: a Unix socket carrying arrays.
+"""The link between API workers and the backbone runner: a socket carrying arrays.
+
+A Unix socket when the runner is a process of the same server (the default); TCP when
+it runs in pods of its own (`GRAFT_RUNNER_LINK=tcp://host:port`), where both sides
+prove they hold `GRAFT_RUNNER_KEY` (an HMAC challenge each way) before any message:
+messages are pickles, which no one else may send.
 
 The runner process (`service/runner_service.py`) owns the ONNX Runtime sessions; each API
 worker process holds one `RunnerClient`, a persistent connection shared by its request
@@ -6,7 +11,8 @@ threads. A request is `(id, backbone, priority, rows)` and its answer `(id, embe
 error)`, pickled (protocol 5) with its arrays sent as raw bytes beside it. Why not
 BentoML's own calls between services: bench/handoff.py measures both (BENCHMARKS.md).
 
-Only processes of the same user reach the socket: it lives in a directory of mode 0700.
+Only processes of the same user reach the Unix socket: it lives in a directory of mode
+0700.
 """
 
 from __future__ import annotations
@@ -20,7 +26,14 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing import AuthenticationError
+from multiprocessing.connection import (
+    Client,
+    Connection,
+    Listener,
+    answer_challenge,
+    deliver_challenge,
+)
 from pathlib import Path
 
 import numpy as np
@@ -46,17 +59,43 @@ class RunnerUnavailable(RuntimeError):
 # The runner's side -----------------------------------------------------------------------
 
 
+# Where the link is: a Unix socket's path, or (host, port) over TCP.
+Address = Path | str | tuple[str, int]
+
+
+def link_address(settings: Settings) -> tuple[Address, bytes | None]:
+    """The runner link's address, and the key that TCP needs (None on a Unix socket)."""
+    if settings.runner_link is None:
+        return settings.runner_socket, None
+    host, _, port = settings.runner_link.removeprefix("tcp://").rpartition(":")
+    return (host.strip("[]"), int(port)), settings.runner_key.encode()
+
+
+def _family(address: Address) -> str:
+    return "AF_INET" if isinstance(address, tuple) else "AF_UNIX"
+
+
 class RunnerServer:
     """Accepts API workers' connections and feeds their rows to one batcher per backbone."""
 
-    def __init__(self, path: Path, batchers: Mapping[str, Batcher]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.parent.chmod(0o700)
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # left by a runner that was killed
-        self.path = path
+    def __init__(
+        self, address: Address, batchers: Mapping[str, Batcher], *, authkey: bytes | None = None
+    ) -> None:
+        if not isinstance(address, tuple):
+            path = Path(address)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.chmod(0o700)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()  # left by a runner that was killed
+            address = str(path)
+        elif authkey is None:
+            raise ValueError("a runner link over TCP needs a key")
+        self.address = address
         self.batchers = batchers
-        self._listener = Listener(str(path), family="AF_UNIX")
+        self._authkey = authkey
+        # Authenticated per connection, on its own thread: a client that never answers
+        # the challenge holds up that thread only, not the accepting one.
+        self._listener = Listener(address, family=_family(address))
         self._connections = 0
         self._connections_changed = threading.Condition()
         self._thread = threading.Thread(
@@ -73,8 +112,9 @@ class RunnerServer:
             self._connections_changed.wait_for(lambda: not self._connections, drain_timeout_s)
         for batcher in self.batchers.values():
             batcher.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if not isinstance(self.address, tuple):
+            with contextlib.suppress(FileNotFoundError):
+                Path(self.address).unlink()
 
     def _accept(self) -> None:
         while True:
@@ -90,6 +130,14 @@ class RunnerServer:
 
     def _serve(self, conn: Connection) -> None:
         try:
+            if self._authkey is not None:
+                try:
+                    deliver_challenge(conn, self._authkey)
+                    answer_challenge(conn, self._authkey)
+                except (AuthenticationError, EOFError, OSError) as exc:
+                    log.warning("refused a runner link connection: %s", exc)
+                    hang_up(conn)
+                    return
             self._answer_requests(conn)
         finally:
             with self._connections_changed:
@@ -143,8 +191,15 @@ class RunnerServer:
 class RunnerClient:
     """One connection to the runner, shared by a worker's threads; reconnects when lost."""
 
-    def __init__(self, path: Path | str, *, connect_timeout_s: float = 5.0) -> None:
-        self.path = str(path)
+    def __init__(
+        self,
+        address: Address,
+        *,
+        authkey: bytes | None = None,
+        connect_timeout_s: float = 5.0,
+    ) -> None:
+        self.address = address if isinstance(address, tuple) else str(address)
+        self.authkey = authkey
         self.connect_timeout_s = connect_timeout_s
         self._conn: Connection | None = None
         self._pending: dict[int, Future] = {}
@@ -185,12 +240,15 @@ class RunnerClient:
         deadline = time.monotonic() + (self.connect_timeout_s if timeout_s is None else timeout_s)
         while True:
             try:
-                conn = widen(Client(self.path, family="AF_UNIX"))
+                family = _family(self.address)
+                conn = widen(Client(self.address, family=family, authkey=self.authkey))
                 break
-            except OSError as exc:
+            except AuthenticationError as exc:
+                raise RunnerUnavailable(f"the backbone runner refused the key: {exc}") from None
+            except (OSError, EOFError) as exc:
                 if time.monotonic() >= deadline:
                     raise RunnerUnavailable(
-                        f"the backbone runner is not answering at {self.path}: {exc}"
+                        f"the backbone runner is not answering at {self.address}: {exc}"
                     ) from None
                 time.sleep(0.1)
         self._conn = conn
@@ -263,7 +321,8 @@ class Runner:
             )
             for backbone_id, backbone in self.backbones.items()
         }
-        self.server = RunnerServer(settings.runner_socket, batchers)
+        address, authkey = link_address(settings)
+        self.server = RunnerServer(address, batchers, authkey=authkey)
 
     def stats(self) -> dict:
         return {backbone_id: b.stats() for backbone_id, b in self.server.batchers.items()}

@@ -26,7 +26,7 @@ from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
 from service.predict_path import PredictPath  # noqa: E402
-from service.runner import Runner, RunnerClient  # noqa: E402
+from service.runner import Runner, RunnerClient, link_address  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
@@ -70,7 +70,7 @@ class BackboneRunner:
         self.runner = Runner(settings)
         log.info(
             "graft runner ready on %s: backbones %s on %s",
-            settings.runner_socket,
+            settings.runner_link or settings.runner_socket,
             ", ".join(self.runner.backbones),
             settings.device,
         )
@@ -96,7 +96,7 @@ class BackboneRunner:
 class Graft:
     # BentoML starts the runner as a process of its own; its `stats` API is called through
     # BentoML, the hot path goes over the runner's socket (bench/handoff.py says why).
-    backbone_runner = bentoml.depends(BackboneRunner)
+    backbone_runner = bentoml.depends(BackboneRunner, url=settings.runner_url)
 
     def __init__(self) -> None:
         # One core per worker: the parallelism is in the workers. Numpy's BLAS threads
@@ -107,7 +107,8 @@ class Graft:
         # interval each time a predict's thread wants it, several times per predict: 5 ms
         # by default. (Its effect on the p99 is under this machine's noise; BENCHMARKS.md.)
         sys.setswitchinterval(0.0005)
-        runner = RunnerClient(settings.runner_socket)
+        address, authkey = link_address(settings)
+        runner = RunnerClient(address, authkey=authkey)
         self.graft = GraftCore(
             settings,
             runner,

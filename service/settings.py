@@ -63,6 +63,19 @@ class Settings(BaseSettings):
     runner_socket: Path | None = Field(
         None, description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock"
     )
+    runner_link: str | None = Field(
+        None,
+        description="tcp://host:port: the runner's link over TCP, for a runner in pods of its"
+        " own (it listens there; API workers connect there); needs GRAFT_RUNNER_KEY",
+    )
+    runner_key: str | None = Field(
+        None, description="the secret both ends of a TCP runner link prove they hold"
+    )
+    runner_url: str | None = Field(
+        None,
+        description="the runner service's HTTP URL when it runs on its own (`bentoml serve"
+        " service.service:BackboneRunner`); this server then starts none",
+    )
     backbone_lanes: int | None = Field(
         None,
         ge=1,
@@ -168,6 +181,14 @@ class Settings(BaseSettings):
                 f"the runner socket path {self.runner_socket} is over {MAX_SOCKET_PATH} bytes"
                 " (a Unix socket limit): set GRAFT_RUNNER_SOCKET to a shorter path"
             )
+        if self.runner_link is not None:
+            host, _, port = self.runner_link.removeprefix("tcp://").rpartition(":")
+            if not self.runner_link.startswith("tcp://") or not host or not port.isdigit():
+                raise ValueError(
+                    f"GRAFT_RUNNER_LINK must be tcp://host:port, not {self.runner_link!r}"
+                )
+            if self.runner_key is None or len(self.runner_key) < 16:
+                raise ValueError("GRAFT_RUNNER_LINK needs GRAFT_RUNNER_KEY, at least 16 characters")
         if self.admin_key is not None and len(self.admin_key) < 16:
             raise ValueError("GRAFT_ADMIN_KEY must be at least 16 characters")
         return self

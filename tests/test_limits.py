@@ -1,9 +1,14 @@
-"""The per-tenant token bucket, on a clock the test moves by hand."""
+"""The per-tenant token bucket, on a clock the test moves by hand, and its share of the
+fleet's rate."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
+from adapters.fleet import ALIVE_S, FleetSize, Heartbeat
+from adapters.store import Store
 from service.limits import RateLimiter
 
 
@@ -53,3 +58,26 @@ def test_every_worker_takes_from_the_same_bucket(tmp_path) -> None:
     workers = [RateLimiter(rate=1.0, burst=4, path=path, clock=clock) for _ in range(2)]
     taken = [workers[i % 2].wait_needed("a") for i in range(6)]
     assert taken[:4] == [0.0] * 4 and taken[4] > 0 and taken[5] > 0
+
+
+def test_each_of_n_replicas_takes_its_share_of_the_fleet_rate(tmp_path, database_url) -> None:
+    """Two replicas alive (heartbeats in the store): each holds a tenant to half the rate
+    and burst; one not heard from for ALIVE_S is no longer counted."""
+    store = Store(database_url)
+    limiter = RateLimiter(rate=4.0, burst=6, path=tmp_path / "rl.sqlite3", clock=Clock())
+    beats = [Heartbeat(store, "replica-a"), Heartbeat(store, "replica-b")]
+    size = FleetSize(store, limiter.share_with)
+    try:
+        assert size.replicas == 2 and (limiter.rate, limiter.burst) == (2.0, 3.0)
+        assert [limiter.wait_needed("a") for _ in range(4)][-1] == pytest.approx(0.5)
+        time.sleep(0.2)
+        store.heartbeat(replica_id="replica-a")  # b stopped: only a is heard from since
+        assert store.live_replicas(within_s=0.1) == 1
+        assert store.live_replicas(within_s=ALIVE_S) == 2
+    finally:
+        size.close()
+        for beat in beats:
+            beat.close()
+        store.close()
+    limiter.share_with(1)
+    assert (limiter.rate, limiter.burst) == (4.0, 6.0)

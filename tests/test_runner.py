@@ -1,9 +1,11 @@
-"""The link between API workers and the backbone runner, over a real Unix socket."""
+"""The link between API workers and the backbone runner, over a real Unix socket, and
+over TCP with a key (a runner in pods of its own)."""
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +20,7 @@ from service.runner import RunnerClient, RunnerServer, RunnerUnavailable, serve_
 from service.settings import Settings
 from service.training import TRAINING_MESSAGES_IN_FLIGHT, Trainer
 from tests.inputs import COOKING, SPORTS, crops
+from tests.server import free_port
 
 
 def double(rows: np.ndarray) -> np.ndarray:
@@ -46,7 +49,7 @@ def test_workers_get_their_own_embeddings_from_one_runner(
         "minilm_l6": text_backbone.embed_rows(texts),
     }
     server = _server(tmp_path / "runner.sock", [image_backbone, text_backbone])
-    clients = [RunnerClient(server.path) for _ in range(3)]
+    clients = [RunnerClient(server.address) for _ in range(3)]
     rng = np.random.default_rng(0)
     jobs = []
     for i in range(30):
@@ -105,6 +108,30 @@ def _wait_until_connected(client: RunnerClient) -> None:
         time.sleep(0.2)
 
 
+def test_over_tcp_only_a_holder_of_the_key_is_served() -> None:
+    """A silent client and a wrong key get nothing, and hold up no one with the key."""
+    port = free_port()
+    key = b"k" * 32
+    batcher = Batcher(
+        double, name="double", max_batch_size=8, max_latency_ms=5, training_slice_ms=20
+    )
+    server = RunnerServer(("127.0.0.1", port), {"double": batcher}, authkey=key)
+    silent = socket.create_connection(("127.0.0.1", port))  # never answers the challenge
+    rows = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    client = RunnerClient(("127.0.0.1", port), authkey=key)
+    try:
+        np.testing.assert_array_equal(client.embed("double", rows).result(10), double(rows))
+        intruder = RunnerClient(("127.0.0.1", port), authkey=b"x" * 32, connect_timeout_s=1)
+        with pytest.raises(RunnerUnavailable, match="refused the key"):
+            intruder.embed("double", rows)
+        with pytest.raises(ValueError, match="needs a key"):
+            RunnerServer(("127.0.0.1", free_port()), {})
+    finally:
+        silent.close()
+        client.close()
+        server.close(drain_timeout_s=1)
+
+
 def test_no_runner_is_a_clear_error(tmp_path) -> None:
     client = RunnerClient(tmp_path / "absent.sock", connect_timeout_s=0.3)
     with pytest.raises(RunnerUnavailable, match="not answering"):
@@ -142,7 +169,7 @@ def test_training_rows_cross_the_link_a_few_messages_at_a_time(tmp_path, image_b
         double, name="double", max_batch_size=8, max_latency_ms=0, training_slice_ms=5
     )
     server = RunnerServer(tmp_path / "runner.sock", {"double": batcher})
-    client = CountingClient(server.path)
+    client = CountingClient(server.address)
     trainer = Trainer(Store(tmp_path / "graft.sqlite3"), client, Settings(data_dir=tmp_path))
     spec = dataclasses.replace(image_backbone.spec, id="double")
     try:
@@ -161,7 +188,7 @@ def test_a_stopping_runner_serves_its_workers_until_they_hang_up(tmp_path) -> No
         double, name="double", max_batch_size=8, max_latency_ms=0, training_slice_ms=5
     )
     server = RunnerServer(tmp_path / "runner.sock", {"double": batcher})
-    client = RunnerClient(server.path)
+    client = RunnerClient(server.address)
     rows = np.ones((4, 3), np.uint8)
     client.embed("double", rows).result(10)  # connected
     stopping = threading.Thread(target=server.close, kwargs={"drain_timeout_s": 60})

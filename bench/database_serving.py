@@ -1,0 +1,97 @@
+"""Predict throughput of one replica on PostgreSQL against one on SQLite, side by side.
+
+    python bench/database_serving.py            # about 4 minutes on 2 cores
+
+Two servers with the same settings, one on a SQLite file, one on PostgreSQL 15 (Debian's,
+on loopback, `tests/postgres.py`), each with the same 1,100 heads of 1,100 tenants.
+They take turns under the same load: wrk (or httpx without it), 16 connections of
+single-image raw-JPEG predicts over 1,000 heads, as bench/serving.py's phase 2. The
+server not measured is idle. Issue 11's target: PostgreSQL within 10% of SQLite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.serving import (  # noqa: E402
+    BACKBONE,
+    Requests,
+    client_images,
+    closed_loop,
+    seed_heads,
+    settle,
+    wrk_loop,
+)
+from models.registry import get_backbone  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.postgres import postgres  # noqa: E402
+from tests.server import BENTOML, start_server, stop_server  # noqa: E402
+
+HEADS = 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--duration", type=float, default=20, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings()
+    dim = get_backbone(BACKBONE).embedding_dim
+    images = client_images()
+    scratch = Path(tempfile.mkdtemp(prefix="graft-database-serving-"))
+    use_wrk = shutil.which("wrk") is not None
+    print(
+        f"# bench/database_serving.py: {args.clients} clients ({'wrk' if use_wrk else 'httpx'}),"
+        f" raw single-image predicts over {HEADS} heads, {args.duration:.0f} s x {args.rounds}"
+        f" rounds per engine, {settings.api_workers} API workers"
+    )
+    servers = {}
+    with postgres() as url:
+        try:
+            for engine, database in (
+                ("SQLite", scratch / "SQLite" / "graft.sqlite3"),  # the server's default
+                ("PostgreSQL", url),
+            ):
+                heads = seed_heads(database, HEADS + 100, dim)
+                env = {} if engine == "SQLite" else {"GRAFT_DATABASE_URL": url}
+                server = start_server(BENTOML, scratch / engine, settings.backbone_dir, env)
+                servers[engine] = (server, heads[:HEADS])
+            results: dict[str, list[dict]] = {engine: [] for engine in servers}
+            for round_ in range(args.rounds + 1):  # round 0 warms both up
+                for engine, (server, heads) in servers.items():
+                    requests = Requests(server.base_url, heads, images, 1, "raw")
+                    settle(server.base_url, server.admin_key)
+                    seconds = args.duration if round_ else 5
+                    if use_wrk:
+                        r = wrk_loop(requests, args.clients, seconds, scratch)
+                    else:
+                        r = asyncio.run(closed_loop(requests, args.clients, seconds))
+                    if round_:
+                        results[engine].append(r)
+                        rate = r["requests"] / r["seconds"]
+                        print(f"round {round_} {engine:<10} {rate:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+        finally:
+            for server, _ in servers.values():
+                stop_server(server)
+    shutil.rmtree(scratch, ignore_errors=True)
+    rates = {e: [r["requests"] / r["seconds"] for r in rs] for e, rs in results.items()}
+    ratios = [pg / lite for pg, lite in zip(rates["PostgreSQL"], rates["SQLite"], strict=True)]
+    for engine, values in rates.items():
+        print(f"{engine:<10} median {statistics.median(values):7.1f} images/s")
+    print(
+        f"PostgreSQL ÷ SQLite, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
+        f" median {statistics.median(ratios):.3f} (target ≥ 0.90)"
+    )
+
+
+if __name__ == "__main__":
+    main()
