@@ -235,8 +235,9 @@ def database_url(url_or_path: str | Path) -> str:
 def open_engine(url: str) -> sa.Engine:
     """An engine for `url`, set up for Graft's durability and concurrency on either engine."""
     if not url.startswith("sqlite"):
-        # pool_pre_ping: a replica outlives a database restart or failover.
-        return sa.create_engine(url, pool_pre_ping=True)
+        # pool_pre_ping: a replica outlives a database restart or failover. At most 8
+        # connections per process: warm requests read no row, so few are ever in use.
+        return sa.create_engine(url, pool_pre_ping=True, pool_size=4, max_overflow=4)
     path = sa.engine.make_url(url).database
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

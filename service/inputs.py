@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -20,6 +19,7 @@ import numpy as np
 from models.preprocess import InvalidInput, decode_images, load_tokenizer, token_ids
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.errors import Forbidden, PayloadTooLarge, Unprocessable
+from service.schemas import holds_control_characters
 from service.settings import Settings
 
 
@@ -104,7 +104,7 @@ def check_labels(labels: list[str], existing: Sequence[str], settings: Settings)
     for label in set(labels):
         if not label.strip():
             raise Unprocessable("labels must not be empty or blank", code="invalid_label")
-        if any(unicodedata.category(c) in ("Cc", "Cs") for c in label):
+        if holds_control_characters(label):
             raise Unprocessable(
                 f"label {label[:40]!r} holds a control character", code="invalid_label"
             )

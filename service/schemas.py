@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import unicodedata
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from adapters.heads import UNKNOWN_KEEP
 
@@ -22,11 +23,26 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def holds_control_characters(text: str) -> bool:
+    """Control characters (NUL among them, which PostgreSQL cannot store) or lone
+    surrogates (not UTF-8): refused in names and labels."""
+    return any(unicodedata.category(c) in ("Cc", "Cs") for c in text)
+
+
+def _printable(text: str) -> str:
+    if holds_control_characters(text):
+        raise ValueError("must not hold control characters")
+    return text
+
+
+Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
+
+
 # Tenants -------------------------------------------------------------------------------
 
 
 class TenantCreate(_Strict):
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
 
 
 class TenantPublic(BaseModel):
@@ -91,7 +107,7 @@ class Example(Input):
 class HeadSpec(_Strict):
     """What a head is called and which backbone it sits on (the multipart form fields)."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: Name
     backbone: str = Field(
         description="a backbone id (GET /backbones), or `auto`: every backbone of the"
         " examples' modality is scored by LogME on the examples, the best two are trained"

@@ -142,6 +142,17 @@ def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
             "invalid_request",
         ),
         (tenant.post("/v1/heads", json={"name": "x"}), 422, "invalid_request"),
+        # NUL cannot be stored by PostgreSQL: refused in every name, on both engines.
+        (
+            tenant.post("/v1/heads", json={**_create(image_examples(1, seed=1)), "name": "a\x00"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            server.admin().post("/v1/tenants", json={"name": "t\x00"}),
+            422,
+            "invalid_request",
+        ),
         (
             tenant.post(
                 "/v1/heads", content=b"{not json", headers={"content-type": "application/json"}
