@@ -157,15 +157,16 @@ def fold_fixed_size(path: Path) -> None:
 
 
 def main() -> None:
-    """`python -m models.export`: prepare every registered backbone in every variant
-    (used by `make serve`), so that neither serving nor a download waits for it."""
+    """`python -m models.export`: prepare every backbone the server will load
+    (GRAFT_BACKBONES) in every variant (used by `make serve`), so that neither serving nor
+    a download waits for it."""
     from models.quantize import VARIANTS
     from models.registry import list_backbones
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings()
-    for spec in list_backbones():
+    for spec in list_backbones(settings.backbone_ids):
         for variant in VARIANTS:
             print(f"{spec.id} {variant}: {ensure_variant(spec, settings.backbone_dir, variant)}")
 

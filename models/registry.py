@@ -9,7 +9,7 @@ adding a backbone touches one family module and nothing else.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -112,9 +112,15 @@ def _load_families() -> None:
     from models import efficientnet, minilm  # noqa: F401
 
 
-def list_backbones() -> list[BackboneSpec]:
+def list_backbones(ids: Sequence[str] | None = None) -> list[BackboneSpec]:
+    """Every registered backbone, or those named by `ids`, in that order."""
     _load_families()
-    return list(_REGISTRY.values())
+    if ids is None:
+        return list(_REGISTRY.values())
+    unknown = [i for i in ids if i not in _REGISTRY]
+    if unknown:
+        raise KeyError(f"unknown backbones {unknown}; known: {', '.join(_REGISTRY)}")
+    return [_REGISTRY[i] for i in ids]
 
 
 def get_backbone(backbone_id: str) -> BackboneSpec | None:

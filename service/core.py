@@ -63,7 +63,10 @@ class Graft:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(settings.database_url)
-        self.backbones: dict[str, BackboneSpec] = {spec.id: spec for spec in list_backbones()}
+        # The backbones this server loads (GRAFT_BACKBONES): what it lists, trains and serves.
+        self.backbones: dict[str, BackboneSpec] = {
+            spec.id: spec for spec in list_backbones(settings.backbone_ids)
+        }
         self.heads = HeadCache(self.store, settings.head_cache_bytes)
         self.keys = KeyCache(self.store)
         self._watcher = ChangeWatcher(self.store, settings.cache_poll_s, [self.heads, self.keys])
@@ -149,6 +152,16 @@ class Graft:
             raise NotFound(f"no backbone {backbone_id!r}", code="backbone_not_found")
         return self.backbones[backbone_id]
 
+    def served_backbone(self, head_id: str, backbone_id: str) -> BackboneSpec:
+        """The backbone a head sits on, if this server loads it (a 409 if not)."""
+        if backbone_id not in self.backbones:
+            raise Conflict(
+                f"head {head_id} sits on backbone {backbone_id!r}, which this server does not"
+                f" load (GRAFT_BACKBONES: {', '.join(self.backbones)})",
+                code="backbone_not_served",
+            )
+        return self.backbones[backbone_id]
+
     # Heads -------------------------------------------------------------------------
 
     def get_head(self, tenant: Tenant, head_id: str) -> Head:
@@ -172,6 +185,12 @@ class Graft:
         if backbone_id == AUTO_BACKBONE:
             modality = raws[0].kind if raws else "image"
             candidates = [b for b in self.backbones.values() if b.modality == modality]
+            if not candidates:
+                raise Unprocessable(
+                    f"this server loads no {modality} backbone (GRAFT_BACKBONES:"
+                    f" {', '.join(self.backbones)})",
+                    code="unknown_backbone",
+                )
         else:
             candidates = [self.backbone(backbone_id)]
         labels = check_labels([label for label, _ in examples], (), self.settings)
@@ -210,7 +229,7 @@ class Graft:
                 " add examples once it is ready",
                 code="head_not_ready",
             )
-        spec = self.backbone(head.backbone)
+        spec = self.served_backbone(head.id, head.backbone)
         labels = check_labels([label for label, _ in examples], head.labels, self.settings)
         raws = [raw for _, raw in examples]
         prepared = self.training.prepare(tenant.id, spec, raws)
@@ -273,7 +292,7 @@ class Graft:
                 f"head {head_id} has no trained version yet (status: {head.status})",
                 code="head_not_ready",
             )
-        spec = self.backbones[head.backbone]
+        spec = self.served_backbone(head.id, head.backbone)
         check_modality(spec, inputs)
         rows = to_rows(spec, list(enumerate(inputs)), self.settings)
         try:
@@ -288,7 +307,7 @@ class Graft:
         head = self.get_head(tenant, head_id)
         if not head.servable:
             raise Conflict(f"head {head.id} has no trained version yet", code="head_not_ready")
-        spec = self.backbone(head.backbone)
+        spec = self.served_backbone(head.id, head.backbone)
         variant = variant or self.settings.variant
         path = ensure_variant(spec, self.settings.backbone_dir, variant)
         return head, combined_model(spec, path, head, variant=variant)

@@ -303,7 +303,8 @@ class Runner:
             return session(spec, 1).embed_rows
 
         self.backbones = {
-            spec.id: session(spec, settings.intra_op_threads) for spec in list_backbones()
+            spec.id: session(spec, settings.intra_op_threads)
+            for spec in list_backbones(settings.backbone_ids)
         }
         batchers = {
             backbone_id: Batcher(

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
     )
+    backbones: str | None = Field(
+        None,
+        description="ids of the backbones this server loads, comma-separated (GET"
+        " /v1/backbones lists them all); default: every built-in one",
+    )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     variant: Variant = Field(
         "fp32",
@@ -150,6 +155,17 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
+        if self.backbones is not None:
+            from models.registry import list_backbones
+
+            ids = list(dict.fromkeys(i.strip() for i in self.backbones.split(",") if i.strip()))
+            if not ids:
+                raise ValueError("GRAFT_BACKBONES names no backbone")
+            try:
+                list_backbones(ids)
+            except KeyError as exc:
+                raise ValueError(f"GRAFT_BACKBONES: {exc.args[0]}") from None
+            self.backbones = ",".join(ids)
         if self.replica_id is None:
             digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:8]
             self.replica_id = f"{socket.gethostname()}-{digest}"
@@ -197,6 +213,11 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """State of this machine's running server only: the runner's socket, rate buckets."""
         return self.data_dir / "run"
+
+    @property
+    def backbone_ids(self) -> list[str] | None:
+        """The backbones GRAFT_BACKBONES chose; None: every registered one."""
+        return None if self.backbones is None else self.backbones.split(",")
 
     @property
     def publish_delay_s(self) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 from adapters import heads
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
-from models.registry import BackboneSpec, ImagePreprocessing, get_backbone
+from models.registry import BackboneSpec, ImagePreprocessing, list_backbones
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
@@ -96,6 +96,7 @@ class Trainer:
             initargs=(TRAINING_JOB_NICE,),
         )
         self._images = TrainingDecoder()
+        self._loaded = {spec.id: spec for spec in list_backbones(settings.backbone_ids)}
         self._jobs: set[str] = set()  # held by this process, running or waiting in the pool
         self._jobs_lock = threading.Lock()
         self._stop = threading.Event()
@@ -189,6 +190,12 @@ class Trainer:
         log.warning(
             "taking over training job %s of head %s (attempt %d)", job.id, head.id, job.attempts
         )
+        missing = set(job.backbones) - set(self._loaded)
+        if missing:
+            # Replicas of one fleet should load the same backbones (README, Deploying).
+            log.warning("job %s needs backbones %s, not loaded here", job.id, sorted(missing))
+            self.store.release_job(job_id=job.id)
+            return
         examples = [
             (label, RawInput(kind, data.decode("utf-8") if kind == "text" else data))
             for label, kind, data in self.store.job_examples(job_id=job.id)
@@ -196,7 +203,7 @@ class Trainer:
         raws = [raw for _, raw in examples]
         options = [
             (spec, functools.partial(self.prepare, job.tenant_id, spec, raws))
-            for spec in (get_backbone(b) for b in job.backbones)
+            for spec in (self._loaded[b] for b in job.backbones)
         ]
         self._submit(job.id, head, options, [label for label, _ in examples])
 
