@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from adapters.store import Store, Tenant
@@ -65,23 +65,44 @@ class KeyCache:
             self._tenants.clear()
 
 
-class ChangeWatcher:
+class Every:
+    """Runs `step` now and then every `interval_s` on a thread of its own, until closed."""
+
+    def __init__(self, step: Callable[[], None], interval_s: float, name: str) -> None:
+        self._step = step
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._run_step()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._run_step()
+
+    def _run_step(self) -> None:
+        try:
+            self._step()
+        except Exception:
+            log.warning(
+                "%s failed; tried again in %g s", self._step, self._interval_s, exc_info=True
+            )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class ChangeWatcher(Every):
     """Polls the store's change count on a thread and tells the caches when it moves.
     When the store cannot be read, the caches are cleared: nothing is served from a copy
     that cannot be checked."""
 
     def __init__(self, store: Store, interval_s: float, caches: Sequence[Cache]) -> None:
         self._store = store
-        self._interval_s = interval_s
         self._caches = caches
-        self._stop = threading.Event()
         self._last: int | None = store.change_count()
-        self._thread = threading.Thread(target=self._run, name="graft-change-watcher", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self.poll()
+        super().__init__(self.poll, interval_s, "graft-change-watcher")
 
     def poll(self) -> None:
         try:
@@ -96,7 +117,3 @@ class ChangeWatcher:
                 cache.clear()
             count = None
         self._last = count
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()

@@ -9,47 +9,16 @@ rate limit (service/limits.py).
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable
 
+from adapters.coherence import Every
 from adapters.store import Store
-
-log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 5.0
 ALIVE_S = 3 * HEARTBEAT_S
 
 
-class _Every:
-    """Runs `step` now and then every `interval_s` on a thread of its own, until closed."""
-
-    def __init__(self, step: Callable[[], None], interval_s: float, name: str) -> None:
-        self._step = step
-        self._interval_s = interval_s
-        self._stop = threading.Event()
-        self._run_step()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
-            self._run_step()
-
-    def _run_step(self) -> None:
-        try:
-            self._step()
-        except Exception:
-            log.warning(
-                "%s failed; tried again in %g s", self._step, self._interval_s, exc_info=True
-            )
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class Heartbeat(_Every):
+class Heartbeat(Every):
     """This replica is alive (written by each of its API workers, to one row)."""
 
     def __init__(self, store: Store, replica_id: str) -> None:
@@ -58,7 +27,7 @@ class Heartbeat(_Every):
         )
 
 
-class FleetSize(_Every):
+class FleetSize(Every):
     """An API worker's count of the live replicas, kept current on a thread."""
 
     def __init__(self, store: Store, on_change: Callable[[int], None]) -> None:

@@ -490,15 +490,7 @@ class Store:
         it; one without fails."""
         no_job = ~sa.exists().where(training_jobs.c.head_id == heads.c.id)
         with self._tx() as db:
-            return db.execute(
-                heads.update()
-                .where(heads.c.status == "training", no_job)
-                .values(
-                    status=sa.case((heads.c.version > 0, "ready"), else_="failed"),
-                    error=INTERRUPTED,
-                    updated_at=_now(),
-                )
-            ).rowcount
+            return self._resolve_heads(db, INTERRUPTED, heads.c.status == "training", no_job)
 
     # Examples and embeddings ------------------------------------------------------------
 
@@ -704,7 +696,7 @@ class Store:
             attempts = row.attempts + 1
             job = Job(row.id, row.tenant_id, row.head_id, json.loads(row.backbones), attempts)
             if job.attempts > MAX_JOB_ATTEMPTS:
-                self._resolve_head(db, job.tenant_id, job.head_id, GAVE_UP)
+                self._resolve_heads(db, GAVE_UP, heads.c.id == job.head_id)
                 db.execute(training_jobs.delete().where(training_jobs.c.id == job.id))
                 return None
             db.execute(
@@ -772,20 +764,22 @@ class Store:
         """The job failed (not its process: it is not tried again); the head goes back to
         its last version, or fails if it has none."""
         with self._tx() as db:
-            self._resolve_head(db, tenant_id, head_id, error)
+            self._resolve_heads(db, error, heads.c.id == head_id, heads.c.tenant_id == tenant_id)
             db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
 
     @staticmethod
-    def _resolve_head(db: sa.Connection, tenant_id: str, head_id: str, error: str) -> None:
-        db.execute(
+    def _resolve_heads(db: sa.Connection, error: str, *where: sa.ColumnElement) -> int:
+        """The heads `where` selects go back to their last version, or fail if they have
+        none, saying `error`."""
+        return db.execute(
             heads.update()
-            .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)
+            .where(*where)
             .values(
                 status=sa.case((heads.c.version > 0, "ready"), else_="failed"),
                 error=error,
                 updated_at=_now(),
             )
-        )
+        ).rowcount
 
 
 _HEAD_COLUMNS = tuple(

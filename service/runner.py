@@ -65,10 +65,9 @@ Address = Path | str | tuple[str, int]
 
 def link_address(settings: Settings) -> tuple[Address, bytes | None]:
     """The runner link's address, and the key that TCP needs (None on a Unix socket)."""
-    if settings.runner_link is None:
+    if settings.runner_link_address is None:
         return settings.runner_socket, None
-    host, _, port = settings.runner_link.removeprefix("tcp://").rpartition(":")
-    return (host.strip("[]"), int(port)), settings.runner_key.encode()
+    return settings.runner_link_address, settings.runner_key.encode()
 
 
 def _family(address: Address) -> str:

@@ -198,8 +198,7 @@ class Settings(BaseSettings):
                 " (a Unix socket limit): set GRAFT_RUNNER_SOCKET to a shorter path"
             )
         if self.runner_link is not None:
-            host, _, port = self.runner_link.removeprefix("tcp://").rpartition(":")
-            if not self.runner_link.startswith("tcp://") or not host or not port.isdigit():
+            if self.runner_link_address is None:
                 raise ValueError(
                     f"GRAFT_RUNNER_LINK must be tcp://host:port, not {self.runner_link!r}"
                 )
@@ -213,6 +212,14 @@ class Settings(BaseSettings):
     def run_dir(self) -> Path:
         """State of this machine's running server only: the runner's socket, rate buckets."""
         return self.data_dir / "run"
+
+    @property
+    def runner_link_address(self) -> tuple[str, int] | None:
+        """GRAFT_RUNNER_LINK as (host, port); None when unset or not tcp://host:port."""
+        if self.runner_link is None or not self.runner_link.startswith("tcp://"):
+            return None
+        host, _, port = self.runner_link.removeprefix("tcp://").rpartition(":")
+        return (host.strip("[]"), int(port)) if host and port.isdigit() else None
 
     @property
     def backbone_ids(self) -> list[str] | None:
