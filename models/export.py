@@ -11,18 +11,19 @@ import os
 import tempfile
 from pathlib import Path
 
-from models.registry import BackboneSpec, ImagePreprocessing
+from models.registry import BackboneFileError, BackboneSpec, ImagePreprocessing
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
 # Bump when the exported graph changes for the same weights (wrapper, opset, names).
 # 2: image graphs carry their input-size arithmetic as constants (`fold_fixed_size`).
-EXPORT_REVISION = 2
+# 3: keyed by the weights and the declaration (backbones files), not the weights alone.
+EXPORT_REVISION = 3
 
 
 def cached_onnx_path(spec: BackboneSpec, cache_dir: Path) -> Path:
-    return cache_dir / f"{spec.id}-{spec.weights_hash()[:16]}-r{EXPORT_REVISION}.onnx"
+    return cache_dir / f"{spec.id}-{spec.export_key()[:16]}-r{EXPORT_REVISION}.onnx"
 
 
 def ensure_onnx(spec: BackboneSpec, cache_dir: Path) -> Path:
@@ -62,6 +63,54 @@ def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
 
 
 def export_onnx(spec: BackboneSpec, path: Path) -> None:
+    """The backbone as one ONNX graph: preprocessed input in, embedding out; its size is
+    checked against the declared `embedding_dim`."""
+    if spec.onnx_file is not None:
+        _wrap_declared_onnx(spec, path)
+    else:
+        _export_module(spec, path)
+    _check_embedding_size(spec, path)
+
+
+def _wrap_declared_onnx(spec: BackboneSpec, path: Path) -> None:
+    from models.onnx_backbone import wrap_onnx
+
+    pre = spec.preprocessing
+    image = {}
+    if isinstance(pre, ImagePreprocessing):
+        image = {"image_size": pre.image_size, "mean": pre.mean, "std": pre.std}
+    try:
+        wrap_onnx(
+            spec.onnx_file(),
+            path,
+            modality=spec.modality,
+            output=spec.extra["output"],
+            pooling=spec.extra["pooling"],
+            **image,
+        )
+    except ValueError as exc:
+        raise BackboneFileError(f"backbone {spec.id!r}: {exc}") from None
+
+
+def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    if spec.modality == "image":
+        side = spec.preprocessing.image_size
+        feeds = {"image": np.zeros((2, side, side, 3), np.uint8)}
+    else:
+        feeds = {name: np.ones((2, 8), np.int64) for name in spec.onnx_inputs}
+    shape = session.run(["embedding"], feeds)[0].shape
+    if shape != (2, spec.embedding_dim):
+        raise BackboneFileError(
+            f"backbone {spec.id!r}: declared embedding_dim {spec.embedding_dim}, but the"
+            f" model gives embeddings of shape {shape[1:]}"
+        )
+
+
+def _export_module(spec: BackboneSpec, path: Path) -> None:
     import torch
 
     module = spec.build_module()
@@ -161,12 +210,11 @@ def main() -> None:
     (GRAFT_BACKBONES) in every variant (used by `make serve`), so that neither serving nor
     a download waits for it."""
     from models.quantize import VARIANTS
-    from models.registry import list_backbones
     from service.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = Settings()
-    for spec in list_backbones(settings.backbone_ids):
+    for spec in settings.loaded_backbones():
         for variant in VARIANTS:
             print(f"{spec.id} {variant}: {ensure_variant(spec, settings.backbone_dir, variant)}")
 

@@ -193,6 +193,6 @@ def pad_tokens(ids: list[np.ndarray], pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def tokenize(texts: list[str], tokenizer) -> dict[str, np.ndarray]:
+def tokenize(texts: list[str], tokenizer, pad_id: int) -> dict[str, np.ndarray]:
     """Texts to the text graph's feeds, padded to the longest text of this batch."""
-    return pad_tokens(token_ids(texts, tokenizer), tokenizer.token_to_id("[PAD]"))
+    return pad_tokens(token_ids(texts, tokenizer), pad_id)

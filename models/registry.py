@@ -1,21 +1,44 @@
-"""The one registry of backbones.
+"""The backbones a server can load, declared in backbones files, not in code.
 
-A backbone is described by a `BackboneSpec`: what it is (id, modality, embedding size,
-where its weights come from) and how inputs must be prepared for it. Each family module
-registers its variants with `@register_backbone`; the API only ever reads the registry, so
-adding a backbone touches one family module and nothing else.
+The built-in entries are in `models/backbones.toml`; an operator adds their own in a file
+of the same form (`GRAFT_BACKBONES_FILE`). Each entry is one table, named by the
+backbone's id, of one of three kinds:
+
+- `timm`: any timm architecture with a local weights file (a state dict or safetensors)
+  and its image preprocessing;
+- `transformers`: any transformers encoder folder (BERT, RoBERTa, XLNet, GPT-2, T5, MPNet,
+  ...) with its `tokenizer.json`, pooling (mean, cls, last) and maximum length;
+- `onnx`: any ONNX file mapping the preprocessed input to an embedding, with its declared
+  preprocessing (`models/onnx_backbone.py` says what the file must take).
+
+Each entry becomes a `BackboneSpec`: what the service, the runner and the exporter read.
+A bad entry fails at start (`BackboneFileError`) with the file, the entry and what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+import tomllib
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 Modality = Literal["image", "text"]
+BUILTIN_FILE = Path(__file__).with_name("backbones.toml")
+
+
+class BackboneFileError(ValueError):
+    """A backbones file or one of its entries is wrong; the message says where and what."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +62,8 @@ class TextPreprocessing:
 
     tokenizer_file: Callable[[], Path]
     max_tokens: int  # longer inputs are truncated, as the model was trained
+    # The id padded rows are filled with (masked out, but some models embed it anyway).
+    pad_id: Callable[[], int] = lambda: 0
 
 
 @dataclass(frozen=True)
@@ -47,13 +72,21 @@ class BackboneSpec:
     modality: Modality
     embedding_dim: int
     description: str
-    source: str  # the package the weights come from
+    family: str  # the architecture family: EfficientNet, MobileNet, BERT, MPNet, ...
+    source: str  # where the weights come from: a package, or a local file
     license: str
+    # A file, or the folder of a transformers model; its content keys the ONNX cache.
     weights_file: Callable[[], Path]
     # Builds the torch module whose ONNX export is the backbone: preprocessed input in,
     # L2-normalised embedding out. Only called when exporting (torch is imported there).
-    build_module: Callable[[], Any]
+    build_module: Callable[[], Any] | None
     preprocessing: ImagePreprocessing | TextPreprocessing
+    # An `onnx` entry's own file, wrapped at export instead of building a module.
+    onnx_file: Callable[[], Path] | None = None
+    # The entry as declared: a change to it (pooling, preprocessing) is a new export.
+    declaration: str = ""
+    # Raises BackboneFileError when the entry's files are missing (checked at start).
+    check_sources: Callable[[], None] = lambda: None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -61,7 +94,12 @@ class BackboneSpec:
         return ("image",) if self.modality == "image" else ("input_ids", "attention_mask")
 
     def weights_hash(self) -> str:
-        return _file_sha256(self.weights_file())
+        return _content_sha256(self.weights_file())
+
+    def export_key(self) -> str:
+        """What the exported graph depends on: the weights and the declaration."""
+        digest = hashlib.sha256(f"{self.weights_hash()}\n{self.declaration}".encode())
+        return digest.hexdigest()
 
     def public(self) -> dict[str, Any]:
         """What `GET /v1/backbones` shows of this backbone."""
@@ -86,6 +124,7 @@ class BackboneSpec:
         return {
             "id": self.id,
             "modality": self.modality,
+            "family": self.family,
             "embedding_dim": self.embedding_dim,
             "description": self.description,
             "source": self.source,
@@ -95,43 +134,289 @@ class BackboneSpec:
         }
 
 
-_REGISTRY: dict[str, BackboneSpec] = {}
+# The declarations ------------------------------------------------------------------------
 
 
-def register_backbone(factory: Callable[[], BackboneSpec]) -> Callable[[], BackboneSpec]:
-    """Decorator for a function returning a `BackboneSpec`; registers it under its id."""
-    spec = factory()
-    if spec.id in _REGISTRY:
-        raise ValueError(f"backbone {spec.id!r} is registered twice")
-    _REGISTRY[spec.id] = spec
-    return factory
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _load_families() -> None:
-    # Importing a family module registers its backbones.
-    from models import efficientnet, minilm  # noqa: F401
+class FileSource(_Strict):
+    """A file or folder: inside an installed package (`distribution`, the name pip knows),
+    or on disk (`path` alone: absolute, or relative to the backbones file)."""
+
+    path: str
+    distribution: str | None = None
 
 
-def list_backbones(ids: Sequence[str] | None = None) -> list[BackboneSpec]:
-    """Every registered backbone, or those named by `ids`, in that order."""
-    _load_families()
-    if ids is None:
-        return list(_REGISTRY.values())
-    unknown = [i for i in ids if i not in _REGISTRY]
-    if unknown:
-        raise KeyError(f"unknown backbones {unknown}; known: {', '.join(_REGISTRY)}")
-    return [_REGISTRY[i] for i in ids]
+class PartsSource(_Strict):
+    """A zip archive shipped in byte-split pieces (one per package): joined in order,
+    checked against `sha256`, unpacked once under the backbone cache; `folder` is the
+    folder inside the archive that is the source."""
+
+    parts: list[FileSource] = Field(min_length=1)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    folder: str = ""
 
 
-def get_backbone(backbone_id: str) -> BackboneSpec | None:
-    _load_families()
-    return _REGISTRY.get(backbone_id)
+Source = FileSource | PartsSource
+
+
+class ImagePreprocessingEntry(_Strict):
+    image_size: int = Field(ge=8, le=2048)
+    resize_size: int = Field(ge=8, le=4096)
+    mean: tuple[float, float, float]
+    std: tuple[
+        Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]
+    ]
+    interpolation: Literal["bilinear", "bicubic"] = "bicubic"
+
+    @model_validator(mode="after")
+    def _crop_fits(self) -> ImagePreprocessingEntry:
+        if self.resize_size < self.image_size:
+            raise ValueError("resize_size must be at least image_size (the crop is inside it)")
+        return self
+
+
+class _Entry(_Strict):
+    family: str = Field(min_length=1)
+    description: str = ""
+    license: str = "unknown"
+    embedding_dim: int = Field(ge=1, le=65536)
+
+
+class TimmEntry(_Entry):
+    kind: Literal["timm"]
+    architecture: str = Field(min_length=1)
+    # Keyword arguments of timm.create_model (e.g. a smaller width).
+    model_args: dict[str, Any] = {}
+    weights: Source
+    # "by_name": timm's own tensor names; "by_position": another naming of the same
+    # tensors in the same order, matched one to one with every shape checked.
+    weights_layout: Literal["by_name", "by_position"] = "by_name"
+    preprocessing: ImagePreprocessingEntry
+
+
+class TransformersEntry(_Entry):
+    kind: Literal["transformers"]
+    model: Source  # the folder: config.json, weights, tokenizer.json
+    pooling: Literal["mean", "cls", "last"]
+    max_tokens: int = Field(ge=1, le=65536)
+
+
+class TextTokenizerEntry(_Strict):
+    tokenizer: Source  # a Hugging Face tokenizers JSON file
+    max_tokens: int = Field(ge=1, le=65536)
+    pad_id: int = Field(0, ge=0)
+
+
+class OnnxEntry(_Entry):
+    kind: Literal["onnx"]
+    modality: Modality
+    model: Source
+    output: str | None = None  # default: the graph's first output
+    # For a text graph whose output is per token ([batch, tokens, dim]).
+    pooling: Literal["mean", "cls", "last"] | None = None
+    preprocessing: ImagePreprocessingEntry | None = None
+    text: TextTokenizerEntry | None = None
+
+    @model_validator(mode="after")
+    def _inputs_declared(self) -> OnnxEntry:
+        if self.modality == "image" and self.preprocessing is None:
+            raise ValueError("an image model needs [preprocessing]")
+        if self.modality == "text" and self.text is None:
+            raise ValueError("a text model needs [text] (tokenizer, max_tokens)")
+        return self
+
+
+class BackbonesFile(BaseModel):
+    """A whole backbones file: one entry per id."""
+
+    entries: dict[
+        Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")],
+        Annotated[TimmEntry | TransformersEntry | OnnxEntry, Field(discriminator="kind")],
+    ]
+
+
+# Loading ---------------------------------------------------------------------------------
+
+
+def load_catalog(
+    extra_file: Path | None, sources_dir: Path, *, check_files: Sequence[str] = ()
+) -> dict[str, BackboneSpec]:
+    """Every declared backbone: the built-in file's, then `extra_file`'s (an id may not be
+    declared twice). The sources of the ids in `check_files` must be present."""
+    catalog = dict(_load_file(BUILTIN_FILE, sources_dir))
+    if extra_file is not None:
+        for backbone_id, spec in _load_file(extra_file, sources_dir).items():
+            if backbone_id in catalog:
+                raise BackboneFileError(
+                    f"{extra_file}: entry {backbone_id!r} is already declared in {BUILTIN_FILE}"
+                )
+            catalog[backbone_id] = spec
+    for backbone_id in check_files:
+        if backbone_id in catalog:
+            catalog[backbone_id].check_sources()
+    return catalog
 
 
 @cache
-def _file_sha256(path: Path) -> str:
+def _load_file(path: Path, sources_dir: Path) -> dict[str, BackboneSpec]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as exc:
+        raise BackboneFileError(f"backbones file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise BackboneFileError(f"backbones file {path}: not valid TOML: {exc}") from None
+    if not raw:
+        raise BackboneFileError(f"backbones file {path} declares no backbone")
+    try:
+        parsed = BackbonesFile(entries=raw)
+    except ValidationError as exc:
+        raise BackboneFileError(_describe(path, exc)) from None
+    from models.kinds import build_spec  # the kinds import this module's types
+
+    specs = {}
+    for backbone_id, entry in parsed.entries.items():
+        resolve = _Resolver(path.parent, sources_dir, backbone_id)
+        specs[backbone_id] = build_spec(backbone_id, entry, resolve)
+    return specs
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    """Pydantic's errors as `file: entry 'id': field.path: message` lines."""
+    lines = []
+    for error in exc.errors():
+        where = [
+            str(x) for x in error["loc"][1:] if not str(x).startswith(("function-", "tagged-"))
+        ]
+        where = [x for x in where if x not in ("timm", "transformers", "onnx")] or ["?"]
+        entry, detail = where[0], ".".join(where[1:])
+        message = error["msg"]
+        if error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
+            message = "kind must be one of timm, transformers, onnx"
+        lines.append(f"entry {entry!r}: {detail + ': ' if detail else ''}{message}")
+    return f"backbones file {path}:\n  " + "\n  ".join(lines)
+
+
+class _Resolver:
+    """Turns an entry's sources into paths, naming the entry in every error."""
+
+    def __init__(self, base: Path, sources_dir: Path, backbone_id: str) -> None:
+        self.base = base
+        self.sources_dir = sources_dir
+        self.backbone_id = backbone_id
+
+    def __call__(self, source: Source) -> Path:
+        if isinstance(source, PartsSource):
+            return assemble(source, self.sources_dir / f"{self.backbone_id}-{source.sha256[:16]}")
+        return self.file(source)
+
+    def file(self, source: FileSource) -> Path:
+        if source.distribution is None:
+            return (self.base / Path(source.path).expanduser()).resolve()
+        try:
+            dist = importlib.metadata.distribution(source.distribution)
+        except importlib.metadata.PackageNotFoundError:
+            raise BackboneFileError(
+                f"backbone {self.backbone_id!r}: package {source.distribution!r} is not"
+                " installed (make install)"
+            ) from None
+        return Path(dist.locate_file(source.path))
+
+    def describe(self, source: Source) -> str:
+        if isinstance(source, PartsSource):
+            names = [p.distribution or p.path for p in source.parts]
+            return f"{names[0]} … {names[-1]} ({len(names)} pieces)"
+        return source.distribution or "local file"
+
+    def check(self, source: Source) -> None:
+        """The source's files exist (without assembling pieces)."""
+        files = source.parts if isinstance(source, PartsSource) else [source]
+        for part in files:
+            path = self.file(part)
+            if not path.exists():
+                raise BackboneFileError(f"backbone {self.backbone_id!r}: {path} does not exist")
+
+
+def assemble(source: PartsSource, target: Path) -> Path:
+    """The pieces joined, checked and unpacked into `target`, once; concurrent callers
+    (the runner, API workers) each unpack beside it and one rename wins."""
+    folder = target / source.folder if source.folder else target
+    if target.is_dir():
+        return folder
+    target.parent.mkdir(parents=True, exist_ok=True)
+    resolve = _Resolver(Path("."), target.parent, target.name)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    try:
+        archive = scratch / "archive.zip"
+        digest = hashlib.sha256()
+        with open(archive, "wb") as out:
+            for part in source.parts:
+                with open(resolve.file(part), "rb") as piece:
+                    for chunk in iter(lambda piece=piece: piece.read(1 << 20), b""):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != source.sha256:
+            raise BackboneFileError(
+                f"backbone {target.name}: the joined pieces have sha256 {digest.hexdigest()},"
+                f" not the declared {source.sha256}"
+            )
+        unpacked = scratch / "unpacked"
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(unpacked)
+        archive.unlink()
+        try:
+            os.rename(unpacked, target)
+        except OSError:
+            if not target.is_dir():  # not another process's rename: a real failure
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return folder
+
+
+# The catalog this process uses -----------------------------------------------------------
+
+
+def list_backbones(ids: Sequence[str] | None = None) -> list[BackboneSpec]:
+    """Every declared backbone (the built-ins and GRAFT_BACKBONES_FILE's), or those named
+    by `ids`, in that order."""
+    catalog = _default_catalog()
+    if ids is None:
+        return list(catalog.values())
+    unknown = [i for i in ids if i not in catalog]
+    if unknown:
+        raise KeyError(f"unknown backbones {unknown}; known: {', '.join(catalog)}")
+    return [catalog[i] for i in ids]
+
+
+def get_backbone(backbone_id: str) -> BackboneSpec | None:
+    return _default_catalog().get(backbone_id)
+
+
+def _default_catalog() -> dict[str, BackboneSpec]:
+    from service.settings import Settings
+
+    return Settings().catalog
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@cache
+def _content_sha256(path: Path) -> str:
+    """A file's sha256; for a folder, that of its files' names and contents, in order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+    for file in files:
+        if path.is_dir():
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
     return digest.hexdigest()

@@ -66,6 +66,7 @@ class Backbone:
         if isinstance(spec.preprocessing, TextPreprocessing):
             pre = spec.preprocessing
             self.tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
+            self.pad_id = pre.pad_id()
 
     def embed_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings."""
@@ -83,14 +84,31 @@ class Backbone:
 
     def embed_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
         """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings."""
-        pad_id = self.tokenizer.token_to_id("[PAD]")
-        return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], pad_id))
+        return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], self.pad_id))
 
     def embed_rows(self, rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
         """What the runner calls: decoded images, or token-id rows for a text backbone."""
         if self.spec.modality == "image":
             return self.embed_images(rows)
         return self.embed_tokens(rows)
+
+    def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
+        """The fastest of a few passes over a typical batch, per row: a 224-ish image, or
+        a sentence of about 30 tokens."""
+        import time
+
+        if self.spec.modality == "image":
+            side = self.spec.preprocessing.image_size
+            batch: np.ndarray | list[np.ndarray] = np.zeros((rows, side, side, 3), np.uint8)
+        else:
+            sentence = "a typical request: a sentence or two of plain English " * 3
+            batch = token_ids([sentence] * rows, self.tokenizer)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self.embed_rows(batch)
+            best = min(best, time.perf_counter() - start)
+        return 1000 * best / rows
 
     def _run_in_chunks(self, n: int, feeds) -> np.ndarray:
         out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -28,7 +29,7 @@ from adapters.onnx_export import combined_model
 from adapters.store import Head, Store, Tenant
 from models.export import ensure_variant
 from models.quantize import VARIANTS
-from models.registry import BackboneSpec, list_backbones
+from models.registry import BackboneSpec
 from service.errors import (
     Conflict,
     Forbidden,
@@ -51,6 +52,16 @@ from service.runner import RunnerClient, RunnerUnavailable
 from service.settings import Settings
 from service.training import AUTO_BACKBONE, Trainer
 
+log = logging.getLogger(__name__)
+
+
+def speed_class(ms_per_row: float) -> str:
+    """A backbone's pace on this server, per row on one of its lanes: `fast` keeps up with
+    image decoding and HTTP on the same core; `slow` dominates them."""
+    if ms_per_row <= 10:
+        return "fast"
+    return "medium" if ms_per_row <= 40 else "slow"
+
 
 class Graft:
     def __init__(
@@ -58,6 +69,7 @@ class Graft:
         settings: Settings,
         runner: RunnerClient,
         runner_stats: Callable[[], dict] = dict,
+        runner_measures: Callable[[], dict] = dict,
         metrics_registry: CollectorRegistry | None = None,
     ) -> None:
         self.settings = settings
@@ -65,7 +77,7 @@ class Graft:
         self.store = Store(settings.database_url)
         # The backbones this server loads (GRAFT_BACKBONES): what it lists, trains and serves.
         self.backbones: dict[str, BackboneSpec] = {
-            spec.id: spec for spec in list_backbones(settings.backbone_ids)
+            spec.id: spec for spec in settings.loaded_backbones()
         }
         self.heads = HeadCache(self.store, settings.head_cache_bytes)
         self.keys = KeyCache(self.store)
@@ -74,6 +86,8 @@ class Graft:
         self._head_cache_gauges = HeadCacheGauges(self._metrics_registry)
         self.runner = runner
         self._runner_stats = runner_stats
+        self._runner_measures = runner_measures
+        self._measures: dict[str, dict] = {}
         self.training = Trainer(self.store, runner, settings)
         self.rate_limiter = RateLimiter(
             settings.rate_limit_per_s,
@@ -140,11 +154,26 @@ class Graft:
         return spec
 
     def backbone_public(self, backbone_id: str) -> dict:
+        measured = self.backbone_measures().get(backbone_id, {})
+        ms_per_row = measured.get("ms_per_row")
         return {
             **self.backbones[backbone_id].public(),
             "variants": list(VARIANTS),
             "served_variant": self.settings.variant,
+            "memory_bytes": measured.get("memory_bytes"),
+            "ms_per_row": ms_per_row,
+            "speed_class": None if ms_per_row is None else speed_class(ms_per_row),
         }
+
+    def backbone_measures(self) -> dict[str, dict]:
+        """What the runner measured as it loaded each backbone (asked once; empty while it
+        cannot be reached)."""
+        if not self._measures:
+            try:
+                self._measures = dict(self._runner_measures())
+            except Exception as exc:  # the runner starting or gone: the fields stay null
+                log.warning("backbone measures unavailable: %s", exc)
+        return self._measures
 
     def backbone_spec(self, backbone_id: str) -> BackboneSpec:
         """The backbone a URL names (an unknown one is a 404)."""

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -39,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from models.export import ensure_variant
-from models.registry import BackboneSpec, list_backbones
+from models.registry import BackboneSpec
 from models.runtime import Backbone
 from service.batcher import Batcher, Priority, Rows
 from service.link import hang_up, recv, send, widen
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 # How long a stopping runner waits for the workers' last requests (their training jobs).
 DRAIN_TIMEOUT_S = 60
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 class RunnerUnavailable(RuntimeError):
@@ -301,10 +303,18 @@ class Runner:
             # predict p99 to 3.3x and 5.4x its quiet value, against about 2x (BENCHMARKS.md).
             return session(spec, 1).embed_rows
 
-        self.backbones = {
-            spec.id: session(spec, settings.intra_op_threads)
-            for spec in list_backbones(settings.backbone_ids)
-        }
+        # What each backbone costs this server, measured as it loads: `GET /v1/backbones`.
+        self.measures: dict[str, dict] = {}
+        self.backbones: dict[str, Backbone] = {}
+        for spec in settings.loaded_backbones():
+            before = resident_bytes()
+            backbone = session(spec, settings.intra_op_threads)
+            ms_per_row = backbone.ms_per_row()  # also warms the session's memory up
+            self.backbones[spec.id] = backbone
+            self.measures[spec.id] = {
+                "memory_bytes": max(0, resident_bytes() - before),
+                "ms_per_row": round(ms_per_row, 2),
+            }
         batchers = {
             backbone_id: Batcher(
                 backbone.embed_rows,
@@ -326,6 +336,15 @@ class Runner:
 
     def stats(self) -> dict:
         return {backbone_id: b.stats() for backbone_id, b in self.server.batchers.items()}
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * PAGE_SIZE
 
     def close(self) -> None:
         self.server.close()

@@ -80,6 +80,11 @@ class BackboneRunner:
         """Each backbone's batcher: batches, rows, training rows, mean batch size."""
         return self.runner.stats()
 
+    @bentoml.api
+    def measures(self) -> dict:
+        """Each backbone's memory and time per row, measured as it loaded."""
+        return self.runner.measures
+
     @bentoml.on_shutdown
     def shutdown(self) -> None:
         self.runner.close()
@@ -113,6 +118,7 @@ class Graft:
             settings,
             runner,
             runner_stats=functools.partial(self.backbone_runner.call, "stats"),
+            runner_measures=functools.partial(self.backbone_runner.call, "measures"),
             metrics_registry=app.state.metrics_registry,
         )
         app.state.graft = self.graft

@@ -12,12 +12,22 @@ import hashlib
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.quantize import Variant
+
+if TYPE_CHECKING:
+    from models.registry import BackboneSpec
+
+# The backbones a server loads unless GRAFT_BACKBONES says otherwise: two of each modality,
+# so that `auto` has a choice, and the two cheapest of each: EfficientNet-Lite0 and
+# MobileNetV2 (about equally accurate on flowers, each best on some sets), MiniLM-L6 (fast)
+# and MPNet (the most accurate with a few examples, about 3x slower). Lite1 and Lite2 cost
+# more for a point or two; an operator adds them (README, Backbones).
+DEFAULT_BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "minilm_l6", "mpnet_base_v2")
 
 # AF_UNIX socket paths are limited to 108 bytes, the final NUL included.
 MAX_SOCKET_PATH = 107
@@ -45,10 +55,15 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
     )
+    backbones_file: Path | None = Field(
+        None,
+        description="a TOML file declaring backbones beside the built-in ones"
+        " (models/backbones.toml; README, Backbones)",
+    )
     backbones: str | None = Field(
         None,
-        description="ids of the backbones this server loads, comma-separated (GET"
-        " /v1/backbones lists them all); default: every built-in one",
+        description="ids of the backbones this server loads, comma-separated; default:"
+        f" {','.join(DEFAULT_BACKBONES)}",
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     variant: Variant = Field(
@@ -155,23 +170,32 @@ class Settings(BaseSettings):
         self.data_dir = self.data_dir.expanduser().resolve()
         if self.backbone_dir is None:
             self.backbone_dir = self.data_dir / "backbones"
-        if self.backbones is not None:
-            from models.registry import list_backbones
+        if self.backbones_file is not None:
+            self.backbones_file = self.backbones_file.expanduser().resolve()
+        ids = list(dict.fromkeys(i.strip() for i in (self.backbones or "").split(",") if i.strip()))
+        if self.backbones is not None and not ids:
+            raise ValueError("GRAFT_BACKBONES names no backbone")
+        ids = ids or list(DEFAULT_BACKBONES)
+        self.backbones = ",".join(ids)
+        self.backbone_dir = self.backbone_dir.expanduser().resolve()
+        # A bad backbones file, an unknown id or a missing weights file fails here, at
+        # start, naming the entry.
+        from models.registry import BackboneFileError, load_catalog
 
-            ids = list(dict.fromkeys(i.strip() for i in self.backbones.split(",") if i.strip()))
-            if not ids:
-                raise ValueError("GRAFT_BACKBONES names no backbone")
-            try:
-                list_backbones(ids)
-            except KeyError as exc:
-                raise ValueError(f"GRAFT_BACKBONES: {exc.args[0]}") from None
-            self.backbones = ",".join(ids)
+        try:
+            catalog = load_catalog(self.backbones_file, self.sources_dir, check_files=ids)
+        except BackboneFileError as exc:
+            raise ValueError(str(exc)) from None
+        unknown = [i for i in ids if i not in catalog]
+        if unknown:
+            raise ValueError(
+                f"GRAFT_BACKBONES: unknown backbones {unknown}; known: {', '.join(catalog)}"
+            )
         if self.replica_id is None:
             digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:8]
             self.replica_id = f"{socket.gethostname()}-{digest}"
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.data_dir / 'graft.sqlite3'}"
-        self.backbone_dir = self.backbone_dir.expanduser().resolve()
         if self.device == "auto":
             # Resolved once, here: the batch size, the lanes and the runner's GPU request
             # all follow the device actually used.
@@ -222,9 +246,26 @@ class Settings(BaseSettings):
         return (host.strip("[]"), int(port)) if host and port.isdigit() else None
 
     @property
-    def backbone_ids(self) -> list[str] | None:
-        """The backbones GRAFT_BACKBONES chose; None: every registered one."""
-        return None if self.backbones is None else self.backbones.split(",")
+    def backbone_ids(self) -> list[str]:
+        """The backbones this server loads (GRAFT_BACKBONES, or the default set)."""
+        return self.backbones.split(",")
+
+    @property
+    def sources_dir(self) -> Path:
+        """Where weights shipped in pieces are joined and unpacked, once."""
+        return self.backbone_dir / "sources"
+
+    @property
+    def catalog(self) -> dict[str, BackboneSpec]:
+        """Every declared backbone: the built-ins and GRAFT_BACKBONES_FILE's."""
+        from models.registry import load_catalog
+
+        return load_catalog(self.backbones_file, self.sources_dir)
+
+    def loaded_backbones(self) -> list[BackboneSpec]:
+        """The backbones this server loads, lists, trains and serves."""
+        catalog = self.catalog
+        return [catalog[i] for i in self.backbone_ids]
 
     @property
     def publish_delay_s(self) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 from adapters import heads
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
-from models.registry import BackboneSpec, ImagePreprocessing, list_backbones
+from models.registry import BackboneSpec, ImagePreprocessing
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
@@ -96,7 +96,7 @@ class Trainer:
             initargs=(TRAINING_JOB_NICE,),
         )
         self._images = TrainingDecoder()
-        self._loaded = {spec.id: spec for spec in list_backbones(settings.backbone_ids)}
+        self._loaded = {spec.id: spec for spec in settings.loaded_backbones()}
         self._jobs: set[str] = set()  # held by this process, running or waiting in the pool
         self._jobs_lock = threading.Lock()
         self._stop = threading.Event()

