@@ -45,7 +45,7 @@ format: install
 # starts from Debian's packages (apt-get install postgresql; .ci/run does).
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-	$(VENV)/bin/pytest --database postgresql $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --database postgresql -m "not families" $(PYTEST_ARGS)
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
 # operation and mode, 3 minutes of load on 72 tenants (about 12 minutes); then the crash

@@ -20,11 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-from sklearn.model_selection import StratifiedKFold
-from sklearn.utils.class_weight import compute_sample_weight
 
 # Regularisation grid searched by cross-validation (sklearn's C: inverse strength).
 C_GRID = (1.0, 10.0, 100.0)
@@ -111,6 +106,8 @@ def train_head(
     held_out: dict[str, Any] = {}
     folds = min(MAX_FOLDS, min_count)
     if min_count >= MIN_EXAMPLES_PER_LABEL_FOR_CV:
+        from sklearn.model_selection import StratifiedKFold
+
         splits = list(
             StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(embeddings, y)
         )
@@ -192,6 +189,9 @@ def _fit(
         if use_names:
             means = _normalise(means + names)
         return PROTOTYPE_SCALE * means.T, np.zeros(n_labels)
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.utils.class_weight import compute_sample_weight
+
     # Balanced weights: every label weighs the same in the loss, however many examples it
     # has, so a rare label is not drowned by a common one.
     sample_weight = compute_sample_weight("balanced", y)
@@ -232,10 +232,23 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def import_training_libraries() -> None:
+    """scikit-learn and SciPy are imported where heads are trained, not at module import:
+    the BentoML arbiter and the backbone runner import this module but never train, and
+    they cost about 100 MiB each per process. An API worker calls this as it starts, so
+    that its first training does not wait for them (about 2 s on 2 cores)."""
+    import scipy.optimize  # noqa: F401
+    import sklearn.linear_model  # noqa: F401
+    import sklearn.metrics  # noqa: F401
+    import sklearn.model_selection  # noqa: F401
+
+
 def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
     """Accuracy, macro-F1, per-label precision/recall, confusion matrix (rows: true label,
     columns: predicted, in `classes` order) and expected calibration error, all computed
     on held-out predictions."""
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
     predicted = probabilities.argmax(axis=1)
     indices = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
@@ -260,6 +273,7 @@ def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str
 def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """The T that minimises the negative log-likelihood of softmax(logits / T) (Guo et al.
     2017, temperature scaling). Dividing by one scalar keeps every ranking as it was."""
+    from scipy.optimize import minimize_scalar
 
     result = minimize_scalar(
         lambda log_t: _nll(logits / np.exp(log_t), y),

@@ -60,15 +60,22 @@ def accuracy(x_train, y_train, x_val, y_val, seed: int) -> float:
     return float(np.mean(np.array(head.labels)[predicted] == np.array(y_val)))
 
 
-def bench_text(backbones: dict[str, Backbone]) -> dict[str, dict[str, float]]:
+def bench_text(backbones: dict[str, Backbone], text_sets: dict) -> dict[str, dict[str, float]]:
     """Mean accuracy over the draws, per data set and backbone (and `auto`)."""
     results: dict[str, dict[str, float]] = {}
-    for name, (path, val_cap) in TEXT_SETS.items():
+    for name, (path, val_cap) in text_sets.items():
         rows = read_texts(path)
-        draws = [
-            text_split(rows, seed=seed, train_per_label=PER_LABEL, val_per_label=val_cap)
-            for seed in range(DRAWS)
-        ]
+        if val_cap is None:  # UCI: each draw validates on the rest of the file
+            draws = [
+                text_split(rows, seed=seed, train_per_label=PER_LABEL, val_per_label=None)
+                for seed in range(DRAWS)
+            ]
+        else:  # AG News: one fixed validation sample; each draw trains on others
+            pool, val = text_split(rows, seed=1000, train_per_label=None, val_per_label=val_cap)
+            draws = [
+                (text_split(pool, seed=seed, train_per_label=PER_LABEL, val_per_label=0)[0], val)
+                for seed in range(DRAWS)
+            ]
         texts = sorted({t for train, val in draws for _, t in train + val})
         index = {t: i for i, t in enumerate(texts)}
         embedded = {b: backbone.embed_texts(texts) for b, backbone in backbones.items()}
@@ -118,6 +125,7 @@ def bench_images(backbones: dict[str, Backbone]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="comma-separated backbone ids (default: every built-in)")
+    parser.add_argument("--text-sets", default=",".join(TEXT_SETS), help="e.g. ag_news")
     args = parser.parse_args()
     catalog = Settings().catalog
     ids = args.only.split(",") if args.only else list(catalog)
@@ -127,7 +135,10 @@ def main() -> None:
         loaded[backbone_id] = backbone
         measures[backbone_id] = (memory, ms)
         print(f"{backbone_id}: {memory / 2**20:.0f} MiB, {ms:.1f} ms per row", flush=True)
-    text = bench_text({b: x for b, x in loaded.items() if x.spec.modality == "text"})
+    text = bench_text(
+        {b: x for b, x in loaded.items() if x.spec.modality == "text"},
+        {name: TEXT_SETS[name] for name in args.text_sets.split(",")},
+    )
     images = bench_images({b: x for b, x in loaded.items() if x.spec.modality == "image"})
     print(
         "\n| backbone | family | dim | MiB | ms/row | flowers | yelp | amazon | imdb | UCI mean | AG News |"

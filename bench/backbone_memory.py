@@ -44,7 +44,8 @@ def tree_memory(pid: int) -> tuple[int, int]:
 
 def measure(choice: str | None, scratch: Path, backbone_dir: Path) -> tuple[int, int]:
     env = {"GRAFT_API_WORKERS": "2"} | ({"GRAFT_BACKBONES": choice} if choice else {})
-    server = start_server(BENTOML, scratch / (choice or "default"), backbone_dir, env)
+    data_dir = Path(tempfile.mkdtemp(dir=scratch))  # short: the runner's socket is inside
+    server = start_server(BENTOML, data_dir, backbone_dir, env)
     try:
         time.sleep(5)  # settled after start
         return tree_memory(server.process.pid)

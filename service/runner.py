@@ -301,6 +301,10 @@ class Runner:
         def training_embed(spec: BackboneSpec) -> Callable[[Rows], np.ndarray]:
             # One thread, the lane's own: with two (niced) threads training took the
             # predict p99 to 3.3x and 5.4x its quiet value, against about 2x (BENCHMARKS.md).
+            # A one-thread predict session runs on its caller's thread already: shared, it
+            # costs no second copy of the weights (519 MiB for MPNet).
+            if settings.intra_op_threads == 1:
+                return self.backbones[spec.id].embed_rows
             return session(spec, 1).embed_rows
 
         # What each backbone costs this server, measured as it loads: `GET /v1/backbones`.

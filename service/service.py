@@ -19,6 +19,7 @@ os.environ.setdefault("OTEL_SDK_DISABLED", "true")
 import bentoml  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
+from adapters import heads  # noqa: E402
 from adapters.store import Store  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
@@ -108,6 +109,8 @@ class Graft:
         # would also escape the nice of training threads (threads inherit it; a pool made
         # at import does not).
         threadpool_limits(1)
+        # This worker trains heads: their libraries now, not in its first training.
+        heads.import_training_libraries()
         # A training job's Python (the head's fit) may hold the GIL for up to the switch
         # interval each time a predict's thread wants it, several times per predict: 5 ms
         # by default. (Its effect on the p99 is under this machine's noise; BENCHMARKS.md.)

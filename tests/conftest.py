@@ -98,7 +98,15 @@ TENANT_KEY = re.compile(r"graft_[0-9a-f]{32}_[A-Za-z0-9_-]{20,}")
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path) -> Iterator[Server]:
     """One real server for the end-to-end tests; each test makes its own tenants."""
-    running = start_server(BENTOML, tmp_path_factory.mktemp("data"), backbone_dir, TEST_LIMITS)
+    # Every built-in backbone (the default set has two per modality): `auto` then ranks
+    # four image backbones and keeps a shortlist of two.
+    every = ",".join(spec.id for spec in list_backbones())
+    running = start_server(
+        BENTOML,
+        tmp_path_factory.mktemp("data"),
+        backbone_dir,
+        {**TEST_LIMITS, "GRAFT_BACKBONES": every},
+    )
     yield running
     stop_server(running)
     # Everything the suite sent went through this server: no key may be in its log.

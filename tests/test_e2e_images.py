@@ -208,11 +208,14 @@ def test_auto_chooses_a_backbone_and_says_how(server) -> None:
         )
         assert model.get_modelmeta().custom_metadata_map["graft.backbone"] == head["backbone"]
 
-        # A text head on `auto` has one candidate, and still reports its score.
+        # A text head on `auto` chooses among the text backbones, even from one example
+        # per label (too few to hold any out: LogME's order decides).
+        text_ids = {b["id"] for b in client.get("/v1/backbones").json()["backbones"]
+                    if b["modality"] == "text"}  # fmt: skip
         text = client.post(
             "/v1/heads",
             json={"name": "t", "backbone": "auto", "examples": [
                 {"label": "a", "text": "goal"}, {"label": "b", "text": "soup"}]},
         ).json()  # fmt: skip
-        assert text["backbone"] == "minilm_l6"
-        assert list(text["metrics"]["backbone_selection"]["logme"]) == ["minilm_l6"]
+        assert text["backbone"] in text_ids
+        assert set(text["metrics"]["backbone_selection"]["logme"]) == text_ids
