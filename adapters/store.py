@@ -464,6 +464,13 @@ class Store:
         with self._read() as db:
             return [_head_from_row(row) for row in db.execute(query)]
 
+    def heads_per_backbone(self) -> dict[str, int]:
+        """How many heads, of every tenant, sit on each backbone (an operator's check at
+        start, never a tenant's answer)."""
+        query = sa.select(heads.c.backbone, sa.func.count()).group_by(heads.c.backbone)
+        with self._read() as db:
+            return {backbone: count for backbone, count in db.execute(query)}
+
     def delete_head(self, *, tenant_id: str, head_id: str) -> bool:
         with self._tx() as db:
             result = db.execute(

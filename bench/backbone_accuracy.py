@@ -2,6 +2,7 @@
 
     python bench/backbone_accuracy.py            # every built-in backbone
     python bench/backbone_accuracy.py --only mpnet_base_v2,minilm_l6
+    python bench/backbone_accuracy.py --only mpnet_base_v2,minilm_l6 --variant int8
 
 In-process, on the served ONNX graphs (fp32, one thread, as a runner lane runs them) and
 the service's own head training (adapters.heads.train_head; `auto` is
@@ -29,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.heads import predict_proba, train_head  # noqa: E402
 from adapters.transferability import choose_backbone  # noqa: E402
 from bench.accuracy import image_split, read_texts, text_split  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
+from models.export import ensure_variant  # noqa: E402
 from models.preprocess import decode_image  # noqa: E402
 from models.runtime import Backbone  # noqa: E402
 from service.runner import resident_bytes  # noqa: E402
@@ -47,9 +48,10 @@ PER_LABEL = 8
 DRAWS = 10
 
 
-def load(spec) -> tuple[Backbone, int, float]:
+def load(spec, variant: str) -> tuple[Backbone, int, float]:
+    path = ensure_variant(spec, Settings().backbone_dir, variant)
     before = resident_bytes()
-    backbone = Backbone(spec, ensure_onnx(spec, Settings().backbone_dir), intra_op_threads=1)
+    backbone = Backbone(spec, path, intra_op_threads=1)
     ms = backbone.ms_per_row()
     return backbone, resident_bytes() - before, ms
 
@@ -125,13 +127,14 @@ def bench_images(backbones: dict[str, Backbone]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", help="comma-separated backbone ids (default: every built-in)")
+    parser.add_argument("--variant", default="fp32", help="fp32 or int8 (GRAFT_VARIANT)")
     parser.add_argument("--text-sets", default=",".join(TEXT_SETS), help="e.g. ag_news")
     args = parser.parse_args()
     catalog = Settings().catalog
     ids = args.only.split(",") if args.only else list(catalog)
     loaded, measures = {}, {}
     for backbone_id in ids:
-        backbone, memory, ms = load(catalog[backbone_id])
+        backbone, memory, ms = load(catalog[backbone_id], args.variant)
         loaded[backbone_id] = backbone
         measures[backbone_id] = (memory, ms)
         print(f"{backbone_id}: {memory / 2**20:.0f} MiB, {ms:.1f} ms per row", flush=True)

@@ -84,7 +84,11 @@ def main() -> None:
             BENTOML,
             Path(folder) / "data",
             Settings().backbone_dir,
-            {"GRAFT_BACKBONES": ",".join(BACKBONES), "GRAFT_VARIANT": args.variant},
+            {
+                "GRAFT_BACKBONES": ",".join(BACKBONES),
+                "GRAFT_VARIANT": args.variant,
+                "GRAFT_RATE_LIMIT_PER_S": "0",  # one tenant sends it all
+            },
         )
         try:
             with server.new_tenant("bench") as tenant:

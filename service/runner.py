@@ -311,6 +311,8 @@ class Runner:
         self.measures: dict[str, dict] = {}
         self.backbones: dict[str, Backbone] = {}
         for spec in settings.loaded_backbones():
+            # Exported (or quantised) first: that work's memory is not the session's.
+            ensure_variant(spec, settings.backbone_dir, settings.variant)
             before = resident_bytes()
             backbone = session(spec, settings.intra_op_threads)
             ms_per_row = backbone.ms_per_row()  # also warms the session's memory up

@@ -63,7 +63,18 @@ class BackboneRunner:
         # their leases run out), for this replica's workers or any other's.
         released = store.release_leases(owner_prefix=f"{settings.replica_id}/")
         recovered = store.recover_interrupted()
+        unserved = {
+            backbone: count
+            for backbone, count in store.heads_per_backbone().items()
+            if backbone not in (*settings.backbone_ids, "auto")  # auto: not yet chosen
+        }
         store.close()
+        if unserved:
+            # Their predicts answer 409 backbone_not_served until GRAFT_BACKBONES names them.
+            log.warning(
+                "heads on backbones this server does not load (GRAFT_BACKBONES): %s",
+                ", ".join(f"{backbone} ({count})" for backbone, count in unserved.items()),
+            )
         if released:
             log.warning("freed %d training jobs this replica held before it restarted", released)
         if recovered:

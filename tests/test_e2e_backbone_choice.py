@@ -57,6 +57,10 @@ def test_a_server_loads_only_the_backbones_it_is_given(tmp_path, backbone_dir) -
             assert auto.status_code == 422 and "no text backbone" in auto.text
     finally:
         stop_server(only_lite0)
+    # The operator is told at start which stored heads this server leaves unserved.
+    assert "heads on backbones this server does not load (GRAFT_BACKBONES): minilm_l6 (1)" in (
+        only_lite0.log()
+    )
 
 
 def test_a_bad_backbones_file_stops_the_server_naming_the_entry(tmp_path, backbone_dir) -> None:
