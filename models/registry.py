@@ -237,6 +237,12 @@ class BackbonesFile(BaseModel):
         Annotated[TimmEntry | TransformersEntry | OnnxEntry, Field(discriminator="kind")],
     ]
 
+    @model_validator(mode="after")
+    def _auto_is_reserved(self) -> BackbonesFile:
+        if "auto" in self.entries:
+            raise ValueError("entry 'auto': the id is reserved (a head's backbone: auto)")
+        return self
+
 
 # Loading ---------------------------------------------------------------------------------
 
@@ -290,12 +296,20 @@ def _describe(path: Path, exc: ValidationError) -> str:
         where = [
             str(x) for x in error["loc"][1:] if not str(x).startswith(("function-", "tagged-"))
         ]
-        where = [x for x in where if x not in ("timm", "transformers", "onnx")] or ["?"]
-        entry, detail = where[0], ".".join(where[1:])
-        message = error["msg"]
-        if error["type"] == "union_tag_invalid" or error["type"] == "union_tag_not_found":
+        where = [x for x in where if x not in ("timm", "transformers", "onnx")]
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
             message = "kind must be one of timm, transformers, onnx"
-        lines.append(f"entry {entry!r}: {detail + ': ' if detail else ''}{message}")
+        if where[1:2] == ["[key]"]:
+            where, message = (
+                where[:1],
+                ("an id is lower-case letters, digits, '_', '.' or '-' (at most 64)"),
+            )
+        if not where:  # the file as a whole; the message names the entry
+            lines.append(message)
+            continue
+        detail = ".".join(where[1:])
+        lines.append(f"entry {where[0]!r}: {detail + ': ' if detail else ''}{message}")
     return f"backbones file {path}:\n  " + "\n  ".join(lines)
 
 

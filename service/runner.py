@@ -18,6 +18,7 @@ Only processes of the same user reach the Unix socket: it lives in a directory o
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import itertools
 import logging
@@ -316,6 +317,7 @@ class Runner:
             before = resident_bytes()
             backbone = session(spec, settings.intra_op_threads)
             ms_per_row = backbone.ms_per_row()  # also warms the session's memory up
+            release_free_memory()
             self.backbones[spec.id] = backbone
             self.measures[spec.id] = {
                 "memory_bytes": max(0, resident_bytes() - before),
@@ -345,6 +347,13 @@ class Runner:
 
     def close(self) -> None:
         self.server.close()
+
+
+def release_free_memory() -> None:
+    """Gives back to the OS what loading a session allocated and freed (parsing, graph
+    optimisation): glibc keeps it otherwise. 20-90 MiB per backbone (BENCHMARKS.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def resident_bytes() -> int:

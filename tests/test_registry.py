@@ -62,6 +62,14 @@ BAD_FILES = {
         "entry 'mine': colour: Extra inputs are not permitted",
     ),
     "not TOML": ("[mine\n", "not valid TOML"),
+    "a reserved id": (
+        f'[auto]\n{TIMM_ENTRY}architecture = "resnet18"\nweights = {{ path = "w.pth" }}\n',
+        "backbones file {dir}/backbones.toml:\n  entry 'auto': the id is reserved",
+    ),
+    "an id that cannot be a file name": (
+        f'["My Net"]\n{TIMM_ENTRY}architecture = "resnet18"\nweights = {{ path = "w.pth" }}\n',
+        "entry 'My Net': an id is lower-case letters",
+    ),
     "an id taken by a built-in": (
         f'[minilm_l6]\n{TIMM_ENTRY}architecture = "resnet18"\nweights = {{ path = "w.pth" }}\n',
         "entry 'minilm_l6' is already declared",
