@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +96,6 @@ class Backbone:
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
         """The fastest of a few passes over a typical batch, per row: a 224-ish image, or
         a sentence of about 30 tokens."""
-        import time
-
         if self.spec.modality == "image":
             side = self.spec.preprocessing.image_size
             batch: np.ndarray | list[np.ndarray] = np.zeros((rows, side, side, 3), np.uint8)
