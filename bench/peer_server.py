@@ -25,9 +25,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.efficientnet import _lite0_weights, load_timm_model  # noqa: E402
 from models.preprocess import decode_image  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
+from models.timm_backbone import load_timm_model  # noqa: E402
 
 CHECKPOINTS = Path(os.environ.get("PEER_DIR", "/tmp/graft-peer"))
 MAX_MODELS = int(os.environ.get("PEER_MODELS", "32"))
@@ -52,7 +52,10 @@ def write_checkpoints() -> None:
 
 def write_checkpoint(tenant: str, seed: int) -> None:
     """A tenant's fine-tuned model: the full backbone plus its own head, in one file."""
-    model = load_timm_model("tf_efficientnet_lite0", _lite0_weights(), keep_classifier=True)
+    lite0 = get_backbone("efficientnet_lite0")
+    model = load_timm_model(
+        "tf_efficientnet_lite0", lite0.weights_file(), layout="by_position", keep_classifier=True
+    )
     model.reset_classifier(N_LABELS)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
