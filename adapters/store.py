@@ -87,6 +87,14 @@ head_examples = sa.Table(
     sa.Column("content_hash", sa.Text, primary_key=True),
     sa.Column("label", sa.Text, primary_key=True),
 )
+# The unlabelled examples of each head's current version (migration 0005): inputs of the
+# domain the head will serve, which its training adapts to (adapters/adaptation.py).
+head_unlabeled = sa.Table(
+    "head_unlabeled",
+    metadata,
+    sa.Column("head_id", sa.Text, sa.ForeignKey("heads.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("content_hash", sa.Text, primary_key=True),
+)
 # One row: a count of the writes that cached copies must see (adapters/coherence.py).
 changes = sa.Table(
     "changes",
@@ -122,7 +130,7 @@ job_examples = sa.Table(
         primary_key=True,
     ),
     sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
-    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("label", sa.Text),  # NULL: an unlabelled example (migration 0005)
     sa.Column("kind", sa.Text, nullable=False),  # "image" or "text" (UTF-8)
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
@@ -528,6 +536,16 @@ class Store:
         with self._read() as db:
             return {tuple(row) for row in db.execute(query)}
 
+    def unlabeled_keys(self, *, tenant_id: str, head_id: str) -> set[str]:
+        """Content hashes of the unlabelled examples of the head's current version."""
+        query = (
+            sa.select(head_unlabeled.c.content_hash)
+            .join(heads, heads.c.id == head_unlabeled.c.head_id)
+            .where(head_unlabeled.c.head_id == head_id, heads.c.tenant_id == tenant_id)
+        )
+        with self._read() as db:
+            return set(db.scalars(query))
+
     def training_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, str, np.ndarray]]:
         """(content_hash, label, embedding) of every example of the head's current version,
         in a fixed order (by content hash: the same on either engine)."""
@@ -547,6 +565,25 @@ class Store:
             rows = db.execute(query).all()
         return [(h, label, np.frombuffer(v, dtype=np.float32)) for h, label, v in rows]
 
+    def unlabeled_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, np.ndarray]]:
+        """(content_hash, embedding) of every unlabelled example of the head's current
+        version, by content hash."""
+        query = (
+            sa.select(head_unlabeled.c.content_hash, embeddings.c.vector)
+            .join(heads, heads.c.id == head_unlabeled.c.head_id)
+            .join(
+                embeddings,
+                (embeddings.c.tenant_id == heads.c.tenant_id)
+                & (embeddings.c.backbone == heads.c.backbone)
+                & (embeddings.c.content_hash == head_unlabeled.c.content_hash),
+            )
+            .where(head_unlabeled.c.head_id == head_id, heads.c.tenant_id == tenant_id)
+            .order_by(head_unlabeled.c.content_hash)
+        )
+        with self._read() as db:
+            rows = db.execute(query).all()
+        return [(h, np.frombuffer(v, dtype=np.float32)) for h, v in rows]
+
     def save_version(
         self,
         *,
@@ -561,6 +598,7 @@ class Store:
         prototypes: np.ndarray,
         unknown_threshold: float | None,
         metrics: dict[str, Any],
+        unlabeled: Iterable[str] = (),
         ready: bool = True,
     ) -> int | None:
         """Stores a trained version atomically: its number, or None if the head was deleted
@@ -602,6 +640,12 @@ class Store:
                     [{"head_id": head_id, "content_hash": h, "label": label}
                      for h, label in examples],
                 )  # fmt: skip
+            unlabeled = list(unlabeled)
+            if unlabeled:
+                db.execute(
+                    self._insert_ignoring_duplicates(head_unlabeled),
+                    [{"head_id": head_id, "content_hash": h} for h in unlabeled],
+                )
             self._changed(db)
             return db.scalar(sa.select(heads.c.version).where(heads.c.id == head_id))
 
@@ -628,14 +672,15 @@ class Store:
         tenant_id: str,
         head_id: str,
         backbones: list[str],
-        examples: list[tuple[str, str, bytes]],
+        examples: list[tuple[str | None, str, bytes]],
         owner: str,
         lease_s: float,
     ) -> tuple[str, bool] | None:
-        """Stores a training job with its new examples (label, kind, data) and marks the
-        head `training`, in one transaction: once this returns, a crash loses nothing.
-        The job is claimed for `owner` unless the head has other jobs (a head trains one
-        job at a time, oldest first). (job id, claimed); None if the head is gone."""
+        """Stores a training job with its new examples (label, or None for an unlabelled
+        one; kind; data) and marks the head `training`, in one transaction: once this
+        returns, a crash loses nothing. The job is claimed for `owner` unless the head has
+        other jobs (a head trains one job at a time, oldest first). (job id, claimed); None
+        if the head is gone."""
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._tx() as db:
@@ -713,8 +758,9 @@ class Store:
             )
         return job
 
-    def job_examples(self, *, job_id: str) -> list[tuple[str, str, bytes]]:
-        """(label, kind, data) of the job's new examples, in the order they were sent."""
+    def job_examples(self, *, job_id: str) -> list[tuple[str | None, str, bytes]]:
+        """(label, kind, data) of the job's new examples, in the order they were sent; an
+        unlabelled one has the label None."""
         query = (
             sa.select(job_examples.c.label, job_examples.c.kind, job_examples.c.data)
             .where(job_examples.c.job_id == job_id)

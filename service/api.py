@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters.store import Head, Tenant
 from models.quantize import Variant
-from service.archive import examples_from_zip
+from service.archive import examples_from_zip, inputs_from_zip
 from service.auth import AdminOnly, CurrentTenant, GraftDep
 from service.core import Graft
 from service.errors import (
@@ -48,6 +48,7 @@ from service.schemas import (
     TenantCreated,
     TenantKey,
     TenantList,
+    UnlabeledAdd,
 )
 from service.training import AUTO_BACKBONE
 
@@ -235,6 +236,64 @@ def add_examples(
 ) -> JSONResponse:
     """Add examples and retrain on all of the head's examples; the version goes up by one."""
     head = graft.add_examples(tenant, head_id, _examples(body.examples))
+    return _head_answer(head, 200)
+
+
+_UNLABELED_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": _json_body(UnlabeledAdd)},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["archive"],
+                    "properties": {
+                        "archive": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "zip of images (or UTF-8 text files, one example"
+                            " each), in any folders",
+                        }
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@heads.post(
+    "/{head_id}/unlabeled",
+    response_model=HeadPublic,
+    responses={**ERRORS, 202: {"model": HeadPublic, "description": "still training; poll"}},
+    openapi_extra=_UNLABELED_BODY,
+)
+async def add_unlabeled(
+    head_id: str, request: Request, tenant: CurrentTenant, graft: GraftDep
+) -> JSONResponse:
+    """Add unlabelled examples of the domain the head will serve, as JSON or as a zip
+    (multipart/form-data), and retrain: the next version is adapted to that domain where
+    that looks helpful, and `metrics.domain` says how far it lies and how well the head is
+    expected to do there."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith("multipart/form-data"):
+        form = await request.form(max_files=1, max_fields=1)
+        archive = form.get("archive")
+        if not isinstance(archive, UploadFile) or set(form) != {"archive"}:
+            raise Unprocessable("multipart form needs a zip file 'archive', only")
+        head = await run_in_threadpool(graft.get_head, tenant, head_id)
+        modality = graft.chosen_backbone(head).modality
+        data = await archive.read()
+        inputs = await run_in_threadpool(inputs_from_zip, data, modality, graft.settings)
+    elif content_type.startswith("application/json") or not content_type:
+        body = UnlabeledAdd.model_validate_json(await request.body())
+        inputs = [RawInput.from_json(x.image, x.text) for x in body.examples]
+    else:
+        raise UnsupportedMediaType(
+            f"content type {content_type!r}: send application/json or multipart/form-data"
+        )
+    head = await run_in_threadpool(graft.add_unlabeled, tenant, head_id, inputs)
     return _head_answer(head, 200)
 
 

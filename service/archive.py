@@ -1,4 +1,5 @@
 """Examples from a zip archive in the layout users already have: one folder per label.
+(Unlabelled examples: any files, in any folders.)
 
     flowers.zip
     ├── daisy/001.jpg ...        (or flowers/daisy/001.jpg: one common top folder is fine)
@@ -43,6 +44,27 @@ def _declared_entries(data: bytes) -> int | None:
 
 
 def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tuple[str, RawInput]]:
+    files = _archive_files(data, settings)
+    # A zip of the data set's folder puts everything under one top folder: strip it.
+    tops = {parts[0] for parts, _, _ in files}
+    strip = 1 if len(tops) == 1 and all(len(parts) == 3 for parts, _, _ in files) else 0
+    examples = []
+    for parts, name, content in files:
+        parts = parts[strip:]
+        if len(parts) != 2:
+            raise _invalid(f"{name}: put each file in a folder named after its label")
+        examples.append((parts[0], _raw(content, modality, name)))
+    return examples
+
+
+def inputs_from_zip(data: bytes, modality: str, settings: Settings) -> list[RawInput]:
+    """Unlabelled examples: every file of the archive, whatever folders hold them."""
+    return [_raw(content, modality, name) for _, name, content in _archive_files(data, settings)]
+
+
+def _archive_files(data: bytes, settings: Settings) -> list[tuple[tuple[str, ...], str, bytes]]:
+    """(path parts, name, content) of every file that is an example, checked: safe paths,
+    no links, passwords or nested archives, within the limits on files and bytes."""
     declared = _declared_entries(data)
     if declared is None:
         raise _invalid("'archive' is not a zip file")
@@ -76,15 +98,9 @@ def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tu
                 f"{len(files)} files in the archive; at most {settings.max_archive_files}",
                 code="archive_too_large",
             )
-        # A zip of the data set's folder puts everything under one top folder: strip it.
-        tops = {parts[0] for parts, _ in files}
-        strip = 1 if len(tops) == 1 and all(len(parts) == 3 for parts, _ in files) else 0
-        examples = []
+        contents = []
         total = 0
         for parts, info in files:
-            parts = parts[strip:]
-            if len(parts) != 2:
-                raise _invalid(f"{info.filename}: put each file in a folder named after its label")
             try:
                 with archive.open(info) as f:
                     # Read at most the remaining budget + 1: a header may lie about sizes.
@@ -99,8 +115,8 @@ def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tu
                 )
             if content.startswith(_ARCHIVE_MAGIC):
                 raise _invalid(f"{info.filename} is an archive; nested archives are not unpacked")
-            examples.append((parts[0], _raw(content, modality, info.filename)))
-    return examples
+            contents.append((parts, info.filename, content))
+    return contents
 
 
 def _raw(content: bytes, modality: str, name: str) -> RawInput:

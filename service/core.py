@@ -252,13 +252,7 @@ class Graft:
         self, tenant: Tenant, head_id: str, examples: Sequence[tuple[str, RawInput]]
     ) -> Head:
         head = self.get_head(tenant, head_id)
-        if head.backbone == AUTO_BACKBONE:
-            raise Conflict(
-                f"head {head.id} has not chosen its backbone yet (status: {head.status});"
-                " add examples once it is ready",
-                code="head_not_ready",
-            )
-        spec = self.served_backbone(head.id, head.backbone)
+        spec = self.chosen_backbone(head)
         labels = check_labels([label for label, _ in examples], head.labels, self.settings)
         raws = [raw for _, raw in examples]
         prepared = self.training.prepare(tenant.id, spec, raws)
@@ -267,8 +261,37 @@ class Graft:
         options = [(spec, lambda: prepared)]
         return self._train_and_wait(tenant, head, options, list(zip(labels, raws, strict=True)))
 
+    def add_unlabeled(self, tenant: Tenant, head_id: str, inputs: Sequence[RawInput]) -> Head:
+        """Stores unlabelled examples of the domain the head will serve and trains the next
+        version, adapted to them where that looks helpful (adapters/adaptation.py)."""
+        head = self.get_head(tenant, head_id)
+        spec = self.chosen_backbone(head)
+        if not inputs:
+            raise Unprocessable("no examples given", code="no_examples")
+        prepared = self.training.prepare(tenant.id, spec, inputs)
+        stored = self.store.unlabeled_keys(tenant_id=tenant.id, head_id=head.id)
+        total = len(stored | set(prepared.content_hashes))
+        if total > self.settings.max_unlabeled_per_head:
+            raise Forbidden(
+                f"the head would hold {total} distinct unlabelled examples; at most"
+                f" {self.settings.max_unlabeled_per_head}",
+                code="unlabeled_limit_reached",
+            )
+        options = [(spec, lambda: prepared)]
+        return self._train_and_wait(tenant, head, options, [(None, raw) for raw in inputs])
+
+    def chosen_backbone(self, head: Head) -> BackboneSpec:
+        """The backbone a head's next version trains on: the one it was trained on."""
+        if head.backbone == AUTO_BACKBONE:
+            raise Conflict(
+                f"head {head.id} has not chosen its backbone yet (status: {head.status});"
+                " add examples once it is ready",
+                code="head_not_ready",
+            )
+        return self.served_backbone(head.id, head.backbone)
+
     def _train_and_wait(
-        self, tenant: Tenant, head: Head, options, examples: list[tuple[str, RawInput]]
+        self, tenant: Tenant, head: Head, options, examples: list[tuple[str | None, RawInput]]
     ) -> Head:
         """Stores the training job (from here on a crash loses none of its examples), then
         waits up to GRAFT_SYNC_TRAINING_TIMEOUT_S for it: the head, trained (201) or still

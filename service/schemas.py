@@ -156,6 +156,12 @@ class ExamplesAdd(_Strict):
     examples: list[Example] = Field(min_length=1)
 
 
+class UnlabeledAdd(_Strict):
+    """Unlabelled examples of the domain the head will serve (its inputs, no labels)."""
+
+    examples: list[Input] = Field(min_length=1)
+
+
 class LabelMetrics(BaseModel):
     precision: float
     recall: float
@@ -176,6 +182,46 @@ class BackboneSelection(BaseModel):
     cv_log_loss: dict[str, float | None]
     cv_accuracy: dict[str, float | None]
     chosen: str
+
+
+class DomainReport(BaseModel):
+    """How the head meets the domain of its unlabelled examples (POST /heads/{id}/unlabeled)."""
+
+    n_unlabeled: int
+    adapted: bool = Field(
+        description="whether the served head is adapted to the unlabelled examples' domain"
+        " (their mean embedding centred away, then self-trained on its confident predictions)"
+    )
+    decision: Literal[
+        "too_few_unlabeled", "no_shift_beyond_label_proportions", "estimated_gain", "estimated_harm"
+    ] = Field(
+        description="why: too few unlabelled examples to judge; they differ from the labelled"
+        " ones in label proportions only (nothing to adapt to); or the adapted head's estimated"
+        " accuracy there is at least (gain) or below (harm) the unadapted one's"
+    )
+    domain_distance: float | None = Field(
+        None,
+        description="held-out balanced accuracy of a classifier telling the unlabelled"
+        " examples from the labelled ones: 0.5 when it cannot, 1 when they never overlap",
+    )
+    domain_distance_reweighted: float | None = Field(
+        None,
+        description="the same with the labelled examples reweighted to the label proportions"
+        " the head predicts on the unlabelled ones: what those proportions do not explain",
+    )
+    estimated_accuracy: float | None = Field(
+        None,
+        description="the served head's accuracy on the unlabelled examples, estimated without"
+        " their labels (COT, Lu et al. 2023); compare with `cv_accuracy`",
+    )
+    estimated_accuracy_unadapted: float | None = None
+    estimated_accuracy_adapted: float | None = Field(
+        None, description="estimated on unlabelled examples the adapted head did not train on"
+    )
+    unknown_share: float | None = Field(
+        None, description="share of the unlabelled examples the served head flags as unknown"
+    )
+    adapt_seconds: float | None = None
 
 
 class HeadMetrics(BaseModel):
@@ -225,6 +271,9 @@ class HeadMetrics(BaseModel):
     )
     backbone_selection: BackboneSelection | None = Field(
         None, description="how an `auto` head chose its backbone"
+    )
+    domain: DomainReport | None = Field(
+        None, description="present once the head has unlabelled examples"
     )
     warnings: list[str] = Field(
         default_factory=list, description="what to know before trusting these metrics"

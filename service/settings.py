@@ -160,6 +160,8 @@ class Settings(BaseSettings):
     # Per-tenant limits: what one tenant may hold and how fast it may call
     max_heads_per_tenant: int = Field(1000, ge=1)
     max_examples_per_head: int = Field(20_000, ge=2)
+    # Unlabelled examples of the domain a head serves (adaptation is fitted on a third).
+    max_unlabeled_per_head: int = Field(2_000, ge=1)
     rate_limit_per_s: float = Field(
         200.0, ge=0, description="sustained requests per second per tenant key; 0 = no limit"
     )

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from adapters import heads
+from adapters.adaptation import adapt
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
 from models.registry import BackboneSpec, ImagePreprocessing
@@ -75,6 +76,8 @@ class TrainingSet:
     examples: list[tuple[str, str]]  # (content hash, label)
     x: np.ndarray  # (len(examples), embedding_dim)
     labels: list[str]
+    unlabeled: list[str]  # content hashes of the target domain's unlabelled examples
+    target: np.ndarray  # (len(unlabeled), embedding_dim)
 
 
 # A backbone the head may be trained on, with its inputs prepared on demand (`auto`
@@ -141,10 +144,11 @@ class Trainer:
         self,
         head: Head,
         options: list[Option],
-        examples: Sequence[tuple[str, RawInput]],
+        examples: Sequence[tuple[str | None, RawInput]],
     ) -> Future | None:
-        """Stores the job and its examples, then trains it here: the future of its end, or
-        None when it waits behind another job of the head (a sweeper will take it)."""
+        """Stores the job and its examples (label None: unlabelled), then trains it here:
+        the future of its end, or None when it waits behind another job of the head (a
+        sweeper will take it)."""
         created = self.store.create_job(
             tenant_id=head.tenant_id,
             head_id=head.id,
@@ -160,7 +164,9 @@ class Trainer:
             return None
         return self._submit(job_id, head, options, [label for label, _ in examples])
 
-    def _submit(self, job_id: str, head: Head, options: list[Option], labels: list[str]):
+    def _submit(
+        self, job_id: str, head: Head, options: list[Option], labels: list[str | None]
+    ) -> Future:
         with self._jobs_lock:
             self._jobs.add(job_id)
         return self._pool.submit(self._train, job_id, head, options, labels)
@@ -207,10 +213,13 @@ class Trainer:
         ]
         self._submit(job.id, head, options, [label for label, _ in examples])
 
-    def _train(self, job_id: str, head: Head, options: list[Option], new_labels: list[str]) -> None:
+    def _train(
+        self, job_id: str, head: Head, options: list[Option], new_labels: list[str | None]
+    ) -> None:
         """Embeds what is new, trains on the head's whole set, stores the version whole.
         With several backbone options (`auto`) the examples are embedded by each and
-        `choose_backbone` picks one."""
+        `choose_backbone` picks one. With unlabelled examples the head is adapted to
+        their domain, where that looks helpful (`adapters/adaptation.py`)."""
         tenant_id = head.tenant_id
         try:
             # One backbone at a time: its decoded inputs are dropped once embedded.
@@ -238,6 +247,14 @@ class Trainer:
                     training_set.labels,
                     label_embeddings=label_embeddings[chosen],
                 )
+            if training_set.unlabeled:
+                trained = adapt(
+                    training_set.x,
+                    training_set.labels,
+                    training_set.target,
+                    trained,
+                    label_embeddings=label_embeddings[chosen],
+                )
             version = self.store.save_version(
                 tenant_id=tenant_id,
                 head_id=head.id,
@@ -250,6 +267,7 @@ class Trainer:
                 prototypes=trained.prototypes,
                 unknown_threshold=trained.unknown_threshold,
                 metrics=trained.metrics,
+                unlabeled=training_set.unlabeled,
                 ready=False,
             )
             if version is not None:
@@ -276,9 +294,10 @@ class Trainer:
         head: Head,
         spec: BackboneSpec,
         prepared: PreparedInputs,
-        new_labels: list[str],
+        new_labels: list[str | None],
     ) -> TrainingSet:
-        """The head's stored examples plus the new ones, as this backbone's embeddings."""
+        """The head's stored examples plus the new ones, as this backbone's embeddings;
+        unlabelled ones apart."""
         new_vectors = self._embed(spec, prepared)
         cached = self.store.cached_embeddings(
             tenant_id=tenant_id,
@@ -291,17 +310,31 @@ class Trainer:
             vectors.setdefault(h, vector)
         examples = [(h, label) for h, label, _ in stored]
         seen = set(examples)
-        for pair in zip(prepared.content_hashes, new_labels, strict=True):
-            if pair not in seen:
-                seen.add(pair)
-                examples.append(pair)
+        stored_unlabeled = self.store.unlabeled_set(tenant_id=tenant_id, head_id=head.id)
+        for h, vector in stored_unlabeled:
+            vectors.setdefault(h, vector)
+        unlabeled = [h for h, _ in stored_unlabeled]
+        for h, label in zip(prepared.content_hashes, new_labels, strict=True):
+            if label is None:
+                if h not in unlabeled:
+                    unlabeled.append(h)
+            elif (h, label) not in seen:
+                seen.add((h, label))
+                examples.append((h, label))
         # Checked when the request came in; this holds it against concurrent adds.
         if len(examples) > self.settings.max_examples_per_head:
             raise ValueError(
                 f"{len(examples)} examples; at most {self.settings.max_examples_per_head} per head"
             )
+        if len(unlabeled) > self.settings.max_unlabeled_per_head:
+            raise ValueError(
+                f"{len(unlabeled)} unlabelled examples; at most"
+                f" {self.settings.max_unlabeled_per_head} per head"
+            )
         x = np.stack([vectors[h] for h, _ in examples])
-        return TrainingSet(new_vectors, examples, x, [label for _, label in examples])
+        target = np.stack([vectors[h] for h in unlabeled]) if unlabeled else x[:0]
+        labels = [label for _, label in examples]
+        return TrainingSet(new_vectors, examples, x, labels, unlabeled, target)
 
     def _label_embeddings(
         self, spec: BackboneSpec, head: Head, labels: list[str]

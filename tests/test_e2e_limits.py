@@ -14,6 +14,7 @@ pytestmark = pytest.mark.e2e
 LIMITS = {
     "GRAFT_MAX_HEADS_PER_TENANT": "2",
     "GRAFT_MAX_EXAMPLES_PER_HEAD": "10",
+    "GRAFT_MAX_UNLABELED_PER_HEAD": "12",
     "GRAFT_RATE_LIMIT_PER_S": "4",
     "GRAFT_RATE_LIMIT_BURST": "6",
 }
@@ -92,6 +93,22 @@ def test_examples_per_head(limited) -> None:
         _wait_for_tokens()
         grown = tenant.post(f"{path}/examples", json={"examples": text_examples(1, offset=5)})
         assert grown.status_code == 200 and grown.json()["metrics"]["n_examples"] == 10
+
+
+def test_unlabelled_examples_per_head(limited) -> None:
+    with limited.new_tenant("gatherer") as tenant:
+        head = _head(tenant, text_examples(2))
+        url = f"/v1/heads/{head['id']}/unlabeled"
+        texts = [{"text": f"message number {i}"} for i in range(13)]
+        assert_error(tenant.post(url, json={"examples": texts}), 403, "unlabeled_limit_reached")
+        assert tenant.post(url, json={"examples": texts[:12]}).status_code == 200
+        _wait_for_tokens()
+        assert_error(
+            tenant.post(url, json={"examples": texts[12:]}), 403, "unlabeled_limit_reached"
+        )
+        # Those it holds already do not count twice.
+        again = tenant.post(url, json={"examples": texts[:3]})
+        assert again.status_code == 200 and again.json()["metrics"]["domain"]["n_unlabeled"] == 12
 
 
 def test_a_rotated_key_is_revoked_at_once(limited) -> None:

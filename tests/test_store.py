@@ -88,6 +88,39 @@ def test_a_version_is_saved_whole(store) -> None:
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).version == 1
 
 
+def test_unlabelled_examples_travel_with_a_job_and_stay_with_their_head(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    other, _ = store.create_tenant(name="u")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    job_id, _ = store.create_job(
+        tenant_id=tenant.id, head_id=head.id, backbones=["bb"], owner="a/1/x", lease_s=30,
+        examples=[("a", "text", b"labelled"), (None, "text", b"unlabelled")],
+    )  # fmt: skip
+    assert store.job_examples(job_id=job_id) == [
+        ("a", "text", b"labelled"),
+        (None, "text", b"unlabelled"),
+    ]
+    vectors = {h: np.full(4, i, dtype=np.float32) for i, h in enumerate(["x", "y", "u1", "u2"])}
+    store.save_version(
+        tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings=vectors,
+        examples=[("x", "a"), ("y", "b")], labels=["a", "b"],
+        weights=np.ones((4, 2), np.float32), bias=np.zeros(2, np.float32),
+        prototypes=np.ones((4, 2), np.float32), unknown_threshold=None, metrics={},
+        unlabeled=["u1", "u2"],
+    )  # fmt: skip
+    target = store.unlabeled_set(tenant_id=tenant.id, head_id=head.id)
+    assert [h for h, _ in target] == ["u1", "u2"]
+    np.testing.assert_array_equal(target[1][1], np.full(4, 3))
+    assert store.unlabeled_keys(tenant_id=tenant.id, head_id=head.id) == {"u1", "u2"}
+    # Unlabelled examples are not training examples, and no other tenant sees them.
+    assert len(store.training_set(tenant_id=tenant.id, head_id=head.id)) == 2
+    assert store.unlabeled_set(tenant_id=other.id, head_id=head.id) == []
+    assert store.unlabeled_keys(tenant_id=other.id, head_id=head.id) == set()
+    store.delete_head(tenant_id=tenant.id, head_id=head.id)
+    with store._read() as db:
+        assert db.scalar(sa.text("SELECT count(*) FROM head_unlabeled")) == 0
+
+
 def test_restart_resolves_interrupted_training(store) -> None:
     tenant, _ = store.create_tenant(name="t")
     never_trained = store.create_head(tenant_id=tenant.id, name="new", backbone="bb")
