@@ -17,6 +17,9 @@ labels are used only to score):
   them, join the training set with their predicted labels); `centre+self-train`;
 - how far the target lies: a domain classifier's cross-validated accuracy (0.5: the
   domains cannot be told apart);
+- what the service does with the target's inputs (`adapters.adaptation.adapt`): its
+  decision, the accuracy of the head it serves, and that head's own estimate of it
+  (COT), against the measured accuracy;
 - the target accuracy a head can estimate without labels: average thresholded confidence
   (ATC, Garg et al. 2022: the confidence threshold above which the source's out-of-fold
   predictions are as often confident as they are right; the share of target predictions
@@ -34,6 +37,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from adapters.adaptation import adapt  # noqa: E402
 from adapters.heads import predict_proba, train_head  # noqa: E402
 from bench.accuracy import image_split, read_texts  # noqa: E402
 from models.export import ensure_onnx  # noqa: E402
@@ -111,21 +115,6 @@ def atc_estimate(source_conf, source_correct, target_conf) -> float:
     return float(np.mean(target_conf > t))
 
 
-def cot_estimate(labels: list[str], y: list[str], target_probabilities: np.ndarray) -> float:
-    """Lu et al. 2023 (COT): 1 - the optimal-transport cost between the target's predicted
-    distributions and one-hot labels in the source's proportions, with cost
-    ||p - e_k||_inf = 1 - p_k. A head that piles the target onto few labels is charged for
-    the rows the label proportions send elsewhere, however confident it is."""
-    from scipy.optimize import linear_sum_assignment
-
-    n = len(target_probabilities)
-    shares = np.array([y.count(label) for label in labels], dtype=float) / len(y)
-    slots = np.repeat(np.arange(len(labels)), np.round(shares * n).astype(int))
-    slots = np.resize(slots, n) if len(slots) else slots
-    rows, cols = linear_sum_assignment(-target_probabilities[:, slots])
-    return float(target_probabilities[rows, slots[cols]].mean())
-
-
 def domain_distance(source: np.ndarray, target: np.ndarray) -> float:
     """Cross-validated accuracy of a classifier telling the two domains apart."""
     from sklearn.linear_model import LogisticRegression
@@ -163,17 +152,18 @@ def shift(name: str, xs, ys, xt, yt) -> dict:
     conf, correct = out_of_fold_confidence(centre(xs), ys)
     row["atc_adapted"] = atc_estimate(conf, correct, p.max(1))
     row["agreement"] = float(np.mean(adapted == none_predicted))
-    row["cot_none"] = cot_estimate(list(fit_predict(xs, ys, xt)[0].labels), ys, p_none)
-    row["cot_adapted"] = cot_estimate(list(head.labels), ys, p)
+    # What the service does (adapters/adaptation.py): the head it serves, its decision
+    # and its estimate of its own accuracy on the target.
+    served = adapt(xs, ys, xt, train_head(xs, ys, seed=0))
+    report = served.metrics["domain"]
+    row["service"] = accuracy(served, predict_proba(xt, served.weights, served.bias), yt)
+    row["decision"] = report["decision"]
+    row["estimate"] = report["estimated_accuracy"]
+    row["estimate_unadapted"] = report.get("estimated_accuracy_unadapted")
     print(
-        f"  COT: unadapted est {row['cot_none']:.3f} vs {row['none']:.3f};"
-        f" adapted est {row['cot_adapted']:.3f} vs {row['centre+self-train']:.3f};"
-        f" ATC adapted {row['atc_adapted']:.3f}",
-        flush=True,
-    )
-    print(
-        f"  estimates for centre+self-train: ATC {row['atc_adapted']:.3f},"
-        f" agreement with the unadapted head {row['agreement']:.3f}",
+        f"  service: {row['decision']}, serves {row['service']:.3f} (unadapted {row['none']:.3f});"
+        f" estimates {row['estimate']:.3f} served, {row['estimate_unadapted']} unadapted;"
+        f" {report['adapt_seconds']} s",
         flush=True,
     )
     print(
@@ -241,9 +231,17 @@ def main() -> None:
                 [lab for lab, _ in test],
             )
         )
+    print("\n| shift | unadapted | service | decision | its estimate | estimate error |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['shift']} | {r['none']:.3f} | {r['service']:.3f} ({r['service'] - r['none']:+.3f})"
+            f" | {r['decision']} | {r['estimate']:.3f} | {abs(r['estimate'] - r['service']):.3f} |"
+        )
     gaps = [abs(r["atc"] - r["none"]) for r in rows]
     print(
-        f"\nATC's error against the unadapted head's measured accuracy: mean {statistics.mean(gaps):.3f}, max {max(gaps):.3f}"
+        f"\nATC's error against the unadapted head's measured accuracy: mean"
+        f" {statistics.mean(gaps):.3f}, max {max(gaps):.3f}"
     )
 
 
