@@ -106,7 +106,7 @@ class Split:
         """Fresh low-rank updates on every linear map of the top; their parameters."""
         params = []
         for layer in self.layers[self.cut :]:
-            for name, module in list(layer.named_modules()):
+            for module in list(layer.modules()):
                 for child_name, child in list(module.named_children()):
                     if isinstance(child, torch.nn.Linear):
                         lora = LoRALinear(child, rank, alpha)

@@ -94,6 +94,11 @@ def _transformers(backbone_id: str, entry: TransformersEntry, resolve) -> Backbo
 
         return sentence_embedding_module(folder(), entry.pooling)
 
+    def build_split():
+        from models.split import split_text_encoder
+
+        return split_text_encoder(folder(), entry.pooling)
+
     def check_sources() -> None:
         resolve.check(entry.model)
         if isinstance(entry.model, FileSource):
@@ -111,6 +116,7 @@ def _transformers(backbone_id: str, entry: TransformersEntry, resolve) -> Backbo
         description=entry.description or f"{entry.family} encoder, {entry.pooling}-pooled",
         weights_file=folder,
         build_module=build_module,
+        build_split=build_split,
         preprocessing=TextPreprocessing(
             tokenizer_file=lambda: folder() / "tokenizer.json",
             max_tokens=entry.max_tokens,

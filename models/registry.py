@@ -82,6 +82,9 @@ class BackboneSpec:
     preprocessing: ImagePreprocessing | TextPreprocessing
     # An `onnx` entry's own file, wrapped at export instead of building a module.
     onnx_file: Callable[[], Path] | None = None
+    # Builds the backbone cut into a frozen trunk and a top that takes a head's LoRA
+    # factors (models/split.py), for fine-tuning; None where no cut is supported.
+    build_split: Callable[[], tuple[Any, Any]] | None = None
     # The entry as declared: a change to it (pooling, preprocessing) is a new export.
     declaration: str = ""
     # Raises BackboneFileError when the entry's files are missing (checked at start).
