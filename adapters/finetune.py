@@ -1,0 +1,198 @@
+"""Fine-tuning a text head's own top on the shared trunk (issue 13), and the held-out
+comparison that decides whether it beats the frozen head.
+
+The top (models/split.py) keeps the pretrained weights; a head trains only its LoRA
+factors, with SetFit's objective (Tunstall et al. 2022): pairs of its examples, the
+cosine similarity of their embeddings regressed onto 1 for the same label and 0 for
+different ones. A head is then fitted on the tuned embeddings as on frozen ones
+(adapters.heads.train_head). Training starts from the trunk's cached hidden states: the
+trunk runs once per example, whatever the number of pairs and folds.
+
+`compare` runs both candidates on the same stratified folds (each fold's top is tuned
+without its held-out rows) and keeps the fine-tuned one only when its held-out log-loss
+is lower; the report says what both scored. PyTorch is imported here, on training's
+path only (serving imports no torch).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from adapters.heads import SAME_LOSS, _nll, predict_proba, train_head
+from models.split import RANK
+
+PAIRS_PER_EXAMPLE = 20
+PAIR_BATCH = 16
+LEARNING_RATE = 1e-3
+# LoRA's alpha / rank, folded into B when training ends (Hu et al. 2021: alpha = 2 rank).
+LORA_SCALE = 2.0
+MAX_FOLDS = 3
+MIN_EXAMPLES_PER_LABEL = 3
+
+
+@dataclass(frozen=True)
+class Comparison:
+    fine_tuned: bool  # whether the fine-tuned candidate won
+    factors: list[np.ndarray] | None  # the winner's factors (None: frozen)
+    report: dict[str, Any]
+
+
+def tune(
+    top,
+    hidden: list,
+    labels: list[str],
+    *,
+    seed: int = 0,
+    rank: int = RANK,
+    pairs_per_example: int = PAIRS_PER_EXAMPLE,
+) -> list[np.ndarray]:
+    """LoRA factors (A, B per linear map of the top, scale folded into B) trained on the
+    examples' trunk hidden states with SetFit pairs; one epoch."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    factors = []
+    for shape in top.factor_shapes(rank):
+        if shape[0] == rank:  # A: Kaiming-uniform, as torch.nn.Linear initialises
+            bound = 1 / math.sqrt(shape[1])
+            factors.append((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+        else:  # B: zeros, so training starts from the pretrained top
+            factors.append(torch.zeros(shape))
+    for f in factors:
+        f.requires_grad_(True)
+    optimiser = torch.optim.AdamW(factors, lr=LEARNING_RATE, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    pairs = _pairs(labels, pairs_per_example, rng)
+    for start in range(0, len(pairs), PAIR_BATCH):
+        chunk = pairs[start : start + PAIR_BATCH]
+        scaled = _scaled(factors)
+        left = _embed_rows(top, [hidden[i] for i, _, _ in chunk], scaled)
+        right = _embed_rows(top, [hidden[j] for _, j, _ in chunk], scaled)
+        target = torch.tensor([same for _, _, same in chunk])
+        loss = torch.nn.functional.mse_loss((left * right).sum(dim=1), target)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return [f.detach().numpy().copy() for f in _scaled(factors)]
+
+
+def embed(top, hidden: list, factors: list[np.ndarray] | None, batch: int = 64) -> np.ndarray:
+    """Embeddings of trunk hidden states through the top with a head's factors."""
+    import torch
+
+    tensors = None if factors is None else [torch.from_numpy(f) for f in factors]
+    with torch.inference_mode():
+        return np.concatenate(
+            [
+                _embed_rows(top, hidden[s : s + batch], tensors).numpy()
+                for s in range(0, len(hidden), batch)
+            ]
+        )
+
+
+def compare(
+    top,
+    hidden: list,
+    labels: list[str],
+    frozen: np.ndarray,
+    *,
+    seed: int = 0,
+    pairs_per_example: int = PAIRS_PER_EXAMPLE,
+) -> Comparison:
+    """The frozen head's and the fine-tuned one's held-out scores on the same folds, and
+    the winner's factors (tuned again on every example when it is the fine-tuned one)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    start = time.perf_counter()
+    classes = sorted(set(labels))
+    y = np.array([classes.index(label) for label in labels])
+    min_count = int(np.bincount(y).min())
+    if min_count < MIN_EXAMPLES_PER_LABEL:
+        report = {
+            "chosen": "frozen",
+            "reason": f"a label has {min_count} example(s); fine-tuning is compared on"
+            f" held-out folds, which need {MIN_EXAMPLES_PER_LABEL} per label",
+        }
+        return Comparison(False, None, report)
+    folds = min(MAX_FOLDS, min_count)
+    splits = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(frozen, y)
+    oof = {
+        "frozen": np.empty((len(y), len(classes))),
+        "fine_tuned": np.empty((len(y), len(classes))),
+    }
+    for fold, (fitted, judged) in enumerate(splits):
+        fitted_labels = [labels[i] for i in fitted]
+        head = train_head(frozen[fitted], fitted_labels, seed=seed)
+        oof["frozen"][judged] = predict_proba(frozen[judged], head.weights, head.bias)
+        factors = tune(
+            top,
+            [hidden[i] for i in fitted],
+            fitted_labels,
+            seed=seed + fold,
+            pairs_per_example=pairs_per_example,
+        )
+        tuned = embed(top, hidden, factors)
+        head = train_head(tuned[fitted], fitted_labels, seed=seed)
+        oof["fine_tuned"][judged] = predict_proba(tuned[judged], head.weights, head.bias)
+    scores = {
+        name: {
+            "cv_accuracy": round(float(np.mean(p.argmax(axis=1) == y)), 4),
+            "cv_log_loss": round(_nll(np.log(np.maximum(p, 1e-12)), y), 4),
+        }
+        for name, p in oof.items()
+    }
+    won = scores["fine_tuned"]["cv_log_loss"] < scores["frozen"]["cv_log_loss"] - SAME_LOSS
+    factors = (
+        tune(top, hidden, labels, seed=seed, pairs_per_example=pairs_per_example) if won else None
+    )
+    report = {
+        "chosen": "fine_tuned" if won else "frozen",
+        "candidates": scores,
+        "cv_folds": folds,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    if factors is not None:
+        report["top_bytes_fp16"] = int(sum(f.size for f in factors) * 2)
+    return Comparison(won, factors, report)
+
+
+def _scaled(factors: list) -> list:
+    """B scaled by alpha / rank (a view for training; the stored B carries it)."""
+    return [f * LORA_SCALE if i % 2 else f for i, f in enumerate(factors)]
+
+
+def _embed_rows(top, rows: list, factors):
+    import torch
+
+    longest = max(len(r) for r in rows)
+    hidden = torch.zeros(len(rows), longest, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        hidden[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    return top(hidden, mask, *(factors or []))
+
+
+def _pairs(
+    labels: list[str], per_example: int, rng: np.random.Generator
+) -> list[tuple[int, int, float]]:
+    """SetFit's pairs: per example, alternately one with its label and one without."""
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_label.setdefault(label, []).append(i)
+    pairs = []
+    for i, label in enumerate(labels):
+        same = [j for j in by_label[label] if j != i]
+        other = [j for j, lab in enumerate(labels) if lab != label]
+        for k in range(per_example):
+            if k % 2 == 0 and same:
+                pairs.append((i, int(rng.choice(same)), 1.0))
+            else:
+                pairs.append((i, int(rng.choice(other)), 0.0))
+    rng.shuffle(pairs)
+    return pairs
