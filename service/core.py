@@ -266,8 +266,6 @@ class Graft:
         version, adapted to them where that looks helpful (adapters/adaptation.py)."""
         head = self.get_head(tenant, head_id)
         spec = self.chosen_backbone(head)
-        if not inputs:
-            raise Unprocessable("no examples given", code="no_examples")
         prepared = self.training.prepare(tenant.id, spec, inputs)
         stored = self.store.unlabeled_keys(tenant_id=tenant.id, head_id=head.id)
         total = len(stored | set(prepared.content_hashes))
