@@ -76,8 +76,11 @@ def main() -> None:
     trunk, top = spec.build_split()
     tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
     print(f"# bench/finetune_text.py {' '.join(sys.argv[1:])}")
-    print("| set | draw | frozen | fine-tuned | auto (choice) | tune s | compare s |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| set | draw | frozen | fine-tuned | auto (choice) | held-out frozen / fine-tuned"
+        " (accuracy, log-loss) | tune s | compare s |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     results = []
     for name in args.sets.split(","):
         rows = read_texts(SETS[name])
@@ -107,9 +110,13 @@ def main() -> None:
             compare_s = time.perf_counter() - started
             auto = always if choice.fine_tuned else base
             results.append((base, always, auto))
+            held_out = " / ".join(
+                f"{c['cv_accuracy']:.2f}, {c['cv_log_loss']:.3f}"
+                for c in choice.report.get("candidates", {}).values()
+            )
             print(
                 f"| {name} | {draw} | {base:.3f} | {always:.3f} | {auto:.3f}"
-                f" ({choice.report['chosen']}) | {tune_s:.1f} | {compare_s:.1f} |",
+                f" ({choice.report['chosen']}) | {held_out} | {tune_s:.1f} | {compare_s:.1f} |",
                 flush=True,
             )
     frozen_mean, tuned_mean, auto_mean = (statistics.mean(r[k] for r in results) for k in range(3))
