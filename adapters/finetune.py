@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.heads import SAME_LOSS, _nll, predict_proba, train_head
+from adapters.heads import SAME_LOSS, nll, predict_proba, train_head
 from models.split import RANK
 
 PAIRS_PER_EXAMPLE = 20
@@ -57,8 +57,8 @@ def tune(
 
     generator = torch.Generator().manual_seed(seed)
     factors = []
-    for shape in top.factor_shapes(rank):
-        if shape[0] == rank:  # A: Kaiming-uniform, as torch.nn.Linear initialises
+    for i, shape in enumerate(top.factor_shapes(rank)):
+        if i % 2 == 0:  # A: Kaiming-uniform, as torch.nn.Linear initialises its weights
             bound = 1 / math.sqrt(shape[1])
             factors.append((torch.rand(shape, generator=generator) * 2 - 1) * bound)
         else:  # B: zeros, so training starts from the pretrained top
@@ -70,9 +70,9 @@ def tune(
     pairs = _pairs(labels, pairs_per_example, rng)
     for start in range(0, len(pairs), PAIR_BATCH):
         chunk = pairs[start : start + PAIR_BATCH]
-        scaled = _scaled(factors)
-        left = _embed_rows(top, [hidden[i] for i, _, _ in chunk], scaled)
-        right = _embed_rows(top, [hidden[j] for _, j, _ in chunk], scaled)
+        # Both sides of every pair in one pass through the top.
+        rows = [hidden[i] for i, _, _ in chunk] + [hidden[j] for _, j, _ in chunk]
+        left, right = _embed_rows(top, rows, _scaled(factors)).split(len(chunk))
         target = torch.tensor([same for _, _, same in chunk])
         loss = torch.nn.functional.mse_loss((left * right).sum(dim=1), target)
         optimiser.zero_grad()
@@ -142,7 +142,7 @@ def compare(
     scores = {
         name: {
             "cv_accuracy": round(float(np.mean(p.argmax(axis=1) == y)), 4),
-            "cv_log_loss": round(_nll(np.log(np.maximum(p, 1e-12)), y), 4),
+            "cv_log_loss": round(nll(np.log(np.maximum(p, 1e-12)), y), 4),
         }
         for name, p in oof.items()
     }

@@ -117,7 +117,7 @@ def train_head(
             # Chosen by held-out log-loss at its best temperature: smoother than accuracy,
             # so a choice among few examples is less of a coin toss (UCI 8 per label,
             # with label names: 0.83 against 0.80 when chosen by accuracy).
-            loss = _nll(logits / fit_temperature(logits, y), y)
+            loss = nll(logits / fit_temperature(logits, y), y)
             accuracy = float(np.mean(logits.argmax(axis=1) == y))
             compared.append(
                 {
@@ -276,14 +276,14 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     from scipy.optimize import minimize_scalar
 
     result = minimize_scalar(
-        lambda log_t: _nll(logits / np.exp(log_t), y),
+        lambda log_t: nll(logits / np.exp(log_t), y),
         bounds=(np.log(0.05), np.log(20.0)),
         method="bounded",
     )
     return float(np.exp(result.x))
 
 
-def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+def nll(logits: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true labels under softmax(logits)."""
     log_p = logits - logits.max(axis=1, keepdims=True)
     log_p -= np.log(np.exp(log_p).sum(axis=1, keepdims=True))
