@@ -314,9 +314,11 @@ class Trainer:
         for h, vector in stored_unlabeled:
             vectors.setdefault(h, vector)
         unlabeled = [h for h, _ in stored_unlabeled]
+        seen_unlabeled = set(unlabeled)
         for h, label in zip(prepared.content_hashes, new_labels, strict=True):
             if label is None:
-                if h not in unlabeled:
+                if h not in seen_unlabeled:
+                    seen_unlabeled.add(h)
                     unlabeled.append(h)
             elif (h, label) not in seen:
                 seen.add((h, label))
