@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 
 import numpy as np
 from PIL import Image
 from sklearn.datasets import load_sample_image
+
+from models.registry import ImagePreprocessing
 
 
 def crops(name: str, n: int, *, seed: int, fmt: str = "JPEG") -> list[bytes]:
@@ -82,3 +85,16 @@ def assert_error(response, status: int, code: str | None = None) -> dict:
     if code is not None:
         assert body["error"]["code"] == code, body
     return body["error"]
+
+
+def exported_image_preprocessing(meta: dict[str, str]) -> ImagePreprocessing:
+    """The preprocessing an exported image model declares in its metadata, as a client
+    reads it from `graft.preprocessing`."""
+    pre = json.loads(meta["graft.preprocessing"])
+    return ImagePreprocessing(
+        image_size=pre["center_crop"],
+        resize_size=pre["resize_shorter_side"],
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
+        interpolation=pre["interpolation"],
+    )

@@ -13,8 +13,14 @@ import pytest
 from PIL import Image, ImageOps
 
 from models.preprocess import decode_image
-from models.registry import ImagePreprocessing
-from tests.inputs import assert_error, b64, crops, image_examples, text_examples
+from tests.inputs import (
+    assert_error,
+    b64,
+    crops,
+    exported_image_preprocessing,
+    image_examples,
+    text_examples,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -111,14 +117,8 @@ def test_unlabelled_images_from_a_zip_are_adapted_to_and_exported(server) -> Non
             client.get(f"{path}/model.onnx").content, providers=["CPUExecutionProvider"]
         )
         meta = session.get_modelmeta().custom_metadata_map
-        labels, pre = json.loads(meta["graft.labels"]), json.loads(meta["graft.preprocessing"])
-        spec = ImagePreprocessing(
-            image_size=pre["center_crop"],
-            resize_size=pre["resize_shorter_side"],
-            mean=tuple(pre["mean"]),
-            std=tuple(pre["std"]),
-            interpolation=pre["interpolation"],
-        )
+        labels = json.loads(meta["graft.labels"])
+        spec = exported_image_preprocessing(meta)
         batch = np.stack([decode_image(g, spec, 10**8) for g in greys])
         probabilities = session.run(["probabilities"], {"image": batch})[0]
         for row, prediction in zip(probabilities, predictions, strict=True):

@@ -12,8 +12,7 @@ import pytest
 from PIL import Image
 
 from models.preprocess import decode_image
-from models.registry import ImagePreprocessing
-from tests.inputs import b64, crops, image_examples
+from tests.inputs import b64, crops, exported_image_preprocessing, image_examples
 
 pytestmark = pytest.mark.e2e
 
@@ -70,14 +69,7 @@ def test_image_head_lifecycle(server) -> None:
         meta = session.get_modelmeta().custom_metadata_map
         labels = json.loads(meta["graft.labels"])
         assert labels == ["flower", "temple"] and meta["graft.version"] == "2"
-        pre = json.loads(meta["graft.preprocessing"])
-        spec = ImagePreprocessing(
-            image_size=pre["center_crop"],
-            resize_size=pre["resize_shorter_side"],
-            mean=tuple(pre["mean"]),
-            std=tuple(pre["std"]),
-            interpolation=pre["interpolation"],
-        )
+        spec = exported_image_preprocessing(meta)
         batch = np.stack([decode_image(x, spec, 10**8) for x in temples + flowers])
         assert [i.name for i in session.get_inputs()] == ["image"]
         probabilities = session.run(["probabilities"], {"image": batch})[0]
