@@ -10,11 +10,15 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from adapters.heads import predict_proba
 from adapters.store import Store
+
+if TYPE_CHECKING:
+    from models.runtime import Top
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,16 @@ class ServingHead:
     bias: np.ndarray
     prototypes: np.ndarray | None  # (embedding_dim, n_labels) normalised class means
     unknown_threshold: float | None
+    # A fine-tuned head's top: its key in the runner's batches and its LoRA factors.
+    top: Top | None = None
 
     @property
     def nbytes(self) -> int:
         arrays = self.weights.nbytes + self.bias.nbytes
         if self.prototypes is not None:
             arrays += self.prototypes.nbytes
+        if self.top is not None:
+            arrays += sum(f.nbytes for f in self.top[1])
         return arrays + sum(len(label) + 50 for label in self.labels)
 
     def apply(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -93,6 +101,7 @@ class HeadCache:
             bias=row.bias,
             prototypes=row.prototypes,
             unknown_threshold=row.unknown_threshold,
+            top=None if row.top_factors is None else (f"{head_id}/{row.version}", row.top_factors),
         )
         self._put(head, epoch)
         return head

@@ -128,22 +128,10 @@ def train_head(
             )
             if loss < best_loss - SAME_LOSS:
                 best_loss, chosen, oof_logits = loss, head_type, logits
-        uncalibrated_ece = round(expected_calibration_error(y, _softmax(oof_logits)), 4)
-        # The temperature is fitted on held-out scores; the scores it is judged on are
-        # calibrated by a temperature fitted on the other folds only (cross-fitting).
-        calibrated = np.empty_like(oof_logits)
-        for fitted, judged in splits:
-            t = fit_temperature(oof_logits[fitted], y[fitted])
-            calibrated[judged] = _softmax(oof_logits[judged] / t)
-        held_out = held_out_metrics(y, calibrated, classes)
-        temperature = fit_temperature(oof_logits, y)
-        similarity = _out_of_fold_similarity(embeddings, y, splits)
-        unknown_threshold = float(np.quantile(similarity, 1 - UNKNOWN_KEEP))
-        kept = [
-            np.mean(similarity[judged] >= np.quantile(similarity[fitted], 1 - UNKNOWN_KEEP))
-            for fitted, judged in splits
-        ]
-        unknown_kept = round(float(np.mean(kept)), 4)
+        held_out, uncalibrated_ece, temperature = _calibrated(oof_logits, y, splits, classes)
+        unknown_threshold, unknown_kept = _unknown_threshold(
+            _out_of_fold_similarity(embeddings, y, splits), splits
+        )
 
     weights, bias = _fit(chosen, embeddings, y, names)
     majority = max(counts.values()) / len(labels)
@@ -172,7 +160,7 @@ def train_head(
         labels=classes,
         weights=(weights / temperature).astype(np.float32),
         bias=(bias / temperature).astype(np.float32),
-        prototypes=_class_means(embeddings, y, len(classes)).T.astype(np.float32).copy(),
+        prototypes=class_means(embeddings, y, len(classes)).T.astype(np.float32).copy(),
         unknown_threshold=unknown_threshold,
         metrics=metrics,
     )
@@ -185,7 +173,7 @@ def _fit(
     n_labels = int(y.max()) + 1
     use_names = head_type.label_names and names is not None
     if head_type.kind == "prototype":
-        means = _class_means(x, y, n_labels)
+        means = class_means(x, y, n_labels)
         if use_names:
             means = _normalise(means + names)
         return PROTOTYPE_SCALE * means.T, np.zeros(n_labels)
@@ -218,12 +206,12 @@ def _out_of_fold_similarity(x, y, splits) -> np.ndarray:
     """Every row's best cosine similarity to class means computed without it."""
     similarity = np.empty(len(y))
     for fitted, judged in splits:
-        means = _class_means(x[fitted], y[fitted], int(y.max()) + 1)
+        means = class_means(x[fitted], y[fitted], int(y.max()) + 1)
         similarity[judged] = (x[judged] @ means.T).max(axis=1)
     return similarity
 
 
-def _class_means(x: np.ndarray, y: np.ndarray, n_labels: int) -> np.ndarray:
+def class_means(x: np.ndarray, y: np.ndarray, n_labels: int) -> np.ndarray:
     """(n_labels, dim): each label's mean embedding, normalised to unit length."""
     return _normalise(np.stack([x[y == k].mean(axis=0) for k in range(n_labels)]))
 
@@ -241,6 +229,78 @@ def import_training_libraries() -> None:
     import sklearn.linear_model  # noqa: F401
     import sklearn.metrics  # noqa: F401
     import sklearn.model_selection  # noqa: F401
+
+
+def _calibrated(
+    oof_logits: np.ndarray, y: np.ndarray, splits: list, classes: list[str]
+) -> tuple[dict, float, float]:
+    """Held-out metrics of calibrated scores, the ECE before calibration, and the
+    temperature. The temperature is fitted on held-out scores; the scores it is judged
+    on are calibrated by a temperature fitted on the other folds only (cross-fitting)."""
+    uncalibrated_ece = round(expected_calibration_error(y, _softmax(oof_logits)), 4)
+    calibrated = np.empty_like(oof_logits)
+    for fitted, judged in splits:
+        t = fit_temperature(oof_logits[fitted], y[fitted])
+        calibrated[judged] = _softmax(oof_logits[judged] / t)
+    return (
+        held_out_metrics(y, calibrated, classes),
+        uncalibrated_ece,
+        fit_temperature(oof_logits, y),
+    )
+
+
+def _unknown_threshold(similarity: np.ndarray, splits: list) -> tuple[float, float]:
+    """The threshold keeping UNKNOWN_KEEP of held-out similarities, and the share that a
+    threshold set on the other folds keeps of each fold."""
+    kept = [
+        np.mean(similarity[judged] >= np.quantile(similarity[fitted], 1 - UNKNOWN_KEEP))
+        for fitted, judged in splits
+    ]
+    return float(np.quantile(similarity, 1 - UNKNOWN_KEEP)), round(float(np.mean(kept)), 4)
+
+
+def with_held_out_evidence(
+    trained: TrainedHead,
+    labels: list[str],
+    oof_logits: np.ndarray,
+    oof_similarity: np.ndarray,
+    splits: list,
+) -> TrainedHead:
+    """`trained` with its held-out metrics, temperature and unknown threshold taken from
+    these out-of-fold scores instead of its own cross-validation: for a head fitted on
+    embeddings whose backbone top was fine-tuned on every example (adapters/finetune.py),
+    where its own folds would hold out rows the top has seen. `oof_logits` come from
+    copies trained (top included) without the rows they score; `labels` are the rows'."""
+    y = np.array([trained.labels.index(label) for label in labels])
+    held_out, uncalibrated_ece, temperature = _calibrated(oof_logits, y, splits, trained.labels)
+    threshold, kept = _unknown_threshold(oof_similarity, splits)
+    counts = trained.metrics["label_counts"]
+    metrics = {
+        **trained.metrics,
+        "cv_accuracy": held_out["accuracy"],
+        "cv_folds": len(splits),
+        "cv_macro_f1": held_out["macro_f1"],
+        "cv_ece": held_out["ece"],
+        "cv_ece_uncalibrated": uncalibrated_ece,
+        "cv_per_label": held_out["per_label"],
+        "cv_confusion_matrix": held_out["confusion_matrix"],
+        "unknown_threshold": round(threshold, 4),
+        "cv_unknown_kept": kept,
+        "warnings": _warnings(
+            held_out, len(y), min(counts.values()), trained.metrics["majority_baseline"]
+        ),
+    }
+    # The copies' scores already carry their own temperature, as `trained`'s weights do:
+    # this one rescales both alike.
+    metrics["temperature"] = round(trained.metrics["temperature"] * temperature, 4)
+    return TrainedHead(
+        labels=trained.labels,
+        weights=(trained.weights / temperature).astype(np.float32),
+        bias=(trained.bias / temperature).astype(np.float32),
+        prototypes=trained.prototypes,
+        unknown_threshold=threshold,
+        metrics=metrics,
+    )
 
 
 def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:

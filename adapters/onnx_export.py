@@ -64,11 +64,51 @@ def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=like.opset_import, ir_version=like.ir_version)
 
 
+def fine_tuned_backbone(
+    trunk_path: Path, top_path: Path, factors: list[np.ndarray]
+) -> onnx.ModelProto:
+    """A fine-tuned head's backbone as one graph: the shared trunk, then the top with the
+    head's LoRA factors as constants (the inputs they are when served). Token ids and
+    mask in, `embedding` out, as the whole backbone's graph."""
+    trunk, top = onnx.load(str(trunk_path)), onnx.load(str(top_path))
+    factor_inputs = [i for i in top.graph.input if i.name.startswith("lora_")]
+    for value_info, factor in zip(factor_inputs, factors, strict=True):
+        top.graph.input.remove(value_info)
+        top.graph.initializer.append(
+            numpy_helper.from_array(np.asarray(factor, np.float32), value_info.name)
+        )
+    top = compose.add_prefix(top, "graft_top_")
+    # The mask feeds both parts: the trunk passes it on as an output of its own.
+    trunk.graph.node.append(helper.make_node("Identity", ["attention_mask"], ["graft_mask"]))
+    trunk.graph.output.append(
+        helper.make_tensor_value_info("graft_mask", TensorProto.INT64, ["batch", "tokens"])
+    )
+    merged = compose.merge_models(
+        trunk,
+        top,
+        io_map=[("hidden", "graft_top_hidden"), ("graft_mask", "graft_top_attention_mask")],
+    )
+    merged.graph.node.append(helper.make_node("Identity", ["graft_top_embedding"], ["embedding"]))
+    [output] = merged.graph.output
+    merged.graph.output.remove(output)
+    merged.graph.output.append(
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", None])
+    )
+    return merged
+
+
 def combined_model(
-    spec: BackboneSpec, backbone_path: Path, head: Head, *, variant: str = "fp32"
+    spec: BackboneSpec,
+    backbone: Path | onnx.ModelProto,
+    head: Head,
+    *,
+    variant: str = "fp32",
+    fine_tuned: bool = False,
 ) -> bytes:
-    """The serialised model a tenant downloads; labels and preprocessing in its metadata."""
-    backbone = onnx.load(str(backbone_path))
+    """The serialised model a tenant downloads; labels and preprocessing in its metadata.
+    `backbone`: the backbone's ONNX file, or a fine-tuned head's (`fine_tuned_backbone`)."""
+    if isinstance(backbone, Path):
+        backbone = onnx.load(str(backbone))
     merged = compose.merge_models(
         backbone,
         head_graph(head, backbone),
@@ -84,6 +124,7 @@ def combined_model(
             "graft.version": str(head.version),
             "graft.backbone": spec.id,
             "graft.variant": variant,
+            "graft.fine_tuned": json.dumps(fine_tuned),
             "graft.labels": json.dumps(head.labels),
             "graft.unknown_threshold": json.dumps(head.unknown_threshold),
             "graft.inputs": json.dumps(list(spec.onnx_inputs)),

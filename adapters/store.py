@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import secrets
 import time
@@ -58,6 +59,9 @@ heads = sa.Table(
     sa.Column("prototypes", sa.LargeBinary),
     sa.Column("unknown_threshold", sa.Float),
     sa.Column("label_descriptions", sa.Text, nullable=False, server_default="{}"),
+    # Fine-tuning (migration 0006): asked for at creation, and the version's top.
+    sa.Column("fine_tune", sa.Text, nullable=False, server_default="off"),
+    sa.Column("top_factors", sa.LargeBinary),  # an .npz of fp16 LoRA factors
     sa.Column("metrics", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.Text, nullable=False),
@@ -78,6 +82,20 @@ embeddings = sa.Table(
     sa.Column("backbone", sa.Text, primary_key=True),
     sa.Column("content_hash", sa.Text, primary_key=True),
     sa.Column("vector", sa.LargeBinary, nullable=False),
+)
+# The text of each text example, per tenant (migration 0006): a fine-tuned head's top is
+# tuned on its texts again at every version.
+example_texts = sa.Table(
+    "example_texts",
+    metadata,
+    sa.Column(
+        "tenant_id",
+        sa.Text,
+        sa.ForeignKey("tenants.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    sa.Column("content_hash", sa.Text, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
 )
 # The training set of each head's current version.
 head_examples = sa.Table(
@@ -184,6 +202,7 @@ class Head:
     prototypes: np.ndarray | None  # (embedding_dim, n_labels): normalised class means
     unknown_threshold: float | None
     label_descriptions: dict[str, str]
+    fine_tune: str  # "auto", "on" or "off"
     metrics: dict[str, Any] | None
     error: str | None
     created_at: str
@@ -201,6 +220,7 @@ class Head:
             "backbone": self.backbone,
             "labels": self.labels,
             "label_descriptions": self.label_descriptions,
+            "fine_tune": self.fine_tune,
             "status": self.status,
             "version": self.version,
             "metrics": self.metrics,
@@ -233,6 +253,7 @@ class ServingRow:
     bias: np.ndarray | None
     prototypes: np.ndarray | None
     unknown_threshold: float | None
+    top_factors: list[np.ndarray] | None  # a fine-tuned head's (fp16), else None
 
 
 def database_url(url_or_path: str | Path) -> str:
@@ -407,6 +428,7 @@ class Store:
         name: str,
         backbone: str,
         label_descriptions: dict[str, str] | None = None,
+        fine_tune: str = "off",
         max_heads: int | None = None,
     ) -> Head | None:
         """A new head in `training` state; None if the tenant already has `max_heads`."""
@@ -435,6 +457,7 @@ class Store:
                     backbone=backbone,
                     status="training",
                     label_descriptions=json.dumps(label_descriptions or {}),
+                    fine_tune=fine_tune,
                     created_at=now,
                     updated_at=now,
                 )
@@ -457,11 +480,13 @@ class Store:
             row = db.execute(_SERVING_HEAD, {"head_id": head_id, "tenant_id": tenant_id}).first()
         if row is None:
             return None
-        backbone, status, version, labels, weights, bias, prototypes, threshold = row
+        backbone, status, version, labels, weights, bias, prototypes, threshold, top = row
         if weights is None:
-            return ServingRow(backbone, status, version, [], None, None, None, None)
+            return ServingRow(backbone, status, version, [], None, None, None, None, None)
         w, b, p = _head_arrays(weights, bias, prototypes)
-        return ServingRow(backbone, status, version, json.loads(labels), w, b, p, threshold)
+        return ServingRow(
+            backbone, status, version, json.loads(labels), w, b, p, threshold, _factors(top)
+        )
 
     def list_heads(self, *, tenant_id: str) -> list[Head]:
         query = (
@@ -565,6 +590,19 @@ class Store:
             rows = db.execute(query).all()
         return [(h, label, np.frombuffer(v, dtype=np.float32)) for h, label, v in rows]
 
+    def texts(self, *, tenant_id: str, content_hashes: Iterable[str]) -> dict[str, str]:
+        """The stored texts of these content hashes (those the tenant sent)."""
+        hashes = list(content_hashes)
+        found: dict[str, str] = {}
+        with self._read() as db:
+            for start in range(0, len(hashes), 500):  # bounded IN lists
+                query = sa.select(example_texts.c.content_hash, example_texts.c.text).where(
+                    example_texts.c.tenant_id == tenant_id,
+                    example_texts.c.content_hash.in_(hashes[start : start + 500]),
+                )
+                found.update((h, text) for h, text in db.execute(query))
+        return found
+
     def unlabeled_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, np.ndarray]]:
         """(content_hash, embedding) of every unlabelled example of the head's current
         version, by content hash."""
@@ -599,6 +637,8 @@ class Store:
         unknown_threshold: float | None,
         metrics: dict[str, Any],
         unlabeled: Iterable[str] = (),
+        top_factors: list[np.ndarray] | None = None,
+        texts: dict[str, str] | None = None,
         ready: bool = True,
     ) -> int | None:
         """Stores a trained version atomically: its number, or None if the head was deleted
@@ -619,6 +659,7 @@ class Store:
                     bias=_blob(bias),
                     prototypes=_blob(prototypes),
                     unknown_threshold=unknown_threshold,
+                    top_factors=None if top_factors is None else _npz(top_factors),
                     metrics=json.dumps(metrics),
                     updated_at=_now(),
                 )
@@ -639,6 +680,12 @@ class Store:
                     self._insert_ignoring_duplicates(head_examples),
                     [{"head_id": head_id, "content_hash": h, "label": label}
                      for h, label in examples],
+                )  # fmt: skip
+            if texts:
+                db.execute(
+                    self._insert_ignoring_duplicates(example_texts),
+                    [{"tenant_id": tenant_id, "content_hash": h, "text": text}
+                     for h, text in texts.items()],
                 )  # fmt: skip
             unlabeled = list(unlabeled)
             if unlabeled:
@@ -839,8 +886,8 @@ _HEAD_COLUMNS = tuple(
     heads.c[name]
     for name in (
         "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
-        "bias", "prototypes", "unknown_threshold", "label_descriptions", "metrics", "error",
-        "created_at", "updated_at",
+        "bias", "prototypes", "unknown_threshold", "label_descriptions", "fine_tune", "metrics",
+        "error", "created_at", "updated_at",
     )
 )  # fmt: skip
 # The reads of a cold head and of a new key, built once (building a statement costs more
@@ -854,6 +901,7 @@ _SERVING_HEAD = sa.select(
     heads.c.bias,
     heads.c.prototypes,
     heads.c.unknown_threshold,
+    heads.c.top_factors,
 ).where(heads.c.id == sa.bindparam("head_id"), heads.c.tenant_id == sa.bindparam("tenant_id"))
 _CHANGE_COUNT = sa.select(changes.c.count).where(changes.c.id == 1)
 _TENANT_KEY = sa.select(
@@ -863,6 +911,20 @@ _TENANT_KEY = sa.select(
 
 def _blob(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, dtype=np.float32).tobytes()
+
+
+def _npz(factors: list[np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, *(np.asarray(f, np.float16) for f in factors))
+    return buffer.getvalue()
+
+
+def _factors(blob: bytes | None) -> list[np.ndarray] | None:
+    """A head's stored top factors (fp16, in `factor_shapes` order), or None."""
+    if blob is None:
+        return None
+    with np.load(io.BytesIO(blob)) as arrays:
+        return [arrays[f"arr_{i}"] for i in range(len(arrays.files))]
 
 
 def _head_arrays(
@@ -878,7 +940,7 @@ def _head_arrays(
 
 def _head_from_row(row) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
-     threshold, descriptions, metrics, error, created_at, updated_at) = row  # fmt: skip
+     threshold, descriptions, fine_tune, metrics, error, created_at, updated_at) = row  # fmt: skip
     label_list = json.loads(labels)
     w, b, p = _head_arrays(weights, bias, prototypes) if weights is not None else (None,) * 3
     return Head(
@@ -894,6 +956,7 @@ def _head_from_row(row) -> Head:
         prototypes=p,
         unknown_threshold=threshold,
         label_descriptions=json.loads(descriptions),
+        fine_tune=fine_tune,
         metrics=json.loads(metrics) if metrics else None,
         error=error,
         created_at=created_at,

@@ -28,10 +28,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.finetune import compare, embed, tune  # noqa: E402
+from adapters.finetune import compare, embed, hidden_states, tune  # noqa: E402
 from adapters.heads import predict_proba, train_head  # noqa: E402
 from bench.accuracy import read_texts  # noqa: E402
-from models.preprocess import load_tokenizer, pad_tokens, token_ids  # noqa: E402
+from models.preprocess import load_tokenizer, token_ids  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "text"
@@ -41,18 +41,6 @@ SETS = {
     "imdb": DATA / "uci_sentiment_labelled_sentences" / "imdb_labelled.txt",
     "ag_news": DATA / "ag_news" / "test.csv",
 }
-
-
-def trunk_states(trunk, ids: list[np.ndarray], pad_id: int, batch: int = 32) -> list:
-    """The trunk's hidden states, one (tokens, dim) array per text."""
-    out = []
-    with torch.inference_mode():
-        for start in range(0, len(ids), batch):
-            rows = ids[start : start + batch]
-            feeds = pad_tokens(rows, pad_id)
-            hidden = trunk(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask")))
-            out.extend(hidden[i, : len(r)].clone() for i, r in enumerate(rows))
-    return out
 
 
 def accuracy(x_train, y_train, x_test, y_test) -> float:
@@ -86,7 +74,7 @@ def main() -> None:
         rows = read_texts(SETS[name])
         rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))[: args.max_rows]]
         texts, labels = [t for _, t in rows], [lab for lab, _ in rows]
-        hidden = trunk_states(trunk, token_ids(texts, tokenizer), pre.pad_id())
+        hidden = hidden_states(trunk, token_ids(texts, tokenizer), pre.pad_id())
         frozen = embed(top, hidden, None)
         for draw in range(args.draws):
             rng = np.random.default_rng(draw)

@@ -43,6 +43,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -110,9 +111,16 @@ def in_process(
     return {size: statistics.median(values) for size, values in timings.items()}
 
 
-def seed_heads(database: str | Path, n: int, dim: int) -> list[tuple[str, str]]:
+def seed_heads(
+    database: str | Path,
+    n: int,
+    dim: int,
+    *,
+    backbone: str = BACKBONE,
+    top_factors: Callable[[int], list[np.ndarray] | None] = lambda i: None,
+) -> list[tuple[str, str]]:
     """n two-label heads, each of its own tenant, written straight to the registry (a URL,
-    or the path of a SQLite file)."""
+    or the path of a SQLite file); head i fine-tuned with `top_factors(i)`, if any."""
     store = Store(database)
     if store.engine.dialect.name == "sqlite":
         # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
@@ -123,13 +131,13 @@ def seed_heads(database: str | Path, n: int, dim: int) -> list[tuple[str, str]]:
     heads = []
     for i in tqdm(range(n), desc="seeding the registry", mininterval=5, file=sys.stderr):
         tenant, key = store.create_tenant(name=f"tenant-{i}")
-        head = store.create_head(tenant_id=tenant.id, name=f"head-{i}", backbone=BACKBONE)
+        head = store.create_head(tenant_id=tenant.id, name=f"head-{i}", backbone=backbone)
         store.save_version(
-            tenant_id=tenant.id, head_id=head.id, backbone=BACKBONE, new_embeddings={},
+            tenant_id=tenant.id, head_id=head.id, backbone=backbone, new_embeddings={},
             examples=[], labels=["a", "b"],
             weights=rng.normal(size=(dim, 2)).astype(np.float32), bias=np.zeros(2, np.float32),
             prototypes=rng.normal(size=(dim, 2)).astype(np.float32), unknown_threshold=0.0,
-            metrics={"n_examples": 0},
+            metrics={"n_examples": 0}, top_factors=top_factors(i),
         )  # fmt: skip
         heads.append((head.id, key))
     store.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,72 @@ def ensure_onnx(spec: BackboneSpec, cache_dir: Path) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def split_onnx_paths(spec: BackboneSpec, cache_dir: Path) -> tuple[Path, Path]:
+    """Where the backbone's trunk and top (models/split.py) are cached."""
+    stem = cached_onnx_path(spec, cache_dir).with_suffix("")
+    return stem.with_name(f"{stem.name}-trunk.onnx"), stem.with_name(f"{stem.name}-top.onnx")
+
+
+def split_exported(spec: BackboneSpec, cache_dir: Path) -> bool:
+    """Whether the backbone's trunk and top are exported (and checked): what the runner
+    serves fine-tuned heads with, and what training asks before fine-tuning."""
+    return all(path.exists() for path in split_onnx_paths(spec, cache_dir))
+
+
+def ensure_split(spec: BackboneSpec, cache_dir: Path) -> tuple[Path, Path] | None:
+    """The backbone's trunk and top as ONNX files, exported and checked against the whole
+    graph first if not cached; None for a backbone that cannot be split (fine-tuning is
+    for BERT-family and MPNet encoders), the reason logged and kept beside the cache so
+    that it is not tried again."""
+    paths = split_onnx_paths(spec, cache_dir)
+    refused = paths[0].with_name(paths[0].name.removesuffix("-trunk.onnx") + "-unsplit.txt")
+    if spec.build_split is None or refused.exists():
+        return None
+    if split_exported(spec, cache_dir):
+        return paths
+    from models.split import export_text_split
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("exporting the trunk and top of backbone %s", spec.id)
+    # Written beside the targets and renamed, as `ensure_onnx` does.
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{spec.id}-split-"))
+    try:
+        export_text_split(*spec.build_split(), tmp / "trunk.onnx", tmp / "top.onnx")
+        _check_split(ensure_onnx(spec, cache_dir), tmp / "trunk.onnx", tmp / "top.onnx")
+        os.replace(tmp / "trunk.onnx", paths[0])
+        os.replace(tmp / "top.onnx", paths[1])
+    except Exception as exc:  # an encoder this cut does not know: served whole
+        log.warning("backbone %s cannot be split for fine-tuning: %s", spec.id, exc)
+        refused.write_text(f"{type(exc).__name__}: {exc}\n")
+        return None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return paths
+
+
+def _check_split(whole: Path, trunk: Path, top: Path) -> None:
+    """The trunk and the top, with no factors, give the whole graph's embeddings."""
+    import numpy as np
+    import onnxruntime as ort
+
+    def session(path: Path) -> ort.InferenceSession:
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    ids = np.array([[1, 5, 7, 9, 11, 2, 0, 0]] * 2, np.int64)  # ids any vocabulary has
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    expected = session(whole).run(["embedding"], feeds)[0]
+    top_session = session(top)
+    factors = {i.name: np.zeros(i.shape, np.float32) for i in top_session.get_inputs()[2:]}
+    hidden = session(trunk).run(["hidden"], feeds)[0]
+    got = top_session.run(["embedding"], {"hidden": hidden, "attention_mask": mask, **factors})[0]
+    if not np.allclose(got, expected, atol=1e-3):
+        raise ValueError(
+            f"the trunk and top differ from the whole graph by {np.abs(got - expected).max():.2g}"
+        )
 
 
 def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
@@ -217,6 +284,8 @@ def main() -> None:
     for spec in settings.loaded_backbones():
         for variant in VARIANTS:
             print(f"{spec.id} {variant}: {ensure_variant(spec, settings.backbone_dir, variant)}")
+        if (split := ensure_split(spec, settings.backbone_dir)) is not None:
+            print(f"{spec.id} trunk and top: {split[0]}, {split[1]}")
 
 
 if __name__ == "__main__":

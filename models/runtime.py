@@ -38,7 +38,20 @@ def available_providers(device: str) -> list:
     return ["CPUExecutionProvider"]
 
 
+# A fine-tuned head's top, which its rows go through: a key naming the head's version
+# (rows of one key in a batch share one pass) and its LoRA factors (models/split.py).
+Top = tuple[str, list[np.ndarray]]
+# Rows of a batch that go through one fine-tuned head's top: their positions in the
+# batch, and the head's LoRA factors (models/split.py), as stored (fp16).
+TopGroup = tuple[np.ndarray, list[np.ndarray]]
+
+
 class Backbone:
+    """A backbone's session, or with `split` (a text backbone's trunk and top files,
+    `models.export.ensure_split`) two: the trunk, run once for every row of a batch, and
+    the top, run per group of rows, with no factors (frozen heads) or a fine-tuned head's.
+    Both ways give the same embeddings for frozen heads (tests/test_runtime.py)."""
+
     def __init__(
         self,
         spec: BackboneSpec,
@@ -48,6 +61,7 @@ class Backbone:
         intra_op_threads: int = 0,
         max_batch_size: int = 32,
         allow_spinning: bool = False,
+        split: tuple[Path, Path] | None = None,
     ) -> None:
         self.spec = spec
         self.onnx_path = onnx_path
@@ -58,11 +72,19 @@ class Backbone:
             # ONNX Runtime's idle threads spin by default; in the service they would burn
             # the cores that decode and HTTP need: +23% predict throughput on 2 cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(
-            str(onnx_path), options, providers=available_providers(device)
-        )
+        providers = available_providers(device)
+        self.session = self.trunk = self.top = None
+        if split is None:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        else:
+            self.trunk = ort.InferenceSession(str(split[0]), options, providers=providers)
+            self.top = ort.InferenceSession(str(split[1]), options, providers=providers)
+            self._factor_names = [i.name for i in self.top.get_inputs()[2:]]
+            self._no_factors = {
+                i.name: np.zeros(i.shape, np.float32) for i in self.top.get_inputs()[2:]
+            }
         # On a GPU, every new batch size costs a cuDNN search: a few sizes serve them all.
-        self.on_gpu = "CUDAExecutionProvider" in self.session.get_providers()
+        self.on_gpu = "CUDAExecutionProvider" in (self.session or self.trunk).get_providers()
         self.tokenizer = None
         if isinstance(spec.preprocessing, TextPreprocessing):
             pre = spec.preprocessing
@@ -83,15 +105,55 @@ class Backbone:
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.embed_tokens(token_ids(texts, self.tokenizer))
 
-    def embed_tokens(self, ids: list[np.ndarray]) -> np.ndarray:
-        """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings."""
-        return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], self.pad_id))
+    @property
+    def fine_tunable(self) -> bool:
+        return self.top is not None
 
-    def embed_rows(self, rows: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """What the runner calls: decoded images, or token-id rows for a text backbone."""
+    def embed_tokens(self, ids: list[np.ndarray], tops: list[TopGroup] | None = None) -> np.ndarray:
+        """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings; the
+        rows of `tops` through their fine-tuned heads' tops."""
+        if self.top is None:
+            if tops:
+                raise ValueError(f"backbone {self.spec.id} is not served split: no fine-tuning")
+            return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], self.pad_id))
+        # Each row's group: -1 for the pretrained top, else its index in `tops`.
+        group = np.full(len(ids), -1)
+        for g, (rows, _) in enumerate(tops or []):
+            group[rows] = g
+        out = np.empty((len(ids), self.spec.embedding_dim), dtype=np.float32)
+        for start in range(0, len(ids), self.max_batch_size):
+            chunk = slice(start, min(len(ids), start + self.max_batch_size))
+            feeds = pad_tokens(ids[chunk], self.pad_id)
+            hidden = self.trunk.run(["hidden"], feeds)[0]
+            for g in np.unique(group[chunk]):
+                rows = np.flatnonzero(group[chunk] == g)
+                mask = feeds["attention_mask"][rows]
+                tokens = int(mask.sum(axis=1).max())  # no padding beyond the group's longest
+                factors = self._no_factors
+                if g >= 0:
+                    stored = tops[g][1]
+                    factors = {
+                        name: np.asarray(f, np.float32)
+                        for name, f in zip(self._factor_names, stored, strict=True)
+                    }
+                feeds_top = {
+                    "hidden": hidden[rows, :tokens],
+                    "attention_mask": mask[:, :tokens],
+                    **factors,
+                }
+                out[start + rows] = self.top.run(["embedding"], feeds_top)[0]
+        return out
+
+    def embed_rows(
+        self, rows: np.ndarray | list[np.ndarray], tops: list[TopGroup] | None = None
+    ) -> np.ndarray:
+        """What the runner calls: decoded images, or token-id rows for a text backbone
+        (with the groups of rows that go through fine-tuned heads' tops)."""
         if self.spec.modality == "image":
+            if tops:
+                raise ValueError(f"backbone {self.spec.id} cannot serve fine-tuned heads")
             return self.embed_images(rows)
-        return self.embed_tokens(rows)
+        return self.embed_tokens(rows, tops)
 
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
         """The fastest of a few passes over a typical batch, per row: a 224-ish image, or

@@ -121,18 +121,22 @@ def _run_layers(model: Any, layers, hidden: torch.Tensor, attention_mask: torch.
 def split_text_encoder(
     folder: Path, pooling: str = "mean", top_layers: int = TOP_LAYERS
 ) -> tuple[TextTrunk, TextTop]:
-    """The encoder of `folder`, frozen, as (trunk, top) sharing its weights."""
+    """The encoder of `folder`, frozen, as (trunk, top) sharing its weights: the top is
+    its last `top_layers` layers (all but the first, for an encoder of fewer)."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
     if model.config.is_encoder_decoder:
         raise ValueError("encoder-decoder models cannot be split yet")
+    if not hasattr(model, "embeddings") or not hasattr(getattr(model, "encoder", None), "layer"):
+        raise ValueError(f"{type(model).__name__}: only BERT-family and MPNet encoders are split")
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     layers = len(model.encoder.layer)
-    if not 0 < top_layers < layers:
-        raise ValueError(f"{top_layers} top layers of an encoder with {layers}")
-    cut = layers - top_layers
+    if layers < 2:
+        raise ValueError(f"an encoder of {layers} layer cannot be cut into a trunk and a top")
+    # A shallower encoder than usual keeps at least its first layer in the trunk.
+    cut = layers - min(top_layers, layers - 1)
     # Both in eval mode: an ONNX export restores the wrapper's mode to all it holds, and
     # a wrapper made in training mode would switch the encoder's dropout on.
     return TextTrunk(model, cut).eval(), TextTop(model, cut, pooling).eval()

@@ -206,6 +206,7 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: GraftDep) 
         backbone_id=body.backbone,
         examples=examples,
         label_descriptions=descriptions,
+        fine_tune=body.fine_tune,
     )
     return _head_answer(head, 201)
 

@@ -29,17 +29,22 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from service.priority import run_in_idle_time
 
+if TYPE_CHECKING:
+    from models.runtime import Top
+
 log = logging.getLogger(__name__)
 
 Rows = np.ndarray | list  # uint8 NHWC images, or one int64 token-id array per text
 Priority = Literal["predict", "training"]
-Embed = Callable[[Rows], np.ndarray]
+# Rows to embeddings; a fine-tunable backbone's also takes the groups of rows that go
+# through fine-tuned heads' tops (models.runtime.TopGroup).
+Embed = Callable[..., np.ndarray]
 # Sharing the predict thread, under a predict load with no gaps, training takes one slice
 # per this many slices' time (a fifth of the backbone at most).
 TRAINING_SHARE_EVERY = 5
@@ -50,6 +55,7 @@ class _Request:
     rows: Rows
     priority: Priority
     arrived: float
+    top: Top | None = None
     future: Future = field(default_factory=Future)
     taken: int = 0  # rows handed to a batch so far
     done: int = 0  # rows answered so far
@@ -70,8 +76,11 @@ class Batcher:
         training_slice_ms: float,
         training_lane: Callable[[], Embed] | None = None,
         predict_lanes: int = 1,
+        fine_tunable: bool = False,
     ) -> None:
         self.embed = embed
+        # Whether `embed` takes `tops` (models/runtime.py): rows of fine-tuned heads.
+        self.fine_tunable = fine_tunable
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self.training_slice_s = training_slice_ms / 1000
@@ -102,9 +111,12 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, rows: Rows, priority: Priority = "predict") -> Future:
-        """Future of the (len(rows), embedding_dim) embeddings of these rows."""
-        request = _Request(rows=rows, priority=priority, arrived=time.monotonic())
+    def submit(self, rows: Rows, priority: Priority = "predict", top: Top | None = None) -> Future:
+        """Future of the (len(rows), embedding_dim) embeddings of these rows (through a
+        fine-tuned head's top, with `top`)."""
+        if top is not None and not self.fine_tunable:
+            raise ValueError("this backbone serves no fine-tuned heads")
+        request = _Request(rows=rows, priority=priority, arrived=time.monotonic(), top=top)
         if len(rows) == 0:
             request.future.set_result(self.embed(rows))
             return request.future
@@ -230,11 +242,23 @@ class Batcher:
             if isinstance(parts[0], np.ndarray)
             else [r for p in parts for r in p]
         )
+        # The rows of each fine-tuned head, by key: one pass through its top for all.
+        tops: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        offset = 0
+        for request, _, n in batch:
+            if request.top is not None:
+                key, factors = request.top
+                tops.setdefault(key, (factors, []))[1].append(np.arange(offset, offset + n))
+            offset += n
         training = batch[0][0].priority == "training"
         started = time.perf_counter()
         started_cpu = time.thread_time()
         try:
-            embeddings = embed(rows)
+            if tops:
+                groups = [(np.concatenate(at), factors) for factors, at in tops.values()]
+                embeddings = embed(rows, groups)
+            else:
+                embeddings = embed(rows)
         except Exception as exc:
             self._fail(batch, exc)
             return

@@ -25,9 +25,9 @@ from adapters import heads
 from adapters.coherence import ChangeWatcher, KeyCache
 from adapters.fleet import FleetSize, Heartbeat
 from adapters.head_cache import HeadCache, ServingHead, Unservable
-from adapters.onnx_export import combined_model
+from adapters.onnx_export import combined_model, fine_tuned_backbone
 from adapters.store import Head, Store, Tenant
-from models.export import ensure_variant
+from models.export import ensure_split, ensure_variant
 from models.quantize import VARIANTS
 from models.registry import BackboneSpec
 from service.errors import (
@@ -207,9 +207,11 @@ class Graft:
         backbone_id: str,
         examples: Sequence[tuple[str, RawInput]],
         label_descriptions: dict[str, str] | None = None,
+        fine_tune: str = "auto",
     ) -> Head:
         """Validates everything, then trains; returns the head, trained or still training.
-        `backbone_id` "auto" tries every backbone of the examples' modality."""
+        `backbone_id` "auto" tries every backbone of the examples' modality; `fine_tune`
+        "on" asks for a backbone that can be fine-tuned here."""
         raws = [raw for _, raw in examples]
         if backbone_id == AUTO_BACKBONE:
             modality = raws[0].kind if raws else "image"
@@ -222,6 +224,13 @@ class Graft:
                 )
         else:
             candidates = [self.backbone(backbone_id)]
+        if fine_tune == "on" and not any(self.training.fine_tunable(b) for b in candidates):
+            raise Unprocessable(
+                f"backbone {backbone_id!r} cannot be fine-tuned on this server: fine-tuning is"
+                " for text backbones served in fp32 (README, Fine-tuning); use fine_tune"
+                " auto or off",
+                code="fine_tuning_unavailable",
+            )
         labels = check_labels([label for label, _ in examples], (), self.settings)
         check_descriptions(candidates[0], label_descriptions or {}, labels)
         # Every input is checked and decoded here, for the first candidate; `auto` decodes
@@ -238,6 +247,7 @@ class Graft:
             name=name,
             backbone=backbone_id,
             label_descriptions=label_descriptions,
+            fine_tune=fine_tune,
             max_heads=self.settings.max_heads_per_tenant,
         )
         if head is None:
@@ -346,18 +356,34 @@ class Graft:
         check_modality(spec, inputs)
         rows = to_rows(spec, list(enumerate(inputs)), self.settings)
         try:
-            return head, self.runner.embed(spec.id, rows)
+            return head, self.runner.embed(spec.id, rows, top=head.top)
         except RunnerUnavailable:
             raise Unavailable("the backbone runner is restarting; retry shortly") from None
 
     def export_onnx(
         self, tenant: Tenant, head_id: str, variant: str | None = None
     ) -> tuple[Head, bytes]:
-        """Backbone (in `variant`, default the served one) + head as one ONNX model."""
+        """Backbone (in `variant`, default the served one) + head as one ONNX model; a
+        fine-tuned head's backbone is the trunk and its own top, in fp32."""
         head = self.get_head(tenant, head_id)
         if not head.servable:
             raise Conflict(f"head {head.id} has no trained version yet", code="head_not_ready")
         spec = self.served_backbone(head.id, head.backbone)
         variant = variant or self.settings.variant
-        path = ensure_variant(spec, self.settings.backbone_dir, variant)
-        return head, combined_model(spec, path, head, variant=variant)
+        served = self.store.serving_head(tenant_id=tenant.id, head_id=head.id)
+        if served is None:
+            raise NotFound(f"no head {head_id!r}", code="head_not_found")
+        if served.version != head.version:  # a new version landed between the reads
+            return self.export_onnx(tenant, head_id, variant)
+        if served.top_factors is None:
+            path = ensure_variant(spec, self.settings.backbone_dir, variant)
+            return head, combined_model(spec, path, head, variant=variant)
+        if variant != "fp32":
+            raise Conflict(
+                f"head {head.id} is fine-tuned: its model exports in fp32 only",
+                code="variant_unavailable",
+            )
+        split = ensure_split(spec, self.settings.backbone_dir)
+        assert split is not None  # the head was fine-tuned on it
+        backbone = fine_tuned_backbone(*split, served.top_factors)
+        return head, combined_model(spec, backbone, head, variant=variant, fine_tuned=True)

@@ -7,8 +7,9 @@ messages are pickles, which no one else may send.
 
 The runner process (`service/runner_service.py`) owns the ONNX Runtime sessions; each API
 worker process holds one `RunnerClient`, a persistent connection shared by its request
-threads. A request is `(id, backbone, priority, rows)` and its answer `(id, embeddings,
-error)`, pickled (protocol 5) with its arrays sent as raw bytes beside it. Why not
+threads. A request is `(id, backbone, priority, rows, top)` (`top`: a fine-tuned head's
+key and LoRA factors, or None) and its answer `(id, embeddings, error)`, pickled
+(protocol 5) with its arrays sent as raw bytes beside it. Why not
 BentoML's own calls between services: bench/handoff.py measures both (BENCHMARKS.md).
 
 Only processes of the same user reach the Unix socket: it lives in a directory of mode
@@ -40,9 +41,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.export import ensure_variant
+from models.export import ensure_split, ensure_variant
 from models.registry import BackboneSpec
-from models.runtime import Backbone
+from models.runtime import Backbone, Top
 from service.batcher import Batcher, Priority, Rows
 from service.link import hang_up, recv, send, widen
 from service.settings import Settings
@@ -161,14 +162,14 @@ class RunnerServer:
 
         try:
             while True:
-                request_id, backbone_id, priority, rows = recv(conn)
+                request_id, backbone_id, priority, rows, top = recv(conn)
                 batcher = self.batchers.get(backbone_id)
                 if batcher is None:
                     answers.put((request_id, None, f"no backbone {backbone_id!r} in this runner"))
                     continue
                 try:
-                    future = batcher.submit(rows, priority)
-                except RuntimeError as exc:  # stopping
+                    future = batcher.submit(rows, priority, top)
+                except (RuntimeError, ValueError) as exc:  # stopping, or not fine-tunable
                     answers.put((request_id, None, str(exc)))
                     continue
                 future.add_done_callback(lambda f, request_id=request_id: answer(request_id, f))
@@ -208,15 +209,22 @@ class RunnerClient:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _conn and _pending, and orders sends
 
-    def embed(self, backbone_id: str, rows: Rows, priority: Priority = "predict") -> Future:
-        """Future of the rows' embeddings; fails with RunnerUnavailable if the link breaks."""
+    def embed(
+        self,
+        backbone_id: str,
+        rows: Rows,
+        priority: Priority = "predict",
+        top: Top | None = None,
+    ) -> Future:
+        """Future of the rows' embeddings (through a fine-tuned head's top, with `top`);
+        fails with RunnerUnavailable if the link breaks."""
         future: Future = Future()
         with self._lock:
             conn = self._connected()
             request_id = next(self._ids)
             self._pending[request_id] = future
             try:
-                send(conn, (request_id, backbone_id, priority, rows))
+                send(conn, (request_id, backbone_id, priority, rows, top))
             except OSError as exc:
                 self._pending.pop(request_id, None)
                 self._drop(conn)
@@ -297,6 +305,12 @@ class Runner:
                 device=settings.device,
                 intra_op_threads=threads,
                 max_batch_size=settings.backbone_batch_size,
+                split=split_of(spec),
+            )
+
+        def split_of(spec: BackboneSpec) -> tuple[Path, Path] | None:
+            return (
+                ensure_split(spec, settings.backbone_dir) if settings.fine_tunable(spec) else None
             )
 
         def training_embed(spec: BackboneSpec) -> Callable[[Rows], np.ndarray]:
@@ -336,6 +350,7 @@ class Runner:
                 training_lane=(
                     None if backbone.on_gpu else functools.partial(training_embed, backbone.spec)
                 ),
+                fine_tunable=backbone.fine_tunable,
             )
             for backbone_id, backbone in self.backbones.items()
         }

@@ -116,6 +116,9 @@ class Example(Input):
     label: str = Field(min_length=1)
 
 
+FineTuneMode = Literal["auto", "on", "off"]
+
+
 class HeadSpec(_Strict):
     """What a head is called and which backbone it sits on (the multipart form fields)."""
 
@@ -126,6 +129,15 @@ class HeadSpec(_Strict):
         " and the one with the lower held-out log-loss is kept (`metrics.backbone_selection`)."
         " With an archive, `auto` means the image backbones.",
         examples=["efficientnet_lite0", "auto"],
+    )
+    fine_tune: FineTuneMode = Field(
+        "auto",
+        description="whether the head may retrain its own top of a text backbone (LoRA on"
+        " the last 4 layers; the trunk below stays shared): `on` always, `auto` when"
+        " held-out folds say it is at least as accurate as the frozen backbone, `off` never."
+        " Costs seconds to minutes of training, about 0.9 MB per head and little at predict"
+        " time (README, Fine-tuning); needs 3 examples per label. Image backbones are not"
+        " fine-tuned yet: `auto` keeps them frozen, `on` is refused",
     )
 
 
@@ -224,6 +236,29 @@ class DomainReport(BaseModel):
     adapt_seconds: float | None = None
 
 
+class FineTuningCandidate(BaseModel):
+    cv_accuracy: float
+    cv_log_loss: float
+
+
+class FineTuningReport(BaseModel):
+    """Whether the head was fine-tuned on its own top, and what decided it."""
+
+    requested: FineTuneMode
+    chosen: Literal["fine_tuned", "frozen"]
+    reason: str | None = Field(
+        None, description="why nothing was compared (e.g. too few examples per label)"
+    )
+    candidates: dict[Literal["frozen", "fine_tuned"], FineTuningCandidate] | None = Field(
+        None,
+        description="both candidates' held-out scores on the same folds; each fold's top"
+        " was tuned without the examples it is scored on",
+    )
+    cv_folds: int | None = None
+    top_bytes: int | None = Field(None, description="the head's own top: its LoRA factors, fp16")
+    seconds: float | None = Field(None, description="time spent comparing and tuning")
+
+
 class HeadMetrics(BaseModel):
     n_examples: int
     label_counts: dict[str, int]
@@ -275,6 +310,9 @@ class HeadMetrics(BaseModel):
     domain: DomainReport | None = Field(
         None, description="present once the head has unlabelled examples"
     )
+    fine_tuning: FineTuningReport | None = Field(
+        None, description="present unless the head was created with `fine_tune: off`"
+    )
     warnings: list[str] = Field(
         default_factory=list, description="what to know before trusting these metrics"
     )
@@ -287,6 +325,7 @@ class HeadPublic(BaseModel):
     backbone: str
     labels: list[str]
     label_descriptions: dict[str, str]
+    fine_tune: FineTuneMode
     status: Literal["training", "ready", "failed"]
     version: int = Field(description="0 until the first training finishes")
     metrics: HeadMetrics | None

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
         description="backbone weights served: fp32, INT8 (ONNX Runtime quantised, for the"
         " CPU) or fp16 (for a GPU)",
     )
+    fine_tuning: bool = Field(
+        True,
+        description="serve text backbones as a shared trunk and top, so that heads may be"
+        " fine-tuned (README, Fine-tuning); off: whole graphs, frozen heads only",
+    )
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")
@@ -268,6 +273,11 @@ class Settings(BaseSettings):
         """The backbones this server loads, lists, trains and serves."""
         catalog = self.catalog
         return [catalog[i] for i in self.backbone_ids]
+
+    def fine_tunable(self, spec: BackboneSpec) -> bool:
+        """Whether heads on this backbone may be fine-tuned here: a backbone that can be
+        split (models/split.py), served in fp32 (its trunk and top are not quantised)."""
+        return self.fine_tuning and self.variant == "fp32" and spec.build_split is not None
 
     @property
     def publish_delay_s(self) -> float:

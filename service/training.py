@@ -25,17 +25,18 @@ import random
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from adapters import heads
+from adapters import finetune, heads
 from adapters.adaptation import adapt
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
+from models.export import split_exported
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
@@ -66,6 +67,7 @@ class PreparedInputs:
     content_hashes: list[str]
     to_embed: list[str]
     rows: np.ndarray | list[np.ndarray]
+    texts: dict[str, str]  # text examples by content hash (fine-tuning tunes on them)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,20 @@ class TrainingSet:
     labels: list[str]
     unlabeled: list[str]  # content hashes of the target domain's unlabelled examples
     target: np.ndarray  # (len(unlabeled), embedding_dim)
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """What fine-tuning gave a head: with `head` None, the frozen head stays (the report
+    says why); else the head on its tuned top, the top's factors (fp16), and the
+    labelled, unlabelled and label-description embeddings through that top."""
+
+    head: heads.TrainedHead | None
+    factors: list[np.ndarray] | None
+    x: np.ndarray | None
+    target: np.ndarray | None
+    names: dict[str, np.ndarray] | None
+    report: dict
 
 
 # A backbone the head may be trained on, with its inputs prepared on demand (`auto`
@@ -102,6 +118,8 @@ class Trainer:
         self._loaded = {spec.id: spec for spec in settings.loaded_backbones()}
         self._jobs: set[str] = set()  # held by this process, running or waiting in the pool
         self._jobs_lock = threading.Lock()
+        self._splits: dict[str, tuple] = {}  # backbone id: its torch trunk and top
+        self._splits_lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="graft-jobs", daemon=True)
         self._sweeper.start()
@@ -138,7 +156,8 @@ class Trainer:
             rows = self._images.decode(images, pre, self.settings.max_image_pixels)
         else:
             rows = to_rows(spec, to_decode, self.settings)
-        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows)
+        texts = {h: raw.data for raw, h in zip(inputs, hashes, strict=True) if raw.kind == "text"}
+        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows, texts=texts)
 
     def start(
         self,
@@ -223,10 +242,12 @@ class Trainer:
         tenant_id = head.tenant_id
         try:
             # One backbone at a time: its decoded inputs are dropped once embedded.
-            sets = {
-                spec.id: self._training_set(tenant_id, head, spec, prepare(), new_labels)
-                for spec, prepare in options
-            }
+            sets = {}
+            new_texts: dict[str, str] = {}
+            for spec, prepare in options:
+                prepared = prepare()
+                new_texts.update(prepared.texts)
+                sets[spec.id] = self._training_set(tenant_id, head, spec, prepared, new_labels)
             label_embeddings = {
                 spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
                 for spec, _ in options
@@ -247,14 +268,20 @@ class Trainer:
                     training_set.labels,
                     label_embeddings=label_embeddings[chosen],
                 )
+            x, target, names, factors = (
+                training_set.x,
+                training_set.target,
+                label_embeddings[chosen],
+                None,
+            )
+            if head.fine_tune != "off":
+                tuned = self._fine_tune(head, self._loaded[chosen], training_set, new_texts)
+                if tuned.head is not None:
+                    trained, x, target, names = tuned.head, tuned.x, tuned.target, tuned.names
+                    factors = tuned.factors
+                trained.metrics["fine_tuning"] = tuned.report
             if training_set.unlabeled:
-                trained = adapt(
-                    training_set.x,
-                    training_set.labels,
-                    training_set.target,
-                    trained,
-                    label_embeddings=label_embeddings[chosen],
-                )
+                trained = adapt(x, training_set.labels, target, trained, label_embeddings=names)
             version = self.store.save_version(
                 tenant_id=tenant_id,
                 head_id=head.id,
@@ -268,6 +295,9 @@ class Trainer:
                 unknown_threshold=trained.unknown_threshold,
                 metrics=trained.metrics,
                 unlabeled=training_set.unlabeled,
+                top_factors=factors,
+                # Kept for the next versions' tuning, by heads that may fine-tune only.
+                texts=new_texts if head.fine_tune != "off" else None,
                 ready=False,
             )
             if version is not None:
@@ -337,6 +367,88 @@ class Trainer:
         target = np.stack([vectors[h] for h in unlabeled]) if unlabeled else x[:0]
         labels = [label for _, label in examples]
         return TrainingSet(new_vectors, examples, x, labels, unlabeled, target)
+
+    def _fine_tune(
+        self,
+        head: Head,
+        spec: BackboneSpec,
+        training_set: TrainingSet,
+        new_texts: dict[str, str],
+    ) -> FineTuning:
+        """The head fine-tuned on its own top (adapters/finetune.py) when `fine_tune` is
+        "on", or "auto" and held-out folds say it beats the frozen head; the report of
+        what was compared and chosen either way."""
+        started = time.perf_counter()
+        report: dict = {"requested": head.fine_tune, "chosen": "frozen"}
+
+        def frozen(reason: str) -> FineTuning:
+            return FineTuning(None, None, None, None, None, {**report, "reason": reason})
+
+        if not self.fine_tunable(spec):
+            why = (
+                "image backbones are not fine-tuned yet"
+                if spec.modality == "image"
+                else "it is served whole here (GRAFT_FINE_TUNING, GRAFT_VARIANT; or an"
+                " encoder that cannot be cut into a trunk and a top)"
+            )
+            return frozen(f"backbone {spec.id} is not fine-tuned: {why}")
+        counts = Counter(training_set.labels)
+        if min(counts.values()) < finetune.MIN_EXAMPLES_PER_LABEL:
+            return frozen(
+                f"a label has {min(counts.values())} example(s); fine-tuning is compared on"
+                f" held-out folds, which need {finetune.MIN_EXAMPLES_PER_LABEL} per label"
+            )
+        hashes = [h for h, _ in training_set.examples] + training_set.unlabeled
+        texts = {**self.store.texts(tenant_id=head.tenant_id, content_hashes=hashes), **new_texts}
+        missing = sum(h not in texts for h in hashes)
+        if missing:
+            return frozen(
+                f"{missing} example(s) were stored before their texts were kept (a head"
+                " created with fine_tune off); create the head again to fine-tune it"
+            )
+        trunk, top = self._split(spec)
+        pad_id = spec.preprocessing.pad_id()
+        names = sorted(set(training_set.labels))
+        descriptions = [head.label_descriptions.get(label, label) for label in names]
+        hidden = finetune.hidden_states(
+            trunk, text_rows(spec, [texts[h] for h in hashes] + descriptions), pad_id
+        )
+        n = len(training_set.examples)
+        labelled, unlabeled, label_hidden = (
+            hidden[:n],
+            hidden[n : -len(names)],
+            hidden[-len(names) :],
+        )
+        comparison = finetune.compare(
+            top, labelled, training_set.labels, training_set.x, always=head.fine_tune == "on"
+        )
+        report = {**report, **comparison.report}
+        if not comparison.fine_tuned:
+            return FineTuning(None, None, None, None, None, report)
+        tuned = finetune.embed(top, labelled, comparison.factors)
+        label_embeddings = dict(
+            zip(names, finetune.embed(top, label_hidden, comparison.factors), strict=True)
+        )
+        trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
+        factors = [f.astype(np.float16) for f in comparison.factors]
+        report["top_bytes"] = sum(f.nbytes for f in factors)
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        target = finetune.embed(top, unlabeled, comparison.factors) if unlabeled else tuned[:0]
+        return FineTuning(trained, factors, tuned, target, label_embeddings, report)
+
+    def fine_tunable(self, spec: BackboneSpec) -> bool:
+        """Whether heads on this backbone can be fine-tuned here: the runner serves them
+        through the trunk and top it exported and checked (none for a backbone it serves
+        whole)."""
+        return self.settings.fine_tunable(spec) and split_exported(spec, self.settings.backbone_dir)
+
+    def _split(self, spec: BackboneSpec):
+        """The backbone's trunk and top in PyTorch, loaded on a first fine-tuning and kept
+        by this process (MiniLM: 90 MB, MPNet: 420 MB)."""
+        with self._splits_lock:
+            if spec.id not in self._splits:
+                self._splits[spec.id] = spec.build_split()
+            return self._splits[spec.id]
 
     def _label_embeddings(
         self, spec: BackboneSpec, head: Head, labels: list[str]

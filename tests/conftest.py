@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from models.export import ensure_onnx
+from models.export import ensure_onnx, ensure_split
 from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
 from tests.postgres import SUITE_SERVER, database_for, postgres
@@ -61,10 +61,12 @@ def long_run(request: pytest.FixtureRequest) -> bool:
 
 @pytest.fixture(scope="session")
 def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every registered backbone exported to ONNX once for the whole session."""
+    """Every registered backbone exported to ONNX once for the whole session (and the
+    trunk and top of those that fine-tune)."""
     cache = Path(os.environ.get("GRAFT_TEST_BACKBONE_DIR", tmp_path_factory.mktemp("backbones")))
     for spec in list_backbones():
         ensure_onnx(spec, cache)
+        ensure_split(spec, cache)
     return cache
 
 

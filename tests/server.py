@@ -142,3 +142,14 @@ def kill_server(server: Server) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(signal.SIGKILL)
     server.process.wait()
+
+
+def poll_until_trained(client: httpx.Client, head_id: str, timeout: float = 120) -> dict:
+    """The head once it is no longer training (after a 202)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        head = client.get(f"/v1/heads/{head_id}").json()
+        if head["status"] != "training":
+            return head
+        time.sleep(0.2)
+    raise AssertionError(f"head {head_id} still training after {timeout} s")

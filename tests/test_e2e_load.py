@@ -102,7 +102,14 @@ class Load:
                         f"/v1/heads/{rng.choice(heads)}/examples", json={"examples": fresh}
                     )
                 else:
-                    body = {"name": "w", "backbone": "minilm_l6", "examples": fresh}
+                    # Frozen: writes that train in a second or two, so that each is answered
+                    # within the request under load (readers' heads may be fine-tuned).
+                    body = {
+                        "name": "w",
+                        "backbone": "minilm_l6",
+                        "examples": fresh,
+                        "fine_tune": "off",
+                    }
                     response = client.post("/v1/heads", json=body)
                     if response.status_code == 201:
                         heads.append(response.json()["id"])

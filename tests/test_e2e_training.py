@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.conftest import TEST_LIMITS
 from tests.inputs import b64, crops, image_examples
-from tests.server import BENTOML, start_server, stop_server
+from tests.server import BENTOML, poll_until_trained, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
-
-
-def _poll_until_trained(client, head_id: str, timeout: float = 120) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        head = client.get(f"/v1/heads/{head_id}").json()
-        if head["status"] != "training":
-            return head
-        time.sleep(0.2)
-    raise AssertionError(f"head {head_id} still training after {timeout} s")
 
 
 def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> None:
@@ -42,7 +30,7 @@ def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> No
             )
             assert response.status_code == 202, response.text
             assert response.json()["status"] == "training" and response.json()["version"] == 0
-            head = _poll_until_trained(client, response.json()["id"])
+            head = poll_until_trained(client, response.json()["id"])
             assert head["status"] == "ready" and head["version"] == 1
 
             more = client.post(
@@ -52,7 +40,7 @@ def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> No
             # While the new version trains, the previous one keeps serving.
             probe = {"inputs": [{"image": b64(crops("china.jpg", 1, seed=31)[0])}]}
             assert client.post(f"/v1/heads/{head['id']}/predict", json=probe).status_code == 200
-            head = _poll_until_trained(client, head["id"])
+            head = poll_until_trained(client, head["id"])
             assert head["version"] == 2 and head["metrics"]["n_examples"] == 10
             before = client.post(f"/v1/heads/{head['id']}/predict", json=probe).json()
     finally:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
-from adapters.finetune import compare, embed, tune
-from models.preprocess import load_tokenizer, pad_tokens, token_ids
+from adapters.finetune import compare, embed, fine_tuned_head, hidden_states, tune
+from adapters.heads import predict_proba
+from models.preprocess import load_tokenizer, token_ids
 from models.registry import get_backbone
 from tests.inputs import text_examples
 
@@ -24,14 +24,10 @@ def minilm_split():
     trunk, top = spec.build_split()
     tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
 
-    def hidden_states(texts: list[str]) -> list[torch.Tensor]:
-        ids = token_ids(texts, tokenizer)
-        feeds = pad_tokens(ids, pre.pad_id())
-        with torch.inference_mode():
-            hidden = trunk(*(torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask")))
-        return [hidden[i, : len(row)].clone() for i, row in enumerate(ids)]
+    def texts_hidden(texts: list[str]) -> list[np.ndarray]:
+        return hidden_states(trunk, token_ids(texts, tokenizer), pre.pad_id())
 
-    return top, hidden_states
+    return top, texts_hidden
 
 
 def _separation(x: np.ndarray, labels: list[str]) -> float:
@@ -43,10 +39,10 @@ def _separation(x: np.ndarray, labels: list[str]) -> float:
 
 
 def test_tuning_pulls_each_label_together_and_is_reproducible(minilm_split) -> None:
-    top, hidden_states = minilm_split
+    top, texts_hidden = minilm_split
     examples = text_examples(8)
     labels = [e["label"] for e in examples]
-    hidden = hidden_states([e["text"] for e in examples])
+    hidden = texts_hidden([e["text"] for e in examples])
     factors = tune(top, hidden, labels, seed=0, pairs_per_example=PAIRS)
     assert [f.shape for f in factors] == top.factor_shapes()
     assert all(np.abs(b).max() > 0 for b in factors[1::2])  # B moved from zero
@@ -59,27 +55,49 @@ def test_tuning_pulls_each_label_together_and_is_reproducible(minilm_split) -> N
 
 
 def test_compare_scores_both_candidates_on_the_same_folds(minilm_split) -> None:
-    top, hidden_states = minilm_split
+    top, texts_hidden = minilm_split
     examples = text_examples(6)
     labels = [e["label"] for e in examples]
-    hidden = hidden_states([e["text"] for e in examples])
+    hidden = texts_hidden([e["text"] for e in examples])
     frozen = embed(top, hidden, None)
     result = compare(top, hidden, labels, frozen, seed=0, pairs_per_example=PAIRS)
     report = result.report
     assert report["cv_folds"] == 3 and set(report["candidates"]) == {"frozen", "fine_tuned"}
     for scores in report["candidates"].values():
         assert 0 <= scores["cv_accuracy"] <= 1 and scores["cv_log_loss"] >= 0
-    losses = {name: s["cv_log_loss"] for name, s in report["candidates"].items()}
+    accuracy = {name: s["cv_accuracy"] for name, s in report["candidates"].items()}
     assert result.fine_tuned == (report["chosen"] == "fine_tuned")
-    assert result.fine_tuned == (losses["fine_tuned"] < losses["frozen"] - 1e-3)
+    assert result.fine_tuned == (accuracy["fine_tuned"] >= accuracy["frozen"])
     assert (result.factors is not None) == result.fine_tuned
+    # The fine-tuned candidate's held-out evidence, row by row, on the reported folds.
+    assert len(result.splits) == 3 and result.oof_logits.shape == (len(labels), 2)
+    y = np.array([sorted(set(labels)).index(label) for label in labels])
+    assert np.mean(result.oof_logits.argmax(axis=1) == y) == accuracy["fine_tuned"]
+    assert np.all(result.oof_similarity <= 1 + 1e-5)
 
 
-def test_too_few_examples_to_compare_keep_the_frozen_head(minilm_split) -> None:
-    top, hidden_states = minilm_split
+def test_a_fine_tuned_head_reports_the_comparisons_held_out_metrics(minilm_split) -> None:
+    top, texts_hidden = minilm_split
+    examples = text_examples(6)
+    labels = [e["label"] for e in examples]
+    hidden = texts_hidden([e["text"] for e in examples])
+    frozen = embed(top, hidden, None)
+    result = compare(top, hidden, labels, frozen, always=True, pairs_per_example=PAIRS)
+    assert result.fine_tuned and result.factors is not None
+    tuned = embed(top, hidden, result.factors)
+    names = embed(top, texts_hidden(["cooking", "sports"]), result.factors)
+    head = fine_tuned_head(tuned, labels, result, {"cooking": names[0], "sports": names[1]})
+    assert head.metrics["cv_accuracy"] == result.report["candidates"]["fine_tuned"]["cv_accuracy"]
+    assert head.metrics["cv_folds"] == 3
+    # Served as trained: the head applied to the tuned top's embeddings.
+    predicted = np.array(head.labels)[predict_proba(tuned, head.weights, head.bias).argmax(1)]
+    assert np.mean(predicted == np.array(labels)) >= 0.9
+
+
+def test_too_few_examples_cannot_be_compared(minilm_split) -> None:
+    top, texts_hidden = minilm_split
     examples = text_examples(2)
     labels = [e["label"] for e in examples]
-    hidden = hidden_states([e["text"] for e in examples])
-    result = compare(top, hidden, labels, embed(top, hidden, None))
-    assert not result.fine_tuned and result.factors is None
-    assert "2 example(s)" in result.report["reason"]
+    hidden = texts_hidden([e["text"] for e in examples])
+    with pytest.raises(ValueError, match="2 example"):
+        compare(top, hidden, labels, embed(top, hidden, None))

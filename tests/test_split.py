@@ -8,8 +8,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from models.export import ensure_split
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import get_backbone
+from models.runtime import Backbone
 from models.split import TOP_LAYERS, export_text_split
 
 TEXTS = ["goal!", "Simmer the onions in butter until they turn golden and soft."]
@@ -75,3 +77,30 @@ def test_the_onnx_trunk_and_top_match_pytorch(minilm, tmp_path) -> None:
         np.testing.assert_allclose(hidden, trunk(ids, mask).numpy(), atol=1e-4)
         expected = top(torch.from_numpy(hidden), mask, *factors).numpy()
     np.testing.assert_allclose(onnx_embedding, expected, atol=1e-4)
+
+
+def test_the_served_split_gives_frozen_and_fine_tuned_rows_their_embeddings(
+    minilm, backbone_dir, text_backbone
+) -> None:
+    spec, _, trunk, top = minilm
+    split = Backbone(spec, text_backbone.onnx_path, split=ensure_split(spec, backbone_dir))
+    assert split.fine_tunable and not text_backbone.fine_tunable
+    texts = [*TEXTS, "a third, longer sentence that pads the others in its batch", "ok"]
+    ids = token_ids(texts, text_backbone.tokenizer)
+    # Frozen rows: the whole backbone's embeddings.
+    np.testing.assert_allclose(split.embed_tokens(ids), text_backbone.embed_tokens(ids), atol=1e-5)
+    # Rows 1 and 3 through one head's top, row 2 through another's, row 0 frozen.
+    factors = [[f.numpy().astype(np.float16) for f in _factors(top, seed)] for seed in (2, 3)]
+    groups = [(np.array([1, 3]), factors[0]), (np.array([2]), factors[1])]
+    mixed = split.embed_tokens(ids, groups)
+    np.testing.assert_allclose(mixed[0], text_backbone.embed_tokens(ids[:1])[0], atol=1e-5)
+    feeds = pad_tokens(ids, spec.preprocessing.pad_id())
+    torch_ids, mask = (torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask"))
+    with torch.inference_mode():
+        hidden = trunk(torch_ids, mask)
+        for rows, head_factors in groups:
+            tensors = [torch.from_numpy(f.astype(np.float32)) for f in head_factors]
+            expected = top(hidden[rows], mask[rows], *tensors).numpy()
+            np.testing.assert_allclose(mixed[rows], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="not served split"):
+        text_backbone.embed_tokens(ids, groups)

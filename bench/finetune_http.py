@@ -1,0 +1,168 @@
+"""Serving fine-tuned text heads over HTTP at 1,000 heads (issue 13: throughput with 10%
+of the heads fine-tuned ≥ 0.7 of all frozen; ≤ 1 MB per fine-tuned head).
+
+    python bench/finetune_http.py                              # MiniLM
+    python bench/finetune_http.py --backbone mpnet_base_v2
+
+One server (GRAFT_BACKBONES=--backbone) over a registry seeded with two sets of `--heads`
+heads, each head its own tenant: `frozen`, all frozen; `mixed`, `--tuned-share` of them
+fine-tuned (random LoRA factors of rank 8, stored as training stores them). Closed-loop
+clients send predicts of `--per-request` UCI sentences to random heads of one set; the
+sets take turns for `--rounds` and each prints its median. Then a second server with
+GRAFT_FINE_TUNING=false (whole graphs, the backbone unsplit) serves the frozen set: what
+serving through a trunk and a top costs frozen heads. Memory: the head caches' bytes
+(GET /v1/stats) and the processes' RSS, after each set has been served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.accuracy import read_texts  # noqa: E402
+from bench.serving import closed_loop, seed_heads, server_roles  # noqa: E402
+from models.export import ensure_split  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.server import BENTOML, start_server, stop_server  # noqa: E402
+
+YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
+
+
+class TextRequests:
+    """Predicts of `per_request` sentences for random heads of `targets`."""
+
+    def __init__(self, base: str, targets, texts: list[str], per_request: int) -> None:
+        self.base, self.targets, self.texts, self.per_request = base, targets, texts, per_request
+
+    def make(self) -> dict:
+        head_id, key = random.choice(self.targets)
+        picks = random.sample(self.texts, self.per_request)
+        return {
+            "url": f"{self.base}/v1/heads/{head_id}/predict",
+            "headers": {"Authorization": f"Bearer {key}"},
+            "json": {"inputs": [{"text": t} for t in picks]},
+        }
+
+
+def random_factors(top_path: Path, seed: int) -> list[np.ndarray]:
+    """A head's LoRA factors in the top graph's input shapes: what compute sees."""
+    rng = np.random.default_rng(seed)
+    inputs = ort.InferenceSession(str(top_path), providers=["CPUExecutionProvider"]).get_inputs()
+    return [
+        (rng.standard_normal(i.shape) * 0.02).astype(np.float16)
+        for i in inputs
+        if i.name.startswith("lora_")
+    ]
+
+
+def memory(server) -> dict:
+    import httpx
+
+    stats = httpx.get(
+        f"{server.base_url}/v1/stats", headers={"Authorization": f"Bearer {server.admin_key}"}
+    ).json()
+    roles = server_roles(server.process.pid)
+    return {
+        "cache_bytes": stats["head_cache"]["bytes"],
+        "cache_heads": stats["head_cache"]["heads"],
+        "api_rss": sum(p.memory_info().rss for p in roles["api"]),
+        "runner_rss": sum(p.memory_info().rss for p in roles["runner"]),
+    }
+
+
+def measure(server, sets: dict, texts: list[str], args) -> dict[str, float]:
+    """Texts/s per set: the median over rounds, the sets taking turns."""
+    rates: dict[str, list[float]] = {name: [] for name in sets}
+    for _ in range(args.rounds):
+        for name, targets in sets.items():
+            requests = TextRequests(server.base_url, targets, texts, args.per_request)
+            result = asyncio.run(closed_loop(requests, args.clients, args.duration))
+            assert result["errors"] == 0, result
+            rate = result["requests"] * args.per_request / result["seconds"]
+            rates[name].append(rate)
+            print(
+                f"  {name:>7}: {rate:6.1f} texts/s  p50 {result['p50_ms']:6.1f} ms"
+                f"  p99 {result['p99_ms']:6.1f} ms",
+                flush=True,
+            )
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--backbone", default="minilm_l6")
+    parser.add_argument("--heads", type=int, default=1000, help="heads per set")
+    parser.add_argument("--tuned-share", type=float, default=0.1)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--per-request", type=int, default=1)
+    parser.add_argument("--duration", type=float, default=20, help="seconds per load phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    settings = Settings()
+    spec = settings.catalog[args.backbone]
+    split = ensure_split(spec, settings.backbone_dir)
+    assert split is not None, f"{spec.id} cannot be fine-tuned"
+    texts = [text for _, text in read_texts(YELP)]
+    scratch = Path(tempfile.mkdtemp(prefix="graft-finetune-http-"))
+    database = scratch / "graft" / "graft.sqlite3"
+    database.parent.mkdir(parents=True)
+    tuned = int(args.heads * args.tuned_share)
+    frozen = seed_heads(database, args.heads, spec.embedding_dim, backbone=spec.id)
+    mixed = seed_heads(
+        database,
+        args.heads,
+        spec.embedding_dim,
+        backbone=spec.id,
+        top_factors=lambda i: random_factors(split[1], i) if i < tuned else None,
+    )
+    sets = {"frozen": frozen, "mixed": mixed}
+    env = {"GRAFT_BACKBONES": spec.id}
+    print(
+        f"# {spec.id}: {args.heads} heads per set, {tuned} of the mixed set fine-tuned;"
+        f" {args.clients} clients, {args.per_request} text(s) per request"
+    )
+    server = start_server(BENTOML, scratch / "graft", settings.backbone_dir, env)
+    try:
+        measure(
+            server, {"frozen": frozen}, texts, argparse.Namespace(**{**vars(args), "rounds": 1})
+        )
+        rates = measure(server, sets, texts, args)
+        used = memory(server)
+    finally:
+        stop_server(server)
+    server = start_server(
+        BENTOML, scratch / "graft", settings.backbone_dir, {**env, "GRAFT_FINE_TUNING": "false"}
+    )
+    try:
+        measure(
+            server, {"frozen": frozen}, texts, argparse.Namespace(**{**vars(args), "rounds": 1})
+        )
+        whole = measure(server, {"whole": frozen}, texts, args)["whole"]
+    finally:
+        stop_server(server)
+    factor_bytes = sum(f.nbytes for f in random_factors(split[1], 0))
+    print(f"\n| measure ({spec.id}) | value |\n|---|---|")
+    print(f"| texts/s, all frozen (split) | {rates['frozen']:.1f} |")
+    print(f"| texts/s, {args.tuned_share:.0%} fine-tuned | {rates['mixed']:.1f} |")
+    print(f"| **{args.tuned_share:.0%} fine-tuned ÷ all frozen** | **{rates['mixed'] / rates['frozen']:.2f}** |")  # fmt: skip
+    print(f"| texts/s, all frozen, whole graph (GRAFT_FINE_TUNING=false) | {whole:.1f} |")
+    print(f"| split ÷ whole graph, all frozen | {rates['frozen'] / whole:.2f} |")
+    print(f"| factors per fine-tuned head (fp16) | {factor_bytes / 2**20:.2f} MiB |")
+    print(f"| head caches after both sets | {used['cache_bytes'] / 2**20:.1f} MiB for {used['cache_heads']} heads |")  # fmt: skip
+    print(f"| RSS: API workers / runner | {used['api_rss'] / 2**20:.0f} / {used['runner_rss'] / 2**20:.0f} MiB |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Fine-tuned text heads over HTTP against the real server (issue 13): created with
+`fine_tune`, served on the shared trunk with their own top, batched with frozen heads'
+rows, kept across versions, and exported as one graph that predicts as the server does."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from tokenizers import Tokenizer
+
+from tests.inputs import assert_error, b64, crops, text_examples
+from tests.server import poll_until_trained
+
+pytestmark = pytest.mark.e2e
+
+QUERIES = [
+    "The referee sent off two players in the derby.",
+    "Stir the risotto gently and add the stock slowly.",
+    "A late goal settled it.",
+    "Bake it until golden.",
+]
+
+
+def _create(client, name: str, fine_tune: str | None, per_label: int = 6) -> dict:
+    body = {"name": name, "backbone": "minilm_l6", "examples": text_examples(per_label)}
+    if fine_tune is not None:
+        body["fine_tune"] = fine_tune
+    response = client.post("/v1/heads", json=body)
+    assert response.status_code in (201, 202), response.text
+    head = poll_until_trained(client, response.json()["id"])
+    assert head["status"] == "ready", head
+    return head
+
+
+def _scores(client, head_id: str, queries: list[str]) -> np.ndarray:
+    """Per query: the scores of cooking and sports, and the best similarity to a class
+    mean (which the scores, saturated on such clear texts, may not show)."""
+    answer = client.post(
+        f"/v1/heads/{head_id}/predict", json={"inputs": [{"text": q} for q in queries], "top_k": 2}
+    )
+    assert answer.status_code == 200, answer.text
+    rows = []
+    for p in answer.json()["predictions"]:
+        scores = {item["label"]: item["score"] for item in p["top_k"]}
+        rows.append([scores["cooking"], scores["sports"], p["similarity"]])
+    return np.array(rows)
+
+
+def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -> None:
+    with server.new_tenant("fine-tune") as client:
+        tuned = _create(client, "tuned", "on")
+        frozen = _create(client, "frozen", "off")
+        assert tuned["fine_tune"] == "on" and frozen["fine_tune"] == "off"
+        report = tuned["metrics"]["fine_tuning"]
+        assert report["requested"] == "on" and report["chosen"] == "fine_tuned"
+        assert set(report["candidates"]) == {"frozen", "fine_tuned"} and report["cv_folds"] == 3
+        # MiniLM's top: 4 layers of 6 linear maps, rank 8, fp16.
+        assert 400_000 < report["top_bytes"] < 1_000_000
+        # The head's held-out accuracy is the comparison's, from tops tuned without the
+        # examples scored.
+        assert tuned["metrics"]["cv_accuracy"] == report["candidates"]["fine_tuned"]["cv_accuracy"]
+        assert frozen["metrics"].get("fine_tuning") is None
+
+        alone = {h["id"]: _scores(client, h["id"], QUERIES) for h in (tuned, frozen)}
+        assert (alone[tuned["id"]][:, :2].argmax(1) == [1, 0, 1, 0]).all()
+        # The tuned top moves the embeddings: it is what serves the head.
+        assert np.abs(alone[tuned["id"]][:, 2] - alone[frozen["id"]][:, 2]).min() > 0.01
+
+        # Many requests of both heads at once share batches: each row still goes through
+        # its own head's top (or none).
+        requests = [(h["id"], [q]) for _ in range(6) for h in (tuned, frozen) for q in QUERIES]
+        with ThreadPoolExecutor(8) as pool:
+            batched = list(pool.map(lambda r: _scores(client, *r), requests))
+        for (head_id, [query]), scores in zip(requests, batched, strict=True):
+            np.testing.assert_allclose(scores[0], alone[head_id][QUERIES.index(query)], atol=1e-4)
+
+        # The next version tunes again, on every example: the texts were kept.
+        added = client.post(
+            f"/v1/heads/{tuned['id']}/examples", json={"examples": text_examples(2, offset=6)}
+        )
+        assert added.status_code in (200, 202), added.text
+        tuned = poll_until_trained(client, tuned["id"])
+        assert tuned["version"] == 2 and tuned["metrics"]["n_examples"] == 16
+        assert tuned["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+        served = _scores(client, tuned["id"], QUERIES)
+
+        # One graph, trunk + the head's top + the head, predicts as the server does.
+        download = client.get(f"/v1/heads/{tuned['id']}/model.onnx")
+        assert download.status_code == 200, download.text
+        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
+        tokenizer = Tokenizer.from_str(client.get("/v1/backbones/minilm_l6/tokenizer.json").text)
+        tokenizer.enable_truncation(json.loads(meta["graft.preprocessing"])["max_tokens"])
+        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
+        encoded = tokenizer.encode_batch(QUERIES)
+        feeds = {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+        }
+        probabilities, similarity = session.run(["probabilities", "similarity"], feeds)
+        labels = json.loads(meta["graft.labels"])
+        exported = probabilities[:, [labels.index("cooking"), labels.index("sports")]]
+        np.testing.assert_allclose(exported, served[:, :2], atol=1e-4)
+        np.testing.assert_allclose(similarity, served[:, 2], atol=1e-4)
+        int8 = client.get(f"/v1/heads/{tuned['id']}/model.onnx", params={"variant": "int8"})
+        assert_error(int8, 409, "variant_unavailable")
+
+
+def test_auto_compares_and_too_few_examples_keep_the_head_frozen(server) -> None:
+    with server.new_tenant("fine-tune-auto") as client:
+        head = _create(client, "auto", None)
+        report = head["metrics"]["fine_tuning"]
+        assert head["fine_tune"] == "auto" and report["requested"] == "auto"
+        scores = {name: c["cv_accuracy"] for name, c in report["candidates"].items()}
+        # Chosen by held-out accuracy, ties to fine-tuning.
+        assert report["chosen"] == (
+            "fine_tuned" if scores["fine_tuned"] >= scores["frozen"] else "frozen"
+        )
+        few = _create(client, "few", "on", per_label=2)
+        report = few["metrics"]["fine_tuning"]
+        assert report["chosen"] == "frozen" and "2 example(s)" in report["reason"]
+        assert few["metrics"]["cv_accuracy"] is None  # nothing held out either way
+
+
+def test_fine_tuning_that_cannot_be_done_is_refused_and_stores_nothing(server) -> None:
+    with server.new_tenant("fine-tune-bad") as client:
+        images = [{"label": "temple", "image": b64(c)} for c in crops("china.jpg", 3, seed=0)]
+        images += [{"label": "flower", "image": b64(c)} for c in crops("flower.jpg", 3, seed=0)]
+        refused = client.post(
+            "/v1/heads",
+            json={
+                "name": "x",
+                "backbone": "efficientnet_lite0",
+                "fine_tune": "on",
+                "examples": images,
+            },
+        )
+        assert_error(refused, 422, "fine_tuning_unavailable")
+        wrong = client.post(
+            "/v1/heads",
+            json={
+                "name": "x",
+                "backbone": "minilm_l6",
+                "fine_tune": "always",
+                "examples": text_examples(3),
+            },
+        )
+        assert_error(wrong, 422)
+        assert client.get("/v1/heads").json()["heads"] == []
