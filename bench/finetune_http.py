@@ -11,7 +11,9 @@ clients send predicts of `--per-request` UCI sentences to random heads of one se
 sets take turns for `--rounds` and each prints its median. Then a second server with
 GRAFT_FINE_TUNING=false (whole graphs, the backbone unsplit) serves the frozen set: what
 serving through a trunk and a top costs frozen heads. Memory: the head caches' bytes
-(GET /v1/stats) and the processes' RSS, after each set has been served.
+(GET /v1/stats) and the processes' RSS, after each set has been served. First, the time
+to create a head with `fine_tune: on` from `--create` yelp reviews (half per label), on
+the idle server: the request until the head is ready, and what its report says.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bench.accuracy import read_texts  # noqa: E402
 from bench.serving import closed_loop, seed_heads, server_roles  # noqa: E402
 from models.export import ensure_split  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.server import BENTOML, start_server, stop_server  # noqa: E402
+from tests.server import BENTOML, poll_until_trained, start_server, stop_server  # noqa: E402
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 
@@ -98,6 +100,33 @@ def measure(server, sets: dict, texts: list[str], args) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def creation_times(
+    server, backbone: str, rows: list[tuple[str, str]], sizes: list[int]
+) -> list[str]:
+    """Table rows: seconds from the create request until the head is ready, per size."""
+    import time
+
+    out = []
+    with server.new_tenant("creation") as client:
+        for size in sizes:
+            examples = [
+                {"label": label, "text": text}
+                for label in ("0", "1")
+                for text in [t for lab, t in rows if lab == label][: size // 2]
+            ]
+            body = {"name": f"n{size}", "backbone": backbone, "examples": examples}
+            started = time.perf_counter()
+            answer = client.post("/v1/heads", json={**body, "fine_tune": "on"}, timeout=900)
+            head = poll_until_trained(client, answer.json()["id"], timeout=900)
+            seconds = time.perf_counter() - started
+            report = head["metrics"]["fine_tuning"]
+            candidates = " / ".join(
+                f"{c['cv_accuracy']:.2f}" for c in (report.get("candidates") or {}).values()
+            )
+            out.append(f"| {size} | {seconds:.1f} | {report.get('seconds')} | {candidates} |")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -109,12 +138,14 @@ def main() -> None:
     parser.add_argument("--per-request", type=int, default=1)
     parser.add_argument("--duration", type=float, default=20, help="seconds per load phase")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--create", default="16,100", help="examples of the heads created")
     args = parser.parse_args()
     settings = Settings()
     spec = settings.catalog[args.backbone]
     split = ensure_split(spec, settings.backbone_dir)
     assert split is not None, f"{spec.id} cannot be fine-tuned"
-    texts = [text for _, text in read_texts(YELP)]
+    rows = read_texts(YELP)
+    texts = [text for _, text in rows]
     scratch = Path(tempfile.mkdtemp(prefix="graft-finetune-http-"))
     database = scratch / "graft" / "graft.sqlite3"
     database.parent.mkdir(parents=True)
@@ -135,6 +166,9 @@ def main() -> None:
     )
     server = start_server(BENTOML, scratch / "graft", settings.backbone_dir, env)
     try:
+        created = creation_times(
+            server, spec.id, rows, [int(n) for n in args.create.split(",") if n]
+        )
         measure(
             server, {"frozen": frozen}, texts, argparse.Namespace(**{**vars(args), "rounds": 1})
         )
@@ -162,6 +196,9 @@ def main() -> None:
     print(f"| factors per fine-tuned head (fp16) | {factor_bytes / 2**20:.2f} MiB |")
     print(f"| head caches after both sets | {used['cache_bytes'] / 2**20:.1f} MiB for {used['cache_heads']} heads |")  # fmt: skip
     print(f"| RSS: API workers / runner | {used['api_rss'] / 2**20:.0f} / {used['runner_rss'] / 2**20:.0f} MiB |")  # fmt: skip
+    print("\n| examples | seconds to ready | report's seconds | held-out frozen / fine-tuned |")
+    print("|---|---|---|---|")
+    print("\n".join(created))
 
 
 if __name__ == "__main__":

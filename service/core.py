@@ -353,6 +353,12 @@ class Graft:
                 code="head_not_ready",
             )
         spec = self.served_backbone(head.id, head.backbone)
+        if head.top is not None and not self.training.fine_tunable(spec):
+            raise Conflict(
+                f"head {head.id} is fine-tuned, and this server serves backbone {spec.id}"
+                " whole (GRAFT_FINE_TUNING, GRAFT_VARIANT=fp32)",
+                code="fine_tuning_unavailable",
+            )
         check_modality(spec, inputs)
         rows = to_rows(spec, list(enumerate(inputs)), self.settings)
         try:

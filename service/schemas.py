@@ -133,8 +133,8 @@ class HeadSpec(_Strict):
     fine_tune: FineTuneMode = Field(
         "auto",
         description="whether the head may retrain its own top of a text backbone (LoRA on"
-        " the last 4 layers; the trunk below stays shared): `on` always, `auto` when"
-        " held-out folds say it is at least as accurate as the frozen backbone, `off` never."
+        " the last 4 layers; the trunk below stays shared): `on` always, `auto` unless"
+        " held-out folds show the frozen head significantly more accurate, `off` never."
         " Costs seconds to minutes of training, about 0.9 MB per head and little at predict"
         " time (README, Fine-tuning); needs 3 examples per label. Image backbones are not"
         " fine-tuned yet: `auto` keeps them frozen, `on` is refused",
@@ -255,6 +255,11 @@ class FineTuningReport(BaseModel):
         " was tuned without the examples it is scored on",
     )
     cv_folds: int | None = None
+    p_frozen_better: float | None = Field(
+        None,
+        description="one-sided exact McNemar p-value of the frozen head being more accurate"
+        " on the held-out rows; `auto` keeps it frozen below 0.05",
+    )
     top_bytes: int | None = Field(None, description="the head's own top: its LoRA factors, fp16")
     seconds: float | None = Field(None, description="time spent comparing and tuning")
 

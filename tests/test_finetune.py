@@ -7,7 +7,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.finetune import compare, embed, fine_tuned_head, hidden_states, tune
+from adapters.finetune import (
+    compare,
+    embed,
+    fine_tuned_head,
+    frozen_significantly_better,
+    hidden_states,
+    tune,
+)
 from adapters.heads import predict_proba
 from models.preprocess import load_tokenizer, token_ids
 from models.registry import get_backbone
@@ -67,7 +74,7 @@ def test_compare_scores_both_candidates_on_the_same_folds(minilm_split) -> None:
         assert 0 <= scores["cv_accuracy"] <= 1 and scores["cv_log_loss"] >= 0
     accuracy = {name: s["cv_accuracy"] for name, s in report["candidates"].items()}
     assert result.fine_tuned == (report["chosen"] == "fine_tuned")
-    assert result.fine_tuned == (accuracy["fine_tuned"] >= accuracy["frozen"])
+    assert result.fine_tuned == (report["p_frozen_better"] >= 0.05)
     assert (result.factors is not None) == result.fine_tuned
     # The fine-tuned candidate's held-out evidence, row by row, on the reported folds.
     assert len(result.splits) == 3 and result.oof_logits.shape == (len(labels), 2)
@@ -92,6 +99,19 @@ def test_a_fine_tuned_head_reports_the_comparisons_held_out_metrics(minilm_split
     # Served as trained: the head applied to the tuned top's embeddings.
     predicted = np.array(head.labels)[predict_proba(tuned, head.weights, head.bias).argmax(1)]
     assert np.mean(predicted == np.array(labels)) >= 0.9
+
+
+def test_the_frozen_head_is_kept_only_when_significantly_more_accurate() -> None:
+    right, wrong = np.ones(16, bool), np.zeros(16, bool)
+    # Both right or both wrong everywhere: nothing to tell them apart.
+    assert frozen_significantly_better(right, right) == 1.0
+    # The frozen head alone right on 5 rows, never the other way: p = 0.5 ** 5.
+    frozen_right = np.r_[np.ones(5, bool), np.zeros(11, bool)]
+    assert frozen_significantly_better(frozen_right, wrong) == pytest.approx(1 / 32)
+    # One row either way, or the tuned head better: no evidence for the frozen one.
+    one_each = np.r_[True, False, np.ones(14, bool)], np.r_[False, True, np.ones(14, bool)]
+    assert frozen_significantly_better(*one_each) == pytest.approx(0.75)
+    assert frozen_significantly_better(wrong, right) == 1.0
 
 
 def test_too_few_examples_cannot_be_compared(minilm_split) -> None:
