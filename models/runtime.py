@@ -50,7 +50,7 @@ class Backbone:
     """A backbone's session, or with `split` (a text backbone's trunk and top files,
     `models.export.ensure_split`) two: the trunk, run once for every row of a batch, and
     the top, run per group of rows, with no factors (frozen heads) or a fine-tuned head's.
-    Both ways give the same embeddings for frozen heads (tests/test_runtime.py)."""
+    Both ways give the same embeddings for frozen heads (tests/test_split.py)."""
 
     def __init__(
         self,
@@ -108,6 +108,13 @@ class Backbone:
     @property
     def fine_tunable(self) -> bool:
         return self.top is not None
+
+    def check_factors(self, top: Top) -> None:
+        """Refuses factors this top cannot take (before they join a batch, where they would
+        fail every request of it)."""
+        expected = [tuple(i.shape) for i in self.top.get_inputs()[2:]] if self.top else []
+        if [tuple(f.shape) for f in top[1]] != expected:
+            raise ValueError(f"head {top[0]}: its factors do not fit backbone {self.spec.id}'s top")
 
     def embed_tokens(self, ids: list[np.ndarray], tops: list[TopGroup] | None = None) -> np.ndarray:
         """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings; the

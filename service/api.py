@@ -144,6 +144,11 @@ _HEAD_CREATE_BODY = {
                     "properties": {
                         "name": {"type": "string"},
                         "backbone": {"type": "string"},
+                        "fine_tune": {
+                            "type": "string",
+                            "enum": ["auto", "on", "off"],
+                            "default": "auto",
+                        },
                         "archive": {
                             "type": "string",
                             "format": "binary",

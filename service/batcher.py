@@ -76,11 +76,12 @@ class Batcher:
         training_slice_ms: float,
         training_lane: Callable[[], Embed] | None = None,
         predict_lanes: int = 1,
-        fine_tunable: bool = False,
+        check_top: Callable[[Top], None] | None = None,
     ) -> None:
         self.embed = embed
-        # Whether `embed` takes `tops` (models/runtime.py): rows of fine-tuned heads.
-        self.fine_tunable = fine_tunable
+        # Given when `embed` takes `tops` (rows of fine-tuned heads, models/runtime.py):
+        # checks a request's top before its rows join a batch.
+        self.check_top = check_top
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000
         self.training_slice_s = training_slice_ms / 1000
@@ -114,8 +115,10 @@ class Batcher:
     def submit(self, rows: Rows, priority: Priority = "predict", top: Top | None = None) -> Future:
         """Future of the (len(rows), embedding_dim) embeddings of these rows (through a
         fine-tuned head's top, with `top`)."""
-        if top is not None and not self.fine_tunable:
-            raise ValueError("this backbone serves no fine-tuned heads")
+        if top is not None:
+            if self.check_top is None:
+                raise ValueError("this backbone serves no fine-tuned heads")
+            self.check_top(top)
         request = _Request(rows=rows, priority=priority, arrived=time.monotonic(), top=top)
         if len(rows) == 0:
             request.future.set_result(self.embed(rows))

@@ -390,6 +390,10 @@ class Graft:
                 code="variant_unavailable",
             )
         split = ensure_split(spec, self.settings.backbone_dir)
-        assert split is not None  # the head was fine-tuned on it
+        if split is None:
+            raise Conflict(
+                f"head {head.id} is fine-tuned, and backbone {spec.id} cannot be split here",
+                code="fine_tuning_unavailable",
+            )
         backbone = fine_tuned_backbone(*split, served.top_factors)
         return head, combined_model(spec, backbone, head, variant=variant, fine_tuned=True)

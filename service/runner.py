@@ -350,7 +350,7 @@ class Runner:
                 training_lane=(
                     None if backbone.on_gpu else functools.partial(training_embed, backbone.spec)
                 ),
-                fine_tunable=backbone.fine_tunable,
+                check_top=backbone.check_factors if backbone.fine_tunable else None,
             )
             for backbone_id, backbone in self.backbones.items()
         }

@@ -118,8 +118,6 @@ class Trainer:
         self._loaded = {spec.id: spec for spec in settings.loaded_backbones()}
         self._jobs: set[str] = set()  # held by this process, running or waiting in the pool
         self._jobs_lock = threading.Lock()
-        self._splits: dict[str, tuple] = {}  # backbone id: its torch trunk and top
-        self._splits_lock = threading.Lock()
         self._stop = threading.Event()
         self._sweeper = threading.Thread(target=self._sweep, name="graft-jobs", daemon=True)
         self._sweeper.start()
@@ -406,7 +404,9 @@ class Trainer:
                 f"{missing} example(s) were stored before their texts were kept (a head"
                 " created with fine_tune off); create the head again to fine-tune it"
             )
-        trunk, top = self._split(spec)
+        # Loaded for this training and dropped after it: a worker holds no PyTorch copy
+        # of the backbone between trainings (MPNet: 420 MB; loading takes a second or two).
+        trunk, top = spec.build_split()
         pad_id = spec.preprocessing.pad_id()
         names = sorted(set(training_set.labels))
         descriptions = [head.label_descriptions.get(label, label) for label in names]
@@ -425,15 +425,15 @@ class Trainer:
         report = {**report, **comparison.report}
         if not comparison.fine_tuned:
             return FineTuning(None, None, None, None, None, report)
-        tuned = finetune.embed(top, labelled, comparison.factors)
-        label_embeddings = dict(
-            zip(names, finetune.embed(top, label_hidden, comparison.factors), strict=True)
-        )
-        trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
+        # Stored and served in fp16: the head is fitted on what the served top gives.
         factors = [f.astype(np.float16) for f in comparison.factors]
+        served = [f.astype(np.float32) for f in factors]
+        tuned = finetune.embed(top, labelled, served)
+        label_embeddings = dict(zip(names, finetune.embed(top, label_hidden, served), strict=True))
+        trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
         report["top_bytes"] = sum(f.nbytes for f in factors)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        target = finetune.embed(top, unlabeled, comparison.factors) if unlabeled else tuned[:0]
+        target = finetune.embed(top, unlabeled, served) if unlabeled else tuned[:0]
         return FineTuning(trained, factors, tuned, target, label_embeddings, report)
 
     def fine_tunable(self, spec: BackboneSpec) -> bool:
@@ -441,14 +441,6 @@ class Trainer:
         through the trunk and top it exported and checked (none for a backbone it serves
         whole)."""
         return self.settings.fine_tunable(spec) and split_exported(spec, self.settings.backbone_dir)
-
-    def _split(self, spec: BackboneSpec):
-        """The backbone's trunk and top in PyTorch, loaded on a first fine-tuning and kept
-        by this process (MiniLM: 90 MB, MPNet: 420 MB)."""
-        with self._splits_lock:
-            if spec.id not in self._splits:
-                self._splits[spec.id] = spec.build_split()
-            return self._splits[spec.id]
 
     def _label_embeddings(
         self, spec: BackboneSpec, head: Head, labels: list[str]

@@ -104,3 +104,7 @@ def test_the_served_split_gives_frozen_and_fine_tuned_rows_their_embeddings(
             np.testing.assert_allclose(mixed[rows], expected, atol=1e-4)
     with pytest.raises(ValueError, match="not served split"):
         text_backbone.embed_tokens(ids, groups)
+    # Factors of another shape are refused before they join (and fail) a batch.
+    split.check_factors(("h/1", factors[0]))
+    with pytest.raises(ValueError, match="do not fit"):
+        split.check_factors(("h/1", factors[0][:-1]))

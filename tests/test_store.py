@@ -121,6 +121,38 @@ def test_unlabelled_examples_travel_with_a_job_and_stay_with_their_head(store) -
         assert db.scalar(sa.text("SELECT count(*) FROM head_unlabeled")) == 0
 
 
+def test_a_fine_tuned_version_keeps_its_top_and_its_texts_stay_with_their_tenant(
+    store,
+) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    other, _ = store.create_tenant(name="u")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb", fine_tune="on")
+    assert head.fine_tune == "on" and head.public()["fine_tune"] == "on"
+    factors = [np.full((8, 4), 0.5, np.float32), np.full((4, 8), -0.25, np.float32)]
+    store.save_version(
+        tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={},
+        examples=[], labels=["a", "b"], weights=np.ones((4, 2), np.float32),
+        bias=np.zeros(2, np.float32), prototypes=np.ones((4, 2), np.float32),
+        unknown_threshold=None, metrics={}, top_factors=factors,
+        texts={"x": "a kitten", "y": "a car"},
+    )  # fmt: skip
+    served = store.serving_head(tenant_id=tenant.id, head_id=head.id)
+    assert [f.dtype for f in served.top_factors] == [np.float16] * 2
+    for got, saved in zip(served.top_factors, factors, strict=True):
+        np.testing.assert_array_equal(got, saved)
+    assert store.texts(tenant_id=tenant.id, content_hashes=["x", "y", "z"]) == {
+        "x": "a kitten",
+        "y": "a car",
+    }
+    assert store.texts(tenant_id=other.id, content_hashes=["x"]) == {}
+    # A frozen version has no top; a head created before fine-tuning existed is "off".
+    _save(store, tenant.id, head.id, ["x", "y"])
+    assert store.serving_head(tenant_id=tenant.id, head_id=head.id).top_factors is None
+    assert store.create_head(tenant_id=tenant.id, name="old", backbone="bb").fine_tune == "off"
+    store.delete_tenant(tenant_id=tenant.id)
+    assert store.texts(tenant_id=tenant.id, content_hashes=["x"]) == {}
+
+
 def test_restart_resolves_interrupted_training(store) -> None:
     tenant, _ = store.create_tenant(name="t")
     never_trained = store.create_head(tenant_id=tenant.id, name="new", backbone="bb")
