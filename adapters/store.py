@@ -95,7 +95,8 @@ example_texts = sa.Table(
         primary_key=True,
     ),
     sa.Column("content_hash", sa.Text, primary_key=True),
-    sa.Column("text", sa.Text, nullable=False),
+    # UTF-8, as job examples: PostgreSQL's text holds no NUL, which a text may.
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 # The training set of each head's current version.
 head_examples = sa.Table(
@@ -596,11 +597,11 @@ class Store:
         found: dict[str, str] = {}
         with self._read() as db:
             for start in range(0, len(hashes), 500):  # bounded IN lists
-                query = sa.select(example_texts.c.content_hash, example_texts.c.text).where(
+                query = sa.select(example_texts.c.content_hash, example_texts.c.data).where(
                     example_texts.c.tenant_id == tenant_id,
                     example_texts.c.content_hash.in_(hashes[start : start + 500]),
                 )
-                found.update((h, text) for h, text in db.execute(query))
+                found.update((h, data.decode("utf-8")) for h, data in db.execute(query))
         return found
 
     def unlabeled_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, np.ndarray]]:
@@ -684,7 +685,7 @@ class Store:
             if texts:
                 db.execute(
                     self._insert_ignoring_duplicates(example_texts),
-                    [{"tenant_id": tenant_id, "content_hash": h, "text": text}
+                    [{"tenant_id": tenant_id, "content_hash": h, "data": text.encode("utf-8")}
                      for h, text in texts.items()],
                 )  # fmt: skip
             unlabeled = list(unlabeled)

@@ -134,7 +134,7 @@ def test_a_fine_tuned_version_keeps_its_top_and_its_texts_stay_with_their_tenant
         examples=[], labels=["a", "b"], weights=np.ones((4, 2), np.float32),
         bias=np.zeros(2, np.float32), prototypes=np.ones((4, 2), np.float32),
         unknown_threshold=None, metrics={}, top_factors=factors,
-        texts={"x": "a kitten", "y": "a car"},
+        texts={"x": "a kitten", "y": "a\x00car"},  # NUL: valid text, not a PostgreSQL text
     )  # fmt: skip
     served = store.serving_head(tenant_id=tenant.id, head_id=head.id)
     assert [f.dtype for f in served.top_factors] == [np.float16] * 2
@@ -142,7 +142,7 @@ def test_a_fine_tuned_version_keeps_its_top_and_its_texts_stay_with_their_tenant
         np.testing.assert_array_equal(got, saved)
     assert store.texts(tenant_id=tenant.id, content_hashes=["x", "y", "z"]) == {
         "x": "a kitten",
-        "y": "a car",
+        "y": "a\x00car",
     }
     assert store.texts(tenant_id=other.id, content_hashes=["x"]) == {}
     # A frozen version has no top; a head created before fine-tuning existed is "off".

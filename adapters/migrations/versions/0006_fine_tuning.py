@@ -5,9 +5,10 @@ it was trained on.
   before fine-tuning existed are "off": they keep training as they did.
 - `heads.top_factors`: the current version's LoRA factors (models/split.py) as an
   `.npz` of fp16 arrays, or NULL for a frozen head.
-- `example_texts`: each text example's text, per tenant and content hash (as cached
-  embeddings are): a fine-tuned head's next version tunes its top on all its texts
-  again, which its embeddings cannot replace.
+- `example_texts`: each text example's text as UTF-8 bytes (PostgreSQL's text holds no
+  NUL character, which a text may), per tenant and content hash (as cached embeddings
+  are): a fine-tuned head's next version tunes its top on all its texts again, which its
+  embeddings cannot replace.
 
 Revision ID: 0006
 Revises: 0005
@@ -35,7 +36,7 @@ def upgrade() -> None:
             primary_key=True,
         ),
         sa.Column("content_hash", sa.Text, primary_key=True),
-        sa.Column("text", sa.Text, nullable=False),
+        sa.Column("data", sa.LargeBinary, nullable=False),  # UTF-8
     )
 
 
