@@ -82,7 +82,13 @@ def ensure_split(spec: BackboneSpec, cache_dir: Path) -> tuple[Path, Path] | Non
         os.replace(tmp / "trunk.onnx", paths[0])
         os.replace(tmp / "top.onnx", paths[1])
     except Exception as exc:  # an encoder this cut does not know: served whole
-        log.warning("backbone %s cannot be split for fine-tuning: %s", spec.id, exc)
+        log.warning(
+            "backbone %s cannot be split for fine-tuning (served whole; delete %s to try"
+            " again): %s",
+            spec.id,
+            refused,
+            exc,
+        )
         refused.write_text(f"{type(exc).__name__}: {exc}\n")
         return None
     finally:
