@@ -140,17 +140,9 @@ def train_head(
         "label_counts": {label: counts[label] for label in classes},
         **chosen.public(),
         "cv_candidates": compared or None,
-        "cv_accuracy": held_out.get("accuracy"),
-        "cv_folds": folds if held_out else None,
-        "cv_macro_f1": held_out.get("macro_f1"),
-        "cv_ece": held_out.get("ece"),
-        "cv_ece_uncalibrated": uncalibrated_ece,
+        **_held_out_fields(held_out, folds, uncalibrated_ece, unknown_threshold, unknown_kept),
         "temperature": round(temperature, 4),
-        "cv_per_label": held_out.get("per_label"),
-        "cv_confusion_matrix": held_out.get("confusion_matrix"),
         "majority_baseline": round(majority, 4),
-        "unknown_threshold": None if unknown_threshold is None else round(unknown_threshold, 4),
-        "cv_unknown_kept": unknown_kept,
         "warnings": _warnings(held_out, len(labels), min_count, majority),
         "train_seconds": round(time.perf_counter() - start, 3),
     }
@@ -249,6 +241,27 @@ def _calibrated(
     )
 
 
+def _held_out_fields(
+    held_out: dict,
+    folds: int,
+    uncalibrated_ece: float | None,
+    unknown_threshold: float | None,
+    unknown_kept: float | None,
+) -> dict[str, Any]:
+    """A head's held-out metrics as its `metrics` name them (None without held-out rows)."""
+    return {
+        "cv_accuracy": held_out.get("accuracy"),
+        "cv_folds": folds if held_out else None,
+        "cv_macro_f1": held_out.get("macro_f1"),
+        "cv_ece": held_out.get("ece"),
+        "cv_ece_uncalibrated": uncalibrated_ece,
+        "cv_per_label": held_out.get("per_label"),
+        "cv_confusion_matrix": held_out.get("confusion_matrix"),
+        "unknown_threshold": None if unknown_threshold is None else round(unknown_threshold, 4),
+        "cv_unknown_kept": unknown_kept,
+    }
+
+
 def _unknown_threshold(similarity: np.ndarray, splits: list) -> tuple[float, float]:
     """The threshold keeping UNKNOWN_KEEP of held-out similarities, and the share that a
     threshold set on the other folds keeps of each fold."""
@@ -277,15 +290,7 @@ def with_held_out_evidence(
     counts = trained.metrics["label_counts"]
     metrics = {
         **trained.metrics,
-        "cv_accuracy": held_out["accuracy"],
-        "cv_folds": len(splits),
-        "cv_macro_f1": held_out["macro_f1"],
-        "cv_ece": held_out["ece"],
-        "cv_ece_uncalibrated": uncalibrated_ece,
-        "cv_per_label": held_out["per_label"],
-        "cv_confusion_matrix": held_out["confusion_matrix"],
-        "unknown_threshold": round(threshold, 4),
-        "cv_unknown_kept": kept,
+        **_held_out_fields(held_out, len(splits), uncalibrated_ece, threshold, kept),
         "warnings": _warnings(
             held_out, len(y), min(counts.values()), trained.metrics["majority_baseline"]
         ),

@@ -98,3 +98,22 @@ def exported_image_preprocessing(meta: dict[str, str]) -> ImagePreprocessing:
         std=tuple(pre["std"]),
         interpolation=pre["interpolation"],
     )
+
+
+def exported_text_feeds(
+    client, backbone_id: str, meta: dict[str, str], texts: list[str]
+) -> dict[str, np.ndarray]:
+    """An exported text model's feeds for `texts`, as a client makes them: the backbone's
+    tokenizer from the API, truncated as the model's metadata says, padded per batch."""
+    from tokenizers import Tokenizer
+
+    answer = client.get(f"/v1/backbones/{backbone_id}/tokenizer.json")
+    assert answer.status_code == 200, answer.text
+    tokenizer = Tokenizer.from_str(answer.text)
+    tokenizer.enable_truncation(json.loads(meta["graft.preprocessing"])["max_tokens"])
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
+    encoded = tokenizer.encode_batch(texts)
+    return {
+        "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+    }

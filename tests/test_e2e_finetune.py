@@ -10,9 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
 
-from tests.inputs import assert_error, b64, crops, text_examples
+from tests.inputs import assert_error, b64, crops, exported_text_feeds, text_examples
 from tests.server import BENTOML, poll_until_trained, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -94,14 +93,7 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
         session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
         meta = session.get_modelmeta().custom_metadata_map
         assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
-        tokenizer = Tokenizer.from_str(client.get("/v1/backbones/minilm_l6/tokenizer.json").text)
-        tokenizer.enable_truncation(json.loads(meta["graft.preprocessing"])["max_tokens"])
-        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
-        encoded = tokenizer.encode_batch(QUERIES)
-        feeds = {
-            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-        }
+        feeds = exported_text_feeds(client, "minilm_l6", meta, QUERIES)
         probabilities, similarity = session.run(["probabilities", "similarity"], feeds)
         labels = json.loads(meta["graft.labels"])
         exported = probabilities[:, [labels.index("cooking"), labels.index("sports")]]

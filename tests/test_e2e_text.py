@@ -8,9 +8,8 @@ import re
 import numpy as np
 import onnxruntime as ort
 import pytest
-from tokenizers import Tokenizer
 
-from tests.inputs import text_examples
+from tests.inputs import exported_text_feeds, text_examples
 
 pytestmark = pytest.mark.e2e
 
@@ -58,16 +57,7 @@ def test_text_head_lifecycle(server) -> None:
         meta = session.get_modelmeta().custom_metadata_map
         labels = json.loads(meta["graft.labels"])
         assert json.loads(meta["graft.inputs"]) == ["input_ids", "attention_mask"]
-        tokenizer_file = client.get("/v1/backbones/minilm_l6/tokenizer.json")
-        assert tokenizer_file.status_code == 200
-        tokenizer = Tokenizer.from_str(tokenizer_file.text)
-        tokenizer.enable_truncation(json.loads(meta["graft.preprocessing"])["max_tokens"])
-        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
-        encoded = tokenizer.encode_batch(queries)
-        feeds = {
-            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-        }
+        feeds = exported_text_feeds(client, "minilm_l6", meta, queries)
         probabilities = session.run(["probabilities"], feeds)[0]
         for row, prediction in zip(probabilities, predictions, strict=True):
             for item in prediction["top_k"]:
@@ -131,16 +121,9 @@ def test_a_text_head_says_when_it_does_not_know(server) -> None:
             client.get(f"/v1/heads/{head['id']}/model.onnx").content,
             providers=["CPUExecutionProvider"],
         )
-        tokenizer = Tokenizer.from_str(client.get("/v1/backbones/minilm_l6/tokenizer.json").text)
-        tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]"))
-        encoded = tokenizer.encode_batch([q["text"] for q in queries])
-        similarity, unknown = session.run(
-            ["similarity", "unknown"],
-            {
-                "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-            },
-        )
+        meta = session.get_modelmeta().custom_metadata_map
+        feeds = exported_text_feeds(client, "minilm_l6", meta, [q["text"] for q in queries])
+        similarity, unknown = session.run(["similarity", "unknown"], feeds)
         assert unknown.tolist() == [p["unknown"] for p in plain]
         np.testing.assert_allclose(similarity, [p["similarity"] for p in plain], atol=1e-3)
 
