@@ -1,12 +1,14 @@
-"""Fine-tuning a text head's own top on the shared trunk (issue 13), and the held-out
+"""Fine-tuning a head's own top on the shared trunk (issue 13), and the held-out
 comparison that decides whether it beats the frozen head.
 
 The top (models/split.py) keeps the pretrained weights; a head trains only its LoRA
-factors, with SetFit's objective (Tunstall et al. 2022): pairs of its examples, the
-cosine similarity of their embeddings regressed onto 1 for the same label and 0 for
-different ones. A head is then fitted on the tuned embeddings as on frozen ones
-(adapters.heads.train_head). Training starts from the trunk's cached hidden states: the
-trunk runs once per example, whatever the number of pairs and folds.
+factors. Text heads use SetFit's objective (Tunstall et al. 2022): pairs of its
+examples, the cosine similarity of their embeddings regressed onto 1 for the same label
+and 0 for different ones. Image heads train on augmented views of their images (random
+resized crops and flips) with cross-entropy through a cosine classifier started at the
+class means. Either way the head is then fitted on the tuned embeddings as on frozen ones
+(adapters.heads.train_head). Training starts from the trunk's cached activations: the
+trunk runs once per example (per view of an image), whatever the number of epochs and folds.
 
 `compare` runs both candidates on the same stratified folds (each fold's top is tuned
 without its held-out rows) and keeps the fine-tuned one unless the frozen one is
@@ -42,6 +44,14 @@ PAIR_BATCH = 16
 LEARNING_RATE = 1e-3
 # LoRA's alpha / rank, folded into B when training ends (Hu et al. 2021: alpha = 2 rank).
 LORA_SCALE = 2.0
+# Image tops: augmented views per image (each through the trunk once), epochs over them.
+# bench/finetune_image.py measured these on flowers and the X-rays (BENCHMARKS.md).
+VIEWS_PER_IMAGE = 4
+IMAGE_EPOCHS = 6
+IMAGE_BATCH = 32
+# The cosine classifier's scale (logits = scale x cosine) and its learning rate.
+COSINE_SCALE = 16.0
+CLASSIFIER_LEARNING_RATE = 1e-2
 MAX_FOLDS = 3
 # `auto` keeps the frozen head only when held-out folds show it more accurate at this
 # significance. Folds of a few-shot set (16 examples) cannot show the opposite with any
@@ -79,17 +89,7 @@ def tune(
 
     from models.split import RANK
 
-    rank = rank or RANK
-    generator = torch.Generator().manual_seed(seed)
-    factors = []
-    for i, shape in enumerate(top.factor_shapes(rank)):
-        if i % 2 == 0:  # A: Kaiming-uniform, as torch.nn.Linear initialises its weights
-            bound = 1 / math.sqrt(shape[1])
-            factors.append((torch.rand(shape, generator=generator) * 2 - 1) * bound)
-        else:  # B: zeros, so training starts from the pretrained top
-            factors.append(torch.zeros(shape))
-    for f in factors:
-        f.requires_grad_(True)
+    factors = _initial_factors(top, rank or RANK, seed)
     optimiser = torch.optim.AdamW(factors, lr=LEARNING_RATE, weight_decay=0.0)
     rng = np.random.default_rng(seed)
     per_example = max(2, min(pairs_per_example, MAX_PAIRS // len(labels)))
@@ -107,6 +107,136 @@ def tune(
     return [f.detach().numpy().copy() for f in _scaled(factors)]
 
 
+def tune_views(
+    top, views: np.ndarray, labels: list[str], *, seed: int = 0, rank: int | None = None
+) -> list[np.ndarray]:
+    """LoRA factors for an image top, trained on the trunk's activations of augmented views
+    (`views`: one row per image, `VIEWS_PER_IMAGE` views each) with cross-entropy through
+    a cosine classifier, which starts at the class means of the pretrained top's
+    embeddings and is dropped after (the head is fitted on the tuned embeddings)."""
+    import torch
+
+    from models.split import RANK
+
+    classes = sorted(set(labels))
+    per_image = views.shape[1]
+    x = torch.from_numpy(views.reshape(-1, *views.shape[2:]))
+    y = torch.tensor([classes.index(label) for label in labels]).repeat_interleave(per_image)
+    with torch.inference_mode():
+        pretrained = torch.cat([top(x[s : s + 256]) for s in range(0, len(x), 256)])
+    means = torch.stack([pretrained[y == c].mean(dim=0) for c in range(len(classes))])
+    classifier = torch.nn.functional.normalize(means, dim=1).clone().requires_grad_(True)
+    factors = _initial_factors(top, rank or RANK, seed)
+    optimiser = torch.optim.AdamW(
+        [
+            {"params": factors, "lr": LEARNING_RATE},
+            {"params": [classifier], "lr": CLASSIFIER_LEARNING_RATE},
+        ],
+        weight_decay=0.0,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(IMAGE_EPOCHS):
+        for batch in torch.randperm(len(y), generator=generator).split(IMAGE_BATCH):
+            embedded = top(x[batch], *_scaled(factors))
+            logits = COSINE_SCALE * embedded @ torch.nn.functional.normalize(classifier, dim=1).T
+            loss = torch.nn.functional.cross_entropy(logits, y[batch], label_smoothing=0.1)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+    return [f.detach().numpy().copy() for f in _scaled(factors)]
+
+
+class TextExamples:
+    """A text head's examples as tuning sees them: the trunk's hidden states of each."""
+
+    def __init__(self, top, hidden: list, pairs_per_example: int = PAIRS_PER_EXAMPLE) -> None:
+        self.top, self.hidden, self.pairs_per_example = top, hidden, pairs_per_example
+
+    def tune(self, rows, labels: list[str], seed: int) -> list[np.ndarray]:
+        hidden = [self.hidden[i] for i in rows]
+        return tune(self.top, hidden, labels, seed=seed, pairs_per_example=self.pairs_per_example)
+
+    def embed(self, factors: list[np.ndarray] | None) -> np.ndarray:
+        return embed(self.top, self.hidden, factors)
+
+
+class ImageExamples:
+    """An image head's examples as tuning sees them: the trunk's activations of each image
+    as served (the centre crop) and of its augmented views."""
+
+    def __init__(self, top, centre: np.ndarray, views: np.ndarray) -> None:
+        self.top, self.centre, self.views = top, centre, views
+
+    @classmethod
+    def of(
+        cls, trunk, top, images: list[bytes], pre, max_pixels: int, seed: int = 0
+    ) -> ImageExamples:
+        """Images (already accepted) through the trunk: the centre crop as served and
+        `VIEWS_PER_IMAGE` augmented views of each, a few images at a time (the decoded
+        views of 300 images would be 180 MB)."""
+        from models.preprocess import augmented_views
+
+        rng = np.random.default_rng(seed)
+        views = []
+        for start in range(0, len(images), 8):
+            chunk = images[start : start + 8]
+            augmented = np.concatenate(
+                [augmented_views(data, pre, VIEWS_PER_IMAGE, rng) for data in chunk]
+            )
+            activations = image_activations(trunk, augmented)
+            views.append(activations.reshape(len(chunk), VIEWS_PER_IMAGE, *activations.shape[1:]))
+        centre = centre_activations(trunk, images, pre, max_pixels)
+        return cls(top, centre, np.concatenate(views))
+
+    def tune(self, rows, labels: list[str], seed: int) -> list[np.ndarray]:
+        return tune_views(self.top, self.views[np.asarray(rows)], labels, seed=seed)
+
+    def embed(self, factors: list[np.ndarray] | None) -> np.ndarray:
+        return embed_images(self.top, self.centre, factors)
+
+
+def embed_images(top, hidden: np.ndarray, factors: list[np.ndarray] | None, batch: int = 64):
+    """Embeddings of images' trunk activations through an image top with a head's factors."""
+    import torch
+
+    tensors = [] if factors is None else [torch.from_numpy(f) for f in factors]
+    with torch.inference_mode():
+        return np.concatenate(
+            [
+                top(torch.from_numpy(hidden[s : s + batch]), *tensors).numpy()
+                for s in range(0, len(hidden), batch)
+            ]
+        )
+
+
+def centre_activations(trunk, images: list[bytes], pre, max_pixels: int) -> np.ndarray:
+    """The trunk's activations of images (already accepted) as served: the centre crop."""
+    from models.preprocess import decode_image
+
+    return np.concatenate(
+        [
+            image_activations(
+                trunk,
+                np.stack([decode_image(data, pre, max_pixels) for data in images[s : s + 32]]),
+            )
+            for s in range(0, len(images), 32)
+        ]
+    )
+
+
+def image_activations(trunk, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """The trunk's activations of uint8 NHWC images (what an image top starts from)."""
+    import torch
+
+    with torch.inference_mode():
+        return np.concatenate(
+            [
+                trunk(torch.from_numpy(images[s : s + batch])).numpy()
+                for s in range(0, len(images), batch)
+            ]
+        )
+
+
 def embed(top, hidden: list, factors: list[np.ndarray] | None, batch: int = 64) -> np.ndarray:
     """Embeddings of trunk hidden states through the top with a head's factors."""
     import torch
@@ -122,14 +252,12 @@ def embed(top, hidden: list, factors: list[np.ndarray] | None, batch: int = 64) 
 
 
 def compare(
-    top,
-    hidden: list,
+    examples: TextExamples | ImageExamples,
     labels: list[str],
     frozen: np.ndarray,
     *,
     always: bool = False,
     seed: int = 0,
-    pairs_per_example: int = PAIRS_PER_EXAMPLE,
 ) -> Comparison:
     """The frozen head's and the fine-tuned one's held-out scores on the same folds, and
     the winner's factors (tuned again on every example when it is the fine-tuned one).
@@ -157,14 +285,8 @@ def compare(
         fitted_labels = [labels[i] for i in fitted]
         head = train_head(frozen[fitted], fitted_labels, seed=seed)
         oof["frozen"][judged] = predict_proba(frozen[judged], head.weights, head.bias)
-        factors = tune(
-            top,
-            [hidden[i] for i in fitted],
-            fitted_labels,
-            seed=seed + fold,
-            pairs_per_example=pairs_per_example,
-        )
-        tuned = embed(top, hidden, factors)
+        factors = examples.tune(fitted, fitted_labels, seed=seed + fold)
+        tuned = examples.embed(factors)
         head = train_head(tuned[fitted], fitted_labels, seed=seed)
         oof["fine_tuned"][judged] = predict_proba(tuned[judged], head.weights, head.bias)
         means = class_means(tuned[fitted], y[fitted], len(classes))
@@ -180,9 +302,7 @@ def compare(
         oof["frozen"].argmax(axis=1) == y, oof["fine_tuned"].argmax(axis=1) == y
     )
     won = always or p_frozen_better >= SIGNIFICANCE
-    factors = (
-        tune(top, hidden, labels, seed=seed, pairs_per_example=pairs_per_example) if won else None
-    )
+    factors = examples.tune(range(len(labels)), labels, seed=seed) if won else None
     report = {
         "chosen": "fine_tuned" if won else "frozen",
         "candidates": scores,
@@ -246,6 +366,24 @@ def hidden_states(trunk, token_rows: list[np.ndarray], pad_id: int, batch: int =
             ).numpy()
             states += [hidden[i, : len(r)].copy() for i, r in enumerate(rows)]
     return states
+
+
+def _initial_factors(top, rank: int, seed: int) -> list:
+    """A head's factors before training, trainable: A Kaiming-uniform (as torch.nn.Linear
+    initialises its weights), B zeros, so that training starts from the pretrained top."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    factors = []
+    for i, shape in enumerate(top.factor_shapes(rank)):
+        if i % 2 == 0:
+            bound = 1 / math.sqrt(shape[1])
+            factors.append((torch.rand(shape, generator=generator) * 2 - 1) * bound)
+        else:
+            factors.append(torch.zeros(shape))
+    for f in factors:
+        f.requires_grad_(True)
+    return factors
 
 
 def _scaled(factors: list) -> list:

@@ -68,8 +68,8 @@ def fine_tuned_backbone(
     trunk_path: Path, top_path: Path, factors: list[np.ndarray]
 ) -> onnx.ModelProto:
     """A fine-tuned head's backbone as one graph: the shared trunk, then the top with the
-    head's LoRA factors as constants (the inputs they are when served). Token ids and
-    mask in, `embedding` out, as the whole backbone's graph."""
+    head's LoRA factors as constants (the inputs they are when served). The whole
+    backbone's inputs (token ids and mask, or the image) in, `embedding` out, as its graph."""
     trunk, top = onnx.load(str(trunk_path)), onnx.load(str(top_path))
     factor_inputs = [i for i in top.graph.input if i.name.startswith("lora_")]
     for value_info, factor in zip(factor_inputs, factors, strict=True):
@@ -78,16 +78,15 @@ def fine_tuned_backbone(
             numpy_helper.from_array(np.asarray(factor, np.float32), value_info.name)
         )
     top = compose.add_prefix(top, "graft_top_")
-    # The mask feeds both parts: the trunk passes it on as an output of its own.
-    trunk.graph.node.append(helper.make_node("Identity", ["attention_mask"], ["graft_mask"]))
-    trunk.graph.output.append(
-        helper.make_tensor_value_info("graft_mask", TensorProto.INT64, ["batch", "tokens"])
-    )
-    merged = compose.merge_models(
-        trunk,
-        top,
-        io_map=[("hidden", "graft_top_hidden"), ("graft_mask", "graft_top_attention_mask")],
-    )
+    io_map = [("hidden", "graft_top_hidden")]
+    if any(i.name == "graft_top_attention_mask" for i in top.graph.input):
+        # A text top: the mask feeds both parts, the trunk passes it on as an output.
+        trunk.graph.node.append(helper.make_node("Identity", ["attention_mask"], ["graft_mask"]))
+        trunk.graph.output.append(
+            helper.make_tensor_value_info("graft_mask", TensorProto.INT64, ["batch", "tokens"])
+        )
+        io_map.append(("graft_mask", "graft_top_attention_mask"))
+    merged = compose.merge_models(trunk, top, io_map=io_map)
     merged.graph.node.append(helper.make_node("Identity", ["graft_top_embedding"], ["embedding"]))
     [output] = merged.graph.output
     merged.graph.output.remove(output)

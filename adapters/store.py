@@ -83,10 +83,10 @@ embeddings = sa.Table(
     sa.Column("content_hash", sa.Text, primary_key=True),
     sa.Column("vector", sa.LargeBinary, nullable=False),
 )
-# The text of each text example, per tenant (migration 0006): a fine-tuned head's top is
-# tuned on its texts again at every version.
-example_texts = sa.Table(
-    "example_texts",
+# Each example's input as sent, per tenant, for heads that may fine-tune (migrations 0006,
+# 0007): a fine-tuned head's top is tuned on its inputs again at every version.
+example_inputs = sa.Table(
+    "example_inputs",
     metadata,
     sa.Column(
         "tenant_id",
@@ -95,7 +95,8 @@ example_texts = sa.Table(
         primary_key=True,
     ),
     sa.Column("content_hash", sa.Text, primary_key=True),
-    # UTF-8, as job examples: PostgreSQL's text holds no NUL, which a text may.
+    # An image's bytes; a text as UTF-8 (as job examples: PostgreSQL's text holds no NUL,
+    # which a text may).
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 # The training set of each head's current version.
@@ -591,17 +592,18 @@ class Store:
             rows = db.execute(query).all()
         return [(h, label, np.frombuffer(v, dtype=np.float32)) for h, label, v in rows]
 
-    def texts(self, *, tenant_id: str, content_hashes: Iterable[str]) -> dict[str, str]:
-        """The stored texts of these content hashes (those the tenant sent)."""
+    def inputs(self, *, tenant_id: str, content_hashes: Iterable[str]) -> dict[str, bytes]:
+        """The kept inputs of these content hashes (those the tenant sent): image bytes, or
+        a text as UTF-8."""
         hashes = list(content_hashes)
-        found: dict[str, str] = {}
+        found: dict[str, bytes] = {}
         with self._read() as db:
             for start in range(0, len(hashes), 500):  # bounded IN lists
-                query = sa.select(example_texts.c.content_hash, example_texts.c.data).where(
-                    example_texts.c.tenant_id == tenant_id,
-                    example_texts.c.content_hash.in_(hashes[start : start + 500]),
+                query = sa.select(example_inputs.c.content_hash, example_inputs.c.data).where(
+                    example_inputs.c.tenant_id == tenant_id,
+                    example_inputs.c.content_hash.in_(hashes[start : start + 500]),
                 )
-                found.update((h, data.decode("utf-8")) for h, data in db.execute(query))
+                found.update((h, data) for h, data in db.execute(query))
         return found
 
     def unlabeled_set(self, *, tenant_id: str, head_id: str) -> list[tuple[str, np.ndarray]]:
@@ -639,7 +641,7 @@ class Store:
         metrics: dict[str, Any],
         unlabeled: Iterable[str] = (),
         top_factors: list[np.ndarray] | None = None,
-        texts: dict[str, str] | None = None,
+        inputs: dict[str, bytes] | None = None,
         ready: bool = True,
     ) -> int | None:
         """Stores a trained version atomically: its number, or None if the head was deleted
@@ -682,11 +684,11 @@ class Store:
                     [{"head_id": head_id, "content_hash": h, "label": label}
                      for h, label in examples],
                 )  # fmt: skip
-            if texts:
+            if inputs:
                 db.execute(
-                    self._insert_ignoring_duplicates(example_texts),
-                    [{"tenant_id": tenant_id, "content_hash": h, "data": text.encode("utf-8")}
-                     for h, text in texts.items()],
+                    self._insert_ignoring_duplicates(example_inputs),
+                    [{"tenant_id": tenant_id, "content_hash": h, "data": data}
+                     for h, data in inputs.items()],
                 )  # fmt: skip
             unlabeled = list(unlabeled)
             if unlabeled:

@@ -1,19 +1,23 @@
-"""Serving fine-tuned text heads over HTTP at 1,000 heads (issue 13: throughput with 10%
+"""Serving fine-tuned heads over HTTP at 1,000 heads (issue 13: throughput with 10%
 of the heads fine-tuned ≥ 0.7 of all frozen; ≤ 1 MB per fine-tuned head).
 
     python bench/finetune_http.py                              # MiniLM
     python bench/finetune_http.py --backbone mpnet_base_v2
+    python bench/finetune_http.py --backbone efficientnet_lite0 --create 300
 
 One server (GRAFT_BACKBONES=--backbone) over a registry seeded with two sets of `--heads`
 heads, each head its own tenant: `frozen`, all frozen; `mixed`, `--tuned-share` of them
 fine-tuned (random LoRA factors of rank 8, stored as training stores them). Closed-loop
-clients send predicts of `--per-request` UCI sentences to random heads of one set; the
+clients send predicts of `--per-request` UCI sentences (flowers photos, as JSON, for an
+image backbone) to random heads of one set; the
 sets take turns for `--rounds` and each prints its median. Then a second server with
 GRAFT_FINE_TUNING=false (whole graphs, the backbone unsplit) serves the frozen set: what
 serving through a trunk and a top costs frozen heads. Memory: the head caches' bytes
 (GET /v1/stats) and the processes' RSS, after each set has been served. First, the time
 to create a head with `fine_tune: on` from `--create` yelp reviews (half per label), on
-the idle server: the request until the head is ready, and what its report says.
+the idle server: the request until the head is ready, and what its report says, beside
+the same head created with `fine_tune: off` (images:
+`--create` flowers training photos, a fifth per label).
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts  # noqa: E402
-from bench.serving import closed_loop, seed_heads, server_roles  # noqa: E402
+from bench.accuracy import image_split, read_texts  # noqa: E402
+from bench.serving import Requests, closed_loop, seed_heads, server_roles  # noqa: E402
 from models.export import ensure_split  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.server import BENTOML, poll_until_trained, start_server, stop_server  # noqa: E402
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
+FLOWERS = ROOT.parent / "shared/data/images/flowers"
 
 
 class TextRequests:
@@ -82,48 +87,61 @@ def memory(server) -> dict:
     }
 
 
-def measure(server, sets: dict, texts: list[str], args) -> dict[str, float]:
-    """Texts/s per set: the median over rounds, the sets taking turns."""
+def measure(server, sets: dict, queries: list, args) -> dict[str, float]:
+    """Inputs/s per set: the median over rounds, the sets taking turns. `queries`: texts,
+    or image bytes."""
     rates: dict[str, list[float]] = {name: [] for name in sets}
     for _ in range(args.rounds):
         for name, targets in sets.items():
-            requests = TextRequests(server.base_url, targets, texts, args.per_request)
+            if isinstance(queries[0], bytes):
+                requests = Requests(server.base_url, targets, queries, args.per_request, "json")
+            else:
+                requests = TextRequests(server.base_url, targets, queries, args.per_request)
             result = asyncio.run(closed_loop(requests, args.clients, args.duration))
             assert result["errors"] == 0, result
             rate = result["requests"] * args.per_request / result["seconds"]
             rates[name].append(rate)
             print(
-                f"  {name:>7}: {rate:6.1f} texts/s  p50 {result['p50_ms']:6.1f} ms"
+                f"  {name:>7}: {rate:6.1f} inputs/s  p50 {result['p50_ms']:6.1f} ms"
                 f"  p99 {result['p99_ms']:6.1f} ms",
                 flush=True,
             )
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def creation_times(
-    server, backbone: str, rows: list[tuple[str, str]], sizes: list[int]
-) -> list[str]:
-    """Table rows: seconds from the create request until the head is ready, per size."""
+def creation_times(server, backbone: str, rows: list[tuple[str, object]], sizes: list[int]):
+    """Table rows: seconds from the create request until the head is ready, per size.
+    `rows`: (label, text or image path); an equal share per label."""
+    import base64
     import time
 
+    labels = sorted({label for label, _ in rows})
     out = []
-    with server.new_tenant("creation") as client:
-        for size in sizes:
-            examples = [
-                {"label": label, "text": text}
-                for label in ("0", "1")
-                for text in [t for lab, t in rows if lab == label][: size // 2]
-            ]
-            body = {"name": f"n{size}", "backbone": backbone, "examples": examples}
-            started = time.perf_counter()
-            answer = client.post("/v1/heads", json={**body, "fine_tune": "on"}, timeout=900)
-            head = poll_until_trained(client, answer.json()["id"], timeout=900)
-            seconds = time.perf_counter() - started
-            report = head["metrics"]["fine_tuning"]
-            candidates = " / ".join(
-                f"{c['cv_accuracy']:.2f}" for c in (report.get("candidates") or {}).values()
-            )
-            out.append(f"| {size} | {seconds:.1f} | {report.get('seconds')} | {candidates} |")
+    for size in sizes:
+        examples = [
+            {"label": label, "text": x}
+            if isinstance(x, str)
+            else {"label": label, "image": base64.b64encode(x.read_bytes()).decode()}
+            for label in labels
+            for x in [x for lab, x in rows if lab == label][: size // len(labels)]
+        ]
+        body = {"name": f"n{size}", "backbone": backbone, "examples": examples}
+        seconds = {}
+        for mode in ("off", "on"):
+            # A tenant each: the other's embeddings, cached per tenant, would be reused.
+            with server.new_tenant(f"creation-{size}-{mode}") as client:
+                started = time.perf_counter()
+                answer = client.post("/v1/heads", json={**body, "fine_tune": mode}, timeout=900)
+                head = poll_until_trained(client, answer.json()["id"], timeout=900)
+                seconds[mode] = time.perf_counter() - started
+        report = head["metrics"]["fine_tuning"]
+        candidates = " / ".join(
+            f"{c['cv_accuracy']:.2f}" for c in (report.get("candidates") or {}).values()
+        )
+        out.append(
+            f"| {size} | {seconds['on']:.1f} | {report.get('seconds')} | {candidates} |"
+            f" {seconds['off']:.1f} |"
+        )
     return out
 
 
@@ -144,8 +162,12 @@ def main() -> None:
     spec = settings.catalog[args.backbone]
     split = ensure_split(spec, settings.backbone_dir)
     assert split is not None, f"{spec.id} cannot be fine-tuned"
-    rows = read_texts(YELP)
-    texts = [text for _, text in rows]
+    if spec.modality == "image":
+        rows = image_split(FLOWERS / "train")
+        queries = [path.read_bytes() for _, path in image_split(FLOWERS / "val")[::10]]
+    else:
+        rows = read_texts(YELP)
+        queries = [text for _, text in rows]
     scratch = Path(tempfile.mkdtemp(prefix="graft-finetune-http-"))
     database = scratch / "graft" / "graft.sqlite3"
     database.parent.mkdir(parents=True)
@@ -162,7 +184,7 @@ def main() -> None:
     env = {"GRAFT_BACKBONES": spec.id}
     print(
         f"# {spec.id}: {args.heads} heads per set, {tuned} of the mixed set fine-tuned;"
-        f" {args.clients} clients, {args.per_request} text(s) per request"
+        f" {args.clients} clients, {args.per_request} input(s) per request"
     )
     server = start_server(BENTOML, scratch / "graft", settings.backbone_dir, env)
     try:
@@ -170,9 +192,9 @@ def main() -> None:
             server, spec.id, rows, [int(n) for n in args.create.split(",") if n]
         )
         measure(
-            server, {"frozen": frozen}, texts, argparse.Namespace(**{**vars(args), "rounds": 1})
+            server, {"frozen": frozen}, queries, argparse.Namespace(**{**vars(args), "rounds": 1})
         )
-        rates = measure(server, sets, texts, args)
+        rates = measure(server, sets, queries, args)
         used = memory(server)
     finally:
         stop_server(server)
@@ -181,23 +203,26 @@ def main() -> None:
     )
     try:
         measure(
-            server, {"frozen": frozen}, texts, argparse.Namespace(**{**vars(args), "rounds": 1})
+            server, {"frozen": frozen}, queries, argparse.Namespace(**{**vars(args), "rounds": 1})
         )
-        whole = measure(server, {"whole": frozen}, texts, args)["whole"]
+        whole = measure(server, {"whole": frozen}, queries, args)["whole"]
     finally:
         stop_server(server)
     factor_bytes = sum(f.nbytes for f in random_factors(split[1], 0))
     print(f"\n| measure ({spec.id}) | value |\n|---|---|")
-    print(f"| texts/s, all frozen (split) | {rates['frozen']:.1f} |")
-    print(f"| texts/s, {args.tuned_share:.0%} fine-tuned | {rates['mixed']:.1f} |")
+    print(f"| inputs/s, all frozen (split) | {rates['frozen']:.1f} |")
+    print(f"| inputs/s, {args.tuned_share:.0%} fine-tuned | {rates['mixed']:.1f} |")
     print(f"| **{args.tuned_share:.0%} fine-tuned ÷ all frozen** | **{rates['mixed'] / rates['frozen']:.2f}** |")  # fmt: skip
-    print(f"| texts/s, all frozen, whole graph (GRAFT_FINE_TUNING=false) | {whole:.1f} |")
+    print(f"| inputs/s, all frozen, whole graph (GRAFT_FINE_TUNING=false) | {whole:.1f} |")
     print(f"| split ÷ whole graph, all frozen | {rates['frozen'] / whole:.2f} |")
     print(f"| factors per fine-tuned head (fp16) | {factor_bytes / 2**20:.2f} MiB |")
     print(f"| head caches after both sets | {used['cache_bytes'] / 2**20:.1f} MiB for {used['cache_heads']} heads |")  # fmt: skip
     print(f"| RSS: API workers / runner | {used['api_rss'] / 2**20:.0f} / {used['runner_rss'] / 2**20:.0f} MiB |")  # fmt: skip
-    print("\n| examples | seconds to ready | report's seconds | held-out frozen / fine-tuned |")
-    print("|---|---|---|---|")
+    print(
+        "\n| examples | seconds to ready | report's seconds | held-out frozen / fine-tuned"
+        " | seconds to ready, `off` |"
+    )
+    print("|---|---|---|---|---|")
     print("\n".join(created))
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from bench.accuracy import read_texts  # noqa: E402
 from models.export import ensure_onnx  # noqa: E402
 from models.preprocess import load_tokenizer, pad_tokens, token_ids  # noqa: E402
-from models.split import export_text_split  # noqa: E402
+from models.split import export_split  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 UCI = ROOT.parent / "shared" / "data" / "text" / "uci_sentiment_labelled_sentences"
@@ -58,7 +58,7 @@ def main() -> None:
     whole = session(ensure_onnx(spec, settings.backbone_dir))
     trunk_module, top_module = spec.build_split()
     folder = Path(tempfile.mkdtemp())
-    export_text_split(trunk_module, top_module, folder / "trunk.onnx", folder / "top.onnx")
+    export_split(trunk_module, top_module, folder / "trunk.onnx", folder / "top.onnx")
     trunk, top = session(folder / "trunk.onnx"), session(folder / "top.onnx")
     names = [i.name for i in top.get_inputs()][2:]
     shapes = top_module.factor_shapes()

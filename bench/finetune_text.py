@@ -28,7 +28,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.finetune import compare, embed, hidden_states, tune  # noqa: E402
+from adapters.finetune import TextExamples, compare, embed, hidden_states, tune  # noqa: E402
 from adapters.heads import predict_proba, train_head  # noqa: E402
 from bench.accuracy import read_texts  # noqa: E402
 from models.preprocess import load_tokenizer, token_ids  # noqa: E402
@@ -94,7 +94,8 @@ def main() -> None:
             tuned = embed(top, hidden, factors)
             always = accuracy(tuned[chosen], y_train, tuned[rest], y_test)
             started = time.perf_counter()
-            choice = compare(top, [hidden[i] for i in chosen], y_train, frozen[chosen], seed=draw)
+            examples = TextExamples(top, [hidden[i] for i in chosen])
+            choice = compare(examples, y_train, frozen[chosen], seed=draw)
             compare_s = time.perf_counter() - started
             auto = always if choice.fine_tuned else base
             results.append((base, always, auto))

@@ -62,23 +62,23 @@ def split_exported(spec: BackboneSpec, cache_dir: Path) -> bool:
 def ensure_split(spec: BackboneSpec, cache_dir: Path) -> tuple[Path, Path] | None:
     """The backbone's trunk and top as ONNX files, exported and checked against the whole
     graph first if not cached; None for a backbone that cannot be split (fine-tuning is
-    for BERT-family and MPNet encoders), the reason logged and kept beside the cache so
-    that it is not tried again."""
+    for BERT-family and MPNet encoders and timm's EfficientNet class), the reason logged
+    and kept beside the cache so that it is not tried again."""
     paths = split_onnx_paths(spec, cache_dir)
     refused = paths[0].with_name(paths[0].name.removesuffix("-trunk.onnx") + "-unsplit.txt")
     if spec.build_split is None or refused.exists():
         return None
     if split_exported(spec, cache_dir):
         return paths
-    from models.split import export_text_split
+    from models.split import export_split
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("exporting the trunk and top of backbone %s", spec.id)
     # Written beside the targets and renamed, as `ensure_onnx` does.
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{spec.id}-split-"))
     try:
-        export_text_split(*spec.build_split(), tmp / "trunk.onnx", tmp / "top.onnx")
-        _check_split(ensure_onnx(spec, cache_dir), tmp / "trunk.onnx", tmp / "top.onnx")
+        export_split(*spec.build_split(), tmp / "trunk.onnx", tmp / "top.onnx")
+        _check_split(spec, ensure_onnx(spec, cache_dir), tmp / "trunk.onnx", tmp / "top.onnx")
         os.replace(tmp / "trunk.onnx", paths[0])
         os.replace(tmp / "top.onnx", paths[1])
     except Exception as exc:  # an encoder this cut does not know: served whole
@@ -96,7 +96,7 @@ def ensure_split(spec: BackboneSpec, cache_dir: Path) -> tuple[Path, Path] | Non
     return paths
 
 
-def _check_split(whole: Path, trunk: Path, top: Path) -> None:
+def _check_split(spec: BackboneSpec, whole: Path, trunk: Path, top: Path) -> None:
     """The trunk and the top, with no factors, give the whole graph's embeddings."""
     import numpy as np
     import onnxruntime as ort
@@ -104,15 +104,25 @@ def _check_split(whole: Path, trunk: Path, top: Path) -> None:
     def session(path: Path) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    ids = np.array([[1, 5, 7, 9, 11, 2, 0, 0]] * 2, np.int64)  # ids any vocabulary has
-    mask = np.ones_like(ids)
-    mask[1, 5:] = 0
-    feeds = {"input_ids": ids, "attention_mask": mask}
+    if isinstance(spec.preprocessing, ImagePreprocessing):
+        side = spec.preprocessing.image_size
+        feeds = {"image": np.random.default_rng(0).integers(0, 256, (2, side, side, 3), np.uint8)}
+        extra = {}
+    else:
+        ids = np.array([[1, 5, 7, 9, 11, 2, 0, 0]] * 2, np.int64)  # ids any vocabulary has
+        mask = np.ones_like(ids)
+        mask[1, 5:] = 0
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        extra = {"attention_mask": mask}
     expected = session(whole).run(["embedding"], feeds)[0]
     top_session = session(top)
-    factors = {i.name: np.zeros(i.shape, np.float32) for i in top_session.get_inputs()[2:]}
+    factors = {
+        i.name: np.zeros(i.shape, np.float32)
+        for i in top_session.get_inputs()
+        if i.name.startswith("lora_")
+    }
     hidden = session(trunk).run(["hidden"], feeds)[0]
-    got = top_session.run(["embedding"], {"hidden": hidden, "attention_mask": mask, **factors})[0]
+    got = top_session.run(["embedding"], {"hidden": hidden, **extra, **factors})[0]
     if not np.allclose(got, expected, atol=1e-3):
         raise ValueError(
             f"the trunk and top differ from the whole graph by {np.abs(got - expected).max():.2g}"

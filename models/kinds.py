@@ -74,6 +74,11 @@ def _timm(backbone_id: str, entry: TimmEntry, resolve) -> BackboneSpec:
             model_args=entry.model_args,
         )
 
+    def build_split():
+        from models.split import split_image_backbone
+
+        return split_image_backbone(build_module())
+
     return BackboneSpec(
         **_common(backbone_id, entry, resolve, entry.weights),
         modality="image",
@@ -81,6 +86,7 @@ def _timm(backbone_id: str, entry: TimmEntry, resolve) -> BackboneSpec:
         or f"{entry.family}: timm {entry.architecture}, {pre.image_size}x{pre.image_size} input",
         weights_file=weights,
         build_module=build_module,
+        build_split=build_split,
         preprocessing=pre,
         check_sources=partial(resolve.check, entry.weights),
     )

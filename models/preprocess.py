@@ -106,6 +106,35 @@ def decode_image(data: bytes, pre: ImagePreprocessing, max_pixels: int) -> np.nd
         raise InvalidInput("invalid_image", f"the image could not be decoded: {exc}") from None
 
 
+def augmented_views(
+    data: bytes, pre: ImagePreprocessing, count: int, rng: np.random.Generator
+) -> np.ndarray:
+    """`count` random views of an image already accepted (decode_image): a random resized
+    crop (30-100% of the area, aspect 3/4 to 4/3) and a horizontal flip at random, each
+    resized to `image_size` squared, uint8 NHWC. What fine-tuning trains an image top on."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", (pre.resize_size, pre.resize_size))  # JPEG: decode at a smaller scale
+    image = _to_rgb(ImageOps.exif_transpose(image))
+    pixels = np.asarray(image)
+    height, width = pixels.shape[:2]
+    views = np.empty((count, pre.image_size, pre.image_size, 3), np.uint8)
+    for i in range(count):
+        area = width * height * rng.uniform(0.3, 1.0)
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        crop_w = min(width, max(1, round((area * aspect) ** 0.5)))
+        crop_h = min(height, max(1, round((area / aspect) ** 0.5)))
+        left = rng.integers(0, width - crop_w + 1)
+        top = rng.integers(0, height - crop_h + 1)
+        crop = pixels[top : top + crop_h, left : left + crop_w]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        size = (pre.image_size, pre.image_size)
+        views[i] = cv2.resize(
+            np.ascontiguousarray(crop), size, interpolation=_INTERPOLATION[pre.interpolation]
+        )
+    return views
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any accepted mode to 8-bit RGB, as a viewer would show it."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L"):

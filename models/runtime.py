@@ -47,7 +47,7 @@ TopGroup = tuple[np.ndarray, list[np.ndarray]]
 
 
 class Backbone:
-    """A backbone's session, or with `split` (a text backbone's trunk and top files,
+    """A backbone's session, or with `split` (the backbone's trunk and top files,
     `models.export.ensure_split`) two: the trunk, run once for every row of a batch, and
     the top, run per group of rows, with no factors (frozen heads) or a fine-tuned head's.
     Both ways give the same embeddings for frozen heads (tests/test_split.py)."""
@@ -79,10 +79,8 @@ class Backbone:
         else:
             self.trunk = ort.InferenceSession(str(split[0]), options, providers=providers)
             self.top = ort.InferenceSession(str(split[1]), options, providers=providers)
-            self._factor_names = [i.name for i in self.top.get_inputs()[2:]]
-            self._no_factors = {
-                i.name: np.zeros(i.shape, np.float32) for i in self.top.get_inputs()[2:]
-            }
+            self._factor_inputs = [i for i in self.top.get_inputs() if i.name.startswith("lora_")]
+            self._no_factors = {i.name: np.zeros(i.shape, np.float32) for i in self._factor_inputs}
         # On a GPU, every new batch size costs a cuDNN search: a few sizes serve them all.
         self.on_gpu = "CUDAExecutionProvider" in (self.session or self.trunk).get_providers()
         self.tokenizer = None
@@ -91,8 +89,9 @@ class Backbone:
             self.tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
             self.pad_id = pre.pad_id()
 
-    def embed_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings."""
+    def embed_images(self, images: np.ndarray, tops: list[TopGroup] | None = None) -> np.ndarray:
+        """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings; the
+        rows of `tops` through their fine-tuned heads' tops."""
 
         def feeds(s: slice) -> dict[str, np.ndarray]:
             chunk = images[s]
@@ -100,7 +99,14 @@ class Backbone:
                 chunk = pad_to_power_of_two(chunk)
             return {"image": chunk}
 
-        return self._run_in_chunks(len(images), feeds)
+        if self.top is None:
+            self._refuse_tops(tops)
+            return self._run_in_chunks(len(images), feeds)
+
+        def top_feeds(feeds: dict, hidden: np.ndarray, rows: np.ndarray) -> dict:
+            return {"hidden": pad_to_power_of_two(hidden) if self.on_gpu else hidden}
+
+        return self._run_split(len(images), feeds, top_feeds, tops)
 
     def embed_texts(self, texts: list[str]) -> np.ndarray:
         return self.embed_tokens(token_ids(texts, self.tokenizer))
@@ -112,7 +118,7 @@ class Backbone:
     def check_factors(self, top: Top) -> None:
         """Refuses factors this top cannot take (before they join a batch, where they would
         fail every request of it)."""
-        expected = [tuple(i.shape) for i in self.top.get_inputs()[2:]] if self.top else []
+        expected = [tuple(i.shape) for i in self._factor_inputs] if self.top else []
         if [tuple(f.shape) for f in top[1]] != expected:
             raise ValueError(f"head {top[0]}: its factors do not fit backbone {self.spec.id}'s top")
 
@@ -120,46 +126,53 @@ class Backbone:
         """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings; the
         rows of `tops` through their fine-tuned heads' tops."""
         if self.top is None:
-            if tops:
-                raise ValueError(f"backbone {self.spec.id} is not served split: no fine-tuning")
+            self._refuse_tops(tops)
             return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], self.pad_id))
+
+        def top_feeds(feeds: dict, hidden: np.ndarray, rows: np.ndarray) -> dict:
+            mask = feeds["attention_mask"][rows]
+            tokens = int(mask.sum(axis=1).max())  # no padding beyond the group's longest
+            return {"hidden": hidden[:, :tokens], "attention_mask": mask[:, :tokens]}
+
+        return self._run_split(len(ids), lambda s: pad_tokens(ids[s], self.pad_id), top_feeds, tops)
+
+    def _run_split(
+        self, n: int, feeds, top_feeds, tops: list[TopGroup] | None = None
+    ) -> np.ndarray:
+        """The trunk once per chunk of rows, then the top once per group of them: the rows
+        of no fine-tuned head with no factors, each head's rows with its factors."""
         # Each row's group: -1 for the pretrained top, else its index in `tops`.
-        group = np.full(len(ids), -1)
+        group = np.full(n, -1)
         for g, (rows, _) in enumerate(tops or []):
             group[rows] = g
-        out = np.empty((len(ids), self.spec.embedding_dim), dtype=np.float32)
-        for start in range(0, len(ids), self.max_batch_size):
-            chunk = slice(start, min(len(ids), start + self.max_batch_size))
-            feeds = pad_tokens(ids[chunk], self.pad_id)
-            hidden = self.trunk.run(["hidden"], feeds)[0]
+        out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
+        for start in range(0, n, self.max_batch_size):
+            chunk = slice(start, min(n, start + self.max_batch_size))
+            chunk_feeds = feeds(chunk)
+            hidden = self.trunk.run(["hidden"], chunk_feeds)[0]
             for g in np.unique(group[chunk]):
                 rows = np.flatnonzero(group[chunk] == g)
-                mask = feeds["attention_mask"][rows]
-                tokens = int(mask.sum(axis=1).max())  # no padding beyond the group's longest
                 factors = self._no_factors
                 if g >= 0:
-                    stored = tops[g][1]
                     factors = {
-                        name: np.asarray(f, np.float32)
-                        for name, f in zip(self._factor_names, stored, strict=True)
+                        i.name: np.asarray(f, np.float32)
+                        for i, f in zip(self._factor_inputs, tops[g][1], strict=True)
                     }
-                feeds_top = {
-                    "hidden": hidden[rows, :tokens],
-                    "attention_mask": mask[:, :tokens],
-                    **factors,
-                }
-                out[start + rows] = self.top.run(["embedding"], feeds_top)[0]
+                feeds_top = {**top_feeds(chunk_feeds, hidden[rows], rows), **factors}
+                out[start + rows] = self.top.run(["embedding"], feeds_top)[0][: len(rows)]
         return out
+
+    def _refuse_tops(self, tops: list[TopGroup] | None) -> None:
+        if tops:
+            raise ValueError(f"backbone {self.spec.id} is not served split: no fine-tuning")
 
     def embed_rows(
         self, rows: np.ndarray | list[np.ndarray], tops: list[TopGroup] | None = None
     ) -> np.ndarray:
-        """What the runner calls: decoded images, or token-id rows for a text backbone
-        (with the groups of rows that go through fine-tuned heads' tops)."""
+        """What the runner calls: decoded images or token-id rows (with the groups of rows
+        that go through fine-tuned heads' tops)."""
         if self.spec.modality == "image":
-            if tops:
-                raise ValueError(f"backbone {self.spec.id} cannot serve fine-tuned heads")
-            return self.embed_images(rows)
+            return self.embed_images(rows, tops)
         return self.embed_tokens(rows, tops)
 
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:

@@ -26,6 +26,8 @@ import torch
 # Layers above the cut: the share of an encoder a fine-tuned head retrains.
 TOP_LAYERS = 4
 RANK = 8
+# Stages of an image network above the cut.
+TOP_STAGES = 1
 
 
 class LoRALinear(torch.nn.Module):
@@ -35,6 +37,7 @@ class LoRALinear(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear) -> None:
         super().__init__()
         self.base = base
+        self.in_features, self.out_features = base.in_features, base.out_features
         self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +85,7 @@ class TextTop(torch.nn.Module):
         """Shapes of one head's factors, in the order `forward` takes them: A, B per map."""
         shapes = []
         for linear in self.linears:
-            shapes += [(rank, linear.base.in_features), (linear.base.out_features, rank)]
+            shapes += [(rank, linear.in_features), (linear.out_features, rank)]
         return shapes
 
     def forward(
@@ -142,38 +145,144 @@ def split_text_encoder(
     return TextTrunk(model, cut).eval(), TextTop(model, cut, pooling).eval()
 
 
-def export_text_split(
-    trunk: TextTrunk, top: TextTop, trunk_path: Path, top_path: Path, rank: int = RANK
-) -> None:
-    """The trunk and the top as ONNX graphs. The trunk takes `input_ids` and
-    `attention_mask` and gives `hidden`; the top takes `hidden`, `attention_mask` and one
-    head's factors (`lora_a_0`, `lora_b_0`, … in `factor_shapes` order) and gives
-    `embedding`."""
-    from models.export import OPSET
+def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK) -> None:
+    """The trunk and the top as ONNX graphs. The trunk takes the whole backbone's inputs
+    (`input_ids` and `attention_mask`, or `image`) and gives `hidden`; the top takes
+    `hidden` (and a text top `attention_mask`) and one head's factors (`lora_a_0`,
+    `lora_b_0`, … in `factor_shapes` order) and gives `embedding`."""
+    from models.export import OPSET, fold_fixed_size
 
-    ids = torch.ones(2, 8, dtype=torch.int64)
-    tokens = {0: "batch", 1: "tokens"}
+    factors = [torch.zeros(shape) for shape in top.factor_shapes(rank)]
+    names = [f"lora_{'ab'[i % 2]}_{i // 2}" for i in range(len(factors))]
+    if isinstance(trunk, TextTrunk):
+        ids = torch.ones(2, 8, dtype=torch.int64)
+        axes = {0: "batch", 1: "tokens"}
+        trunk_inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        top_extra = {"attention_mask": torch.ones_like(ids)}
+    else:
+        side = trunk.embedding.side
+        axes = {0: "batch"}
+        trunk_inputs = {"image": torch.zeros(2, side, side, 3, dtype=torch.uint8)}
+        top_extra = {}
     with torch.inference_mode():
         torch.onnx.export(
             trunk,
-            (ids, torch.ones_like(ids)),
+            tuple(trunk_inputs.values()),
             str(trunk_path),
-            input_names=["input_ids", "attention_mask"],
+            input_names=list(trunk_inputs),
             output_names=["hidden"],
-            dynamic_axes={"input_ids": tokens, "attention_mask": tokens, "hidden": tokens},
+            dynamic_axes={name: axes for name in [*trunk_inputs, "hidden"]},
             opset_version=OPSET,
             dynamo=False,
         )
-        hidden = trunk(ids, torch.ones_like(ids))
-        factors = [torch.zeros(shape) for shape in top.factor_shapes(rank)]
-        names = [f"lora_{'ab'[i % 2]}_{i // 2}" for i in range(len(factors))]
+        hidden = trunk(*trunk_inputs.values())
         torch.onnx.export(
             top,
-            (hidden, torch.ones_like(ids), *factors),
+            (hidden, *top_extra.values(), *factors),
             str(top_path),
-            input_names=["hidden", "attention_mask", *names],
+            input_names=["hidden", *top_extra, *names],
             output_names=["embedding"],
-            dynamic_axes={"hidden": tokens, "attention_mask": tokens, "embedding": {0: "batch"}},
+            dynamic_axes={
+                **{name: axes for name in ["hidden", *top_extra]},
+                "embedding": {0: "batch"},
+            },
             opset_version=OPSET,
             dynamo=False,
         )
+    if not isinstance(trunk, TextTrunk):
+        fold_fixed_size(trunk_path)
+
+
+class LoRAConv1x1(torch.nn.Module):
+    """A shared 1×1 convolution plus the low-rank update of whichever head is being run,
+    merged into its weight (`W + B A`) for the call: the update costs one small matrix
+    product per call, not per pixel."""
+
+    def __init__(self, base: torch.nn.Conv2d) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = base.in_channels, base.out_channels
+        self.factors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factors is None:
+            return self.base(x)
+        a, b = self.factors
+        weight = self.base.weight + (b @ a)[:, :, None, None]
+        return torch.nn.functional.conv2d(x, weight, self.base.bias)
+
+
+class ImageTrunk(torch.nn.Module):
+    """uint8 NHWC images in (as the whole backbone takes them); the activations entering
+    the network's last stage out."""
+
+    def __init__(self, embedding: Any, cut: int) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.cut = cut
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        net = self.embedding.backbone
+        x = (image.permute(0, 3, 1, 2).float() - self.embedding.mean) / self.embedding.std
+        return net.blocks[: self.cut](net.bn1(net.conv_stem(x)))
+
+
+class ImageTop(torch.nn.Module):
+    """The trunk's activations (and a head's LoRA factors) in; the last stage, the head
+    convolution and the pooling, L2-normalised, out. Every 1×1 convolution of the top
+    (expansion, projection, head) takes a head's update."""
+
+    def __init__(self, embedding: Any, cut: int) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.cut = cut
+        net = embedding.backbone
+        targets = [
+            (module, name)
+            for module in net.blocks[cut:].modules()
+            for name, child in module.named_children()
+            if _pointwise(child)
+        ] + [(net, "conv_head")]
+        self.linears: list[LoRAConv1x1] = []
+        for module, name in targets:
+            wrapped = LoRAConv1x1(getattr(module, name))
+            setattr(module, name, wrapped)
+            self.linears.append(wrapped)
+
+    factor_shapes = TextTop.factor_shapes
+
+    def forward(self, hidden: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        net = self.embedding.backbone
+        for i, linear in enumerate(self.linears):
+            linear.factors = (factors[2 * i], factors[2 * i + 1]) if factors else None
+        try:
+            x = net.bn2(net.conv_head(net.blocks[self.cut :](hidden)))
+            return torch.nn.functional.normalize(net.forward_head(x).flatten(1), dim=1)
+        finally:
+            for linear in self.linears:
+                linear.factors = None
+
+
+def _pointwise(module: torch.nn.Module) -> bool:
+    return (
+        isinstance(module, torch.nn.Conv2d)
+        and module.kernel_size == (1, 1)
+        and module.groups == 1
+        and module.stride == (1, 1)
+    )
+
+
+def split_image_backbone(
+    embedding: Any, top_stages: int = TOP_STAGES
+) -> tuple[ImageTrunk, ImageTop]:
+    """An image embedding module (models.timm_backbone.image_embedding_module), frozen, as
+    (trunk, top) sharing its weights: the top is the network's last stage and head
+    convolution. For timm's EfficientNet class (EfficientNet, -Lite, MobileNetV2)."""
+    net = embedding.backbone
+    if not all(hasattr(net, name) for name in ("blocks", "conv_head", "bn2", "forward_head")):
+        raise ValueError(f"{type(net).__name__}: only EfficientNet-class networks are split")
+    for parameter in embedding.parameters():
+        parameter.requires_grad_(False)
+    embedding.eval()
+    cut = len(net.blocks) - top_stages
+    return ImageTrunk(embedding, cut).eval(), ImageTop(embedding, cut).eval()

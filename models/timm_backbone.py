@@ -85,6 +85,7 @@ def image_embedding_module(
             self.backbone = load_timm_model(
                 architecture, weights, layout=layout, model_args=model_args
             )
+            self.side = pre.image_size
             self.register_buffer("mean", torch.tensor(pre.mean).view(1, 3, 1, 1) * 255.0)
             self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0)
 

@@ -227,8 +227,8 @@ class Graft:
         if fine_tune == "on" and not any(self.training.fine_tunable(b) for b in candidates):
             raise Unprocessable(
                 f"backbone {backbone_id!r} cannot be fine-tuned on this server: fine-tuning is"
-                " for text backbones served in fp32 (README, Fine-tuning); use fine_tune"
-                " auto or off",
+                " for backbones served in fp32 that split into a trunk and a top (README,"
+                " Fine-tuning); use fine_tune auto or off",
                 code="fine_tuning_unavailable",
             )
         labels = check_labels([label for label, _ in examples], (), self.settings)

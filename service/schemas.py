@@ -132,12 +132,13 @@ class HeadSpec(_Strict):
     )
     fine_tune: FineTuneMode = Field(
         "auto",
-        description="whether the head may retrain its own top of a text backbone (LoRA on"
-        " the last 4 layers; the trunk below stays shared): `on` always, `auto` unless"
-        " held-out folds show the frozen head significantly more accurate, `off` never."
-        " Costs seconds to minutes of training, about 0.9 MB per head and little at predict"
-        " time (README, Fine-tuning); needs 3 examples per label. Image backbones are not"
-        " fine-tuned yet: `auto` keeps them frozen, `on` is refused",
+        description="whether the head may retrain its own top of the backbone (LoRA on a text"
+        " encoder's last 4 layers, or an image network's last stage and head convolution;"
+        " the trunk below stays shared): `on` always, `auto` unless held-out folds show the"
+        " frozen head significantly more accurate, `off` never. Image heads fine-tune only"
+        " with `on` (`auto` keeps them frozen: it gained little on the sets measured)."
+        " Costs seconds to minutes of training, up to about 0.9 MB per head and little at"
+        " predict time (README, Fine-tuning); needs 3 examples per label",
     )
 
 

@@ -67,7 +67,7 @@ class PreparedInputs:
     content_hashes: list[str]
     to_embed: list[str]
     rows: np.ndarray | list[np.ndarray]
-    texts: dict[str, str]  # text examples by content hash (fine-tuning tunes on them)
+    inputs: dict[str, bytes]  # examples as sent, by content hash (fine-tuning tunes on them)
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ class Trainer:
             rows = self._images.decode(images, pre, self.settings.max_image_pixels)
         else:
             rows = to_rows(spec, to_decode, self.settings)
-        texts = {h: raw.data for raw, h in zip(inputs, hashes, strict=True) if raw.kind == "text"}
-        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows, texts=texts)
+        kept = {h: _as_bytes(raw) for raw, h in zip(inputs, hashes, strict=True)}
+        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows, inputs=kept)
 
     def start(
         self,
@@ -241,10 +241,10 @@ class Trainer:
         try:
             # One backbone at a time: its decoded inputs are dropped once embedded.
             sets = {}
-            new_texts: dict[str, str] = {}
+            new_inputs: dict[str, bytes] = {}
             for spec, prepare in options:
                 prepared = prepare()
-                new_texts.update(prepared.texts)
+                new_inputs.update(prepared.inputs)
                 sets[spec.id] = self._training_set(tenant_id, head, spec, prepared, new_labels)
             label_embeddings = {
                 spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
@@ -273,7 +273,7 @@ class Trainer:
                 None,
             )
             if head.fine_tune != "off":
-                tuned = self._fine_tune(head, self._loaded[chosen], training_set, new_texts)
+                tuned = self._fine_tune(head, self._loaded[chosen], training_set, new_inputs)
                 if tuned.head is not None:
                     trained, x, target, names = tuned.head, tuned.x, tuned.target, tuned.names
                     factors = tuned.factors
@@ -295,7 +295,7 @@ class Trainer:
                 unlabeled=training_set.unlabeled,
                 top_factors=factors,
                 # Kept for the next versions' tuning, by heads that may fine-tune only.
-                texts=new_texts if head.fine_tune != "off" else None,
+                inputs=new_inputs if keeps_inputs(head, self._loaded[chosen]) else None,
                 ready=False,
             )
             if version is not None:
@@ -371,7 +371,7 @@ class Trainer:
         head: Head,
         spec: BackboneSpec,
         training_set: TrainingSet,
-        new_texts: dict[str, str],
+        new_inputs: dict[str, bytes],
     ) -> FineTuning:
         """The head fine-tuned on its own top (adapters/finetune.py) when `fine_tune` is
         "on", or "auto" and held-out folds say it beats the frozen head; the report of
@@ -383,44 +383,58 @@ class Trainer:
             return FineTuning(None, None, None, None, None, {**report, "reason": reason})
 
         if not self.fine_tunable(spec):
-            why = (
-                "image backbones are not fine-tuned yet"
-                if spec.modality == "image"
-                else "it is served whole here (GRAFT_FINE_TUNING, GRAFT_VARIANT; or an"
-                " encoder that cannot be cut into a trunk and a top)"
+            return frozen(
+                f"backbone {spec.id} is not fine-tuned: it is served whole here"
+                " (GRAFT_FINE_TUNING, GRAFT_VARIANT; or a network that cannot be cut into"
+                " a trunk and a top)"
             )
-            return frozen(f"backbone {spec.id} is not fine-tuned: {why}")
+        if not keeps_inputs(head, spec):
+            return frozen(
+                "image heads are fine-tuned only when asked (fine_tune: on): on the sets"
+                " measured it gained little for many times the training time (README,"
+                " Fine-tuning)"
+            )
         counts = Counter(training_set.labels)
         if min(counts.values()) < finetune.MIN_EXAMPLES_PER_LABEL:
             return frozen(
                 f"a label has {min(counts.values())} example(s); fine-tuning is compared on"
                 f" held-out folds, which need {finetune.MIN_EXAMPLES_PER_LABEL} per label"
             )
+        n = len(training_set.examples)
         hashes = [h for h, _ in training_set.examples] + training_set.unlabeled
-        texts = {**self.store.texts(tenant_id=head.tenant_id, content_hashes=hashes), **new_texts}
-        missing = sum(h not in texts for h in hashes)
+        inputs = {
+            **self.store.inputs(tenant_id=head.tenant_id, content_hashes=hashes),
+            **new_inputs,
+        }
+        missing = sum(h not in inputs for h in hashes)
         if missing:
             return frozen(
-                f"{missing} example(s) were stored before their texts were kept (a head"
+                f"{missing} example(s) were stored before their inputs were kept (a head"
                 " created with fine_tune off); create the head again to fine-tune it"
             )
         # Loaded for this training and dropped after it: a worker holds no PyTorch copy
         # of the backbone between trainings (MPNet: 420 MB; loading takes a second or two).
         trunk, top = spec.build_split()
-        pad_id = spec.preprocessing.pad_id()
         names = sorted(set(training_set.labels))
-        descriptions = [head.label_descriptions.get(label, label) for label in names]
-        hidden = finetune.hidden_states(
-            trunk, text_rows(spec, [texts[h] for h in hashes] + descriptions), pad_id
-        )
-        n = len(training_set.examples)
-        labelled, unlabeled, label_hidden = (
-            hidden[:n],
-            hidden[n : -len(names)],
-            hidden[-len(names) :],
-        )
+        if spec.modality == "image":
+            images = [inputs[h] for h in hashes]
+            pixels = self.settings.max_image_pixels
+            pre = spec.preprocessing
+            examples = finetune.ImageExamples.of(trunk, top, images[:n], pre, pixels)
+            unlabeled = (
+                finetune.centre_activations(trunk, images[n:], pre, pixels) if images[n:] else []
+            )
+            label_hidden = None
+        else:
+            descriptions = [head.label_descriptions.get(label, label) for label in names]
+            texts = [inputs[h].decode("utf-8") for h in hashes] + descriptions
+            hidden = finetune.hidden_states(
+                trunk, text_rows(spec, texts), spec.preprocessing.pad_id()
+            )
+            examples = finetune.TextExamples(top, hidden[:n])
+            unlabeled, label_hidden = hidden[n : -len(names)], hidden[-len(names) :]
         comparison = finetune.compare(
-            top, labelled, training_set.labels, training_set.x, always=head.fine_tune == "on"
+            examples, training_set.labels, training_set.x, always=head.fine_tune == "on"
         )
         report = {**report, **comparison.report}
         if not comparison.fine_tuned:
@@ -428,12 +442,20 @@ class Trainer:
         # Stored and served in fp16: the head is fitted on what the served top gives.
         factors = [f.astype(np.float16) for f in comparison.factors]
         served = [f.astype(np.float32) for f in factors]
-        tuned = finetune.embed(top, labelled, served)
-        label_embeddings = dict(zip(names, finetune.embed(top, label_hidden, served), strict=True))
+        tuned = examples.embed(served)
+        label_embeddings = None
+        if label_hidden is not None:
+            label_vectors = finetune.embed(top, label_hidden, served)
+            label_embeddings = dict(zip(names, label_vectors, strict=True))
         trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
         report["top_bytes"] = sum(f.nbytes for f in factors)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        target = finetune.embed(top, unlabeled, served) if unlabeled else tuned[:0]
+        if not len(unlabeled):
+            target = tuned[:0]
+        elif spec.modality == "image":
+            target = finetune.embed_images(top, unlabeled, served)
+        else:
+            target = finetune.embed(top, unlabeled, served)
         return FineTuning(trained, factors, tuned, target, label_embeddings, report)
 
     def fine_tunable(self, spec: BackboneSpec) -> bool:
@@ -471,6 +493,14 @@ class Trainer:
             in_flight.append(self.runner.embed(spec.id, chunk, "training"))
         embeddings.extend(future.result() for future in in_flight)
         return np.concatenate(embeddings)
+
+
+def keeps_inputs(head: Head, spec: BackboneSpec) -> bool:
+    """Whether the head's inputs are kept, for its later versions to fine-tune on: text
+    heads that may fine-tune; image heads only asked to (`auto` keeps them frozen)."""
+    if spec.modality == "image":
+        return head.fine_tune == "on"
+    return head.fine_tune != "off"
 
 
 def _as_bytes(raw: RawInput) -> bytes:

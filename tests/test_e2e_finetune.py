@@ -1,6 +1,7 @@
-"""Fine-tuned text heads over HTTP against the real server (issue 13): created with
+"""Fine-tuned heads over HTTP against the real server (issue 13): created with
 `fine_tune`, served on the shared trunk with their own top, batched with frozen heads'
-rows, kept across versions, and exported as one graph that predicts as the server does."""
+rows, kept across versions, and exported as one graph that predicts as the server does;
+text heads, and image heads on request."""
 
 from __future__ import annotations
 
@@ -11,7 +12,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from tests.inputs import assert_error, b64, crops, exported_text_feeds, text_examples
+from models.preprocess import decode_image
+from tests.inputs import (
+    assert_error,
+    b64,
+    crops,
+    exported_image_preprocessing,
+    exported_text_feeds,
+    image_examples,
+    text_examples,
+)
 from tests.server import BENTOML, poll_until_trained, start_server, stop_server
 
 pytestmark = pytest.mark.e2e
@@ -117,20 +127,79 @@ def test_auto_compares_and_too_few_examples_keep_the_head_frozen(server) -> None
         assert few["metrics"]["cv_accuracy"] is None  # nothing held out either way
 
 
+def test_an_image_head_fine_tunes_on_request_and_exports_whole(server) -> None:
+    temples, flowers = crops("china.jpg", 3, seed=11), crops("flower.jpg", 3, seed=11)
+    queries = [{"image": b64(x)} for x in temples + flowers]
+    with server.new_tenant("fine-tune-images") as client:
+
+        def create(name: str, fine_tune: str, examples: list[dict]) -> dict:
+            body = {
+                "name": name,
+                "backbone": "efficientnet_lite0",
+                "fine_tune": fine_tune,
+                "examples": examples,
+            }
+            response = client.post("/v1/heads", json=body)
+            assert response.status_code in (201, 202), response.text
+            head = poll_until_trained(client, response.json()["id"])
+            assert head["status"] == "ready", head.get("error")
+            return head
+
+        def predict(head_id: str) -> list[dict]:
+            answer = client.post(
+                f"/v1/heads/{head_id}/predict", json={"inputs": queries, "top_k": 2}
+            )
+            assert answer.status_code == 200, answer.text
+            return answer.json()["predictions"]
+
+        tuned = create("tuned", "on", image_examples(3, seed=0))
+        report = tuned["metrics"]["fine_tuning"]
+        assert report["chosen"] == "fine_tuned" and report["cv_folds"] == 3
+        # lite0's top: three 1x1 convolutions (192->1152, 1152->320, 320->1280), rank 8, fp16.
+        assert report["top_bytes"] == 2 * 8 * (192 + 1152 + 1152 + 320 + 320 + 1280)
+        # `auto` keeps an image head frozen, and says why.
+        auto = create("auto", "auto", image_examples(3, seed=0))
+        assert auto["metrics"]["fine_tuning"]["chosen"] == "frozen"
+        assert "fine_tune: on" in auto["metrics"]["fine_tuning"]["reason"]
+
+        served = predict(tuned["id"])
+        frozen = predict(auto["id"])
+        assert [p["label"] for p in served] == ["temple"] * 3 + ["flower"] * 3
+        # The tuned top moves the embeddings: it is what serves the head.
+        moved = [
+            abs(a["similarity"] - b["similarity"]) for a, b in zip(served, frozen, strict=True)
+        ]
+        assert max(moved) > 1e-3
+
+        # The next version tunes again, on every image: they were kept.
+        added = client.post(
+            f"/v1/heads/{tuned['id']}/examples", json={"examples": image_examples(1, seed=3)}
+        )
+        assert added.status_code in (200, 202), added.text
+        tuned = poll_until_trained(client, tuned["id"])
+        assert tuned["version"] == 2 and tuned["metrics"]["n_examples"] == 8
+        assert tuned["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+        served = predict(tuned["id"])
+
+        # One graph, trunk + the head's top + the head, predicts as the server does.
+        download = client.get(f"/v1/heads/{tuned['id']}/model.onnx")
+        assert download.status_code == 200, download.text
+        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
+        assert [i.name for i in session.get_inputs()] == ["image"]
+        pre = exported_image_preprocessing(meta)
+        batch = np.stack([decode_image(x, pre, 10**8) for x in temples + flowers])
+        probabilities, similarity = session.run(["probabilities", "similarity"], {"image": batch})
+        labels = json.loads(meta["graft.labels"])
+        for row, sim, prediction in zip(probabilities, similarity, served, strict=True):
+            assert sim == pytest.approx(prediction["similarity"], abs=1e-4)
+            for item in prediction["top_k"]:
+                assert row[labels.index(item["label"])] == pytest.approx(item["score"], abs=1e-4)
+
+
 def test_fine_tuning_that_cannot_be_done_is_refused_and_stores_nothing(server) -> None:
     with server.new_tenant("fine-tune-bad") as client:
-        images = [{"label": "temple", "image": b64(c)} for c in crops("china.jpg", 3, seed=0)]
-        images += [{"label": "flower", "image": b64(c)} for c in crops("flower.jpg", 3, seed=0)]
-        refused = client.post(
-            "/v1/heads",
-            json={
-                "name": "x",
-                "backbone": "efficientnet_lite0",
-                "fine_tune": "on",
-                "examples": images,
-            },
-        )
-        assert_error(refused, 422, "fine_tuning_unavailable")
         wrong = client.post(
             "/v1/heads",
             json={
@@ -174,5 +243,17 @@ def test_a_fine_tuned_head_survives_a_restart_and_is_refused_where_its_backbone_
             )
             assert_error(answer, 409, "fine_tuning_unavailable")
             assert client.get(f"/v1/heads/{head['id']}").json()["version"] == 1
+            # Nor can a head be created there with `on`; nothing is stored.
+            refused = client.post(
+                "/v1/heads",
+                json={
+                    "name": "x",
+                    "backbone": "minilm_l6",
+                    "fine_tune": "on",
+                    "examples": text_examples(3),
+                },
+            )
+            assert_error(refused, 422, "fine_tuning_unavailable")
+            assert [h["id"] for h in client.get("/v1/heads").json()["heads"]] == [head["id"]]
     finally:
         stop_server(server)

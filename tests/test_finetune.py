@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from adapters.finetune import (
+    TextExamples,
     compare,
     embed,
     fine_tuned_head,
@@ -67,7 +68,7 @@ def test_compare_scores_both_candidates_on_the_same_folds(minilm_split) -> None:
     labels = [e["label"] for e in examples]
     hidden = texts_hidden([e["text"] for e in examples])
     frozen = embed(top, hidden, None)
-    result = compare(top, hidden, labels, frozen, seed=0, pairs_per_example=PAIRS)
+    result = compare(TextExamples(top, hidden, PAIRS), labels, frozen, seed=0)
     report = result.report
     assert report["cv_folds"] == 3 and set(report["candidates"]) == {"frozen", "fine_tuned"}
     for scores in report["candidates"].values():
@@ -89,7 +90,7 @@ def test_a_fine_tuned_head_reports_the_comparisons_held_out_metrics(minilm_split
     labels = [e["label"] for e in examples]
     hidden = texts_hidden([e["text"] for e in examples])
     frozen = embed(top, hidden, None)
-    result = compare(top, hidden, labels, frozen, always=True, pairs_per_example=PAIRS)
+    result = compare(TextExamples(top, hidden, PAIRS), labels, frozen, always=True)
     assert result.fine_tuned and result.factors is not None
     tuned = embed(top, hidden, result.factors)
     names = embed(top, texts_hidden(["cooking", "sports"]), result.factors)
@@ -120,4 +121,4 @@ def test_too_few_examples_cannot_be_compared(minilm_split) -> None:
     labels = [e["label"] for e in examples]
     hidden = texts_hidden([e["text"] for e in examples])
     with pytest.raises(ValueError, match="2 example"):
-        compare(top, hidden, labels, embed(top, hidden, None))
+        compare(TextExamples(top, hidden), labels, embed(top, hidden, None))

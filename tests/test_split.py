@@ -1,5 +1,6 @@
-"""A text encoder cut into a shared trunk and a top that takes a head's LoRA factors
-(models/split.py): together they are the backbone, in PyTorch and as ONNX graphs."""
+"""A backbone cut into a shared trunk and a top that takes a head's LoRA factors
+(models/split.py): together they are the backbone, in PyTorch and as ONNX graphs; text
+encoders and image networks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from models.export import ensure_split
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import get_backbone
 from models.runtime import Backbone
-from models.split import TOP_LAYERS, export_text_split
+from models.split import TOP_LAYERS, export_split
 
 TEXTS = ["goal!", "Simmer the onions in butter until they turn golden and soft."]
 
@@ -56,7 +57,7 @@ def test_a_heads_factors_change_the_top_and_nothing_else(minilm) -> None:
 
 def test_the_onnx_trunk_and_top_match_pytorch(minilm, tmp_path) -> None:
     _, feeds, trunk, top = minilm
-    export_text_split(trunk, top, tmp_path / "trunk.onnx", tmp_path / "top.onnx")
+    export_split(trunk, top, tmp_path / "trunk.onnx", tmp_path / "top.onnx")
     options = {"providers": ["CPUExecutionProvider"]}
     trunk_session = ort.InferenceSession(str(tmp_path / "trunk.onnx"), **options)
     top_session = ort.InferenceSession(str(tmp_path / "top.onnx"), **options)
@@ -108,3 +109,32 @@ def test_the_served_split_gives_frozen_and_fine_tuned_rows_their_embeddings(
     split.check_factors(("h/1", factors[0]))
     with pytest.raises(ValueError, match="do not fit"):
         split.check_factors(("h/1", factors[0][:-1]))
+
+
+def test_an_image_network_is_served_split_with_each_heads_top(image_backbone, backbone_dir) -> None:
+    spec = image_backbone.spec
+    trunk, top = spec.build_split()
+    # lite0's top: the last stage's expansion and projection, and the head convolution.
+    assert [(c.in_features, c.out_features) for c in top.linears] == [
+        (192, 1152),
+        (1152, 320),
+        (320, 1280),
+    ]
+    split = Backbone(spec, image_backbone.onnx_path, split=ensure_split(spec, backbone_dir))
+    side = spec.preprocessing.image_size
+    images = np.random.default_rng(0).integers(0, 256, (5, side, side, 3), np.uint8)
+    whole = image_backbone.embed_images(images)
+    np.testing.assert_allclose(split.embed_images(images), whole, atol=1e-5)
+    factors = [[f.numpy().astype(np.float16) for f in _factors(top, seed)] for seed in (4, 5)]
+    groups = [(np.array([0, 3]), factors[0]), (np.array([4]), factors[1])]
+    mixed = split.embed_images(images, groups)
+    np.testing.assert_allclose(mixed[[1, 2]], whole[[1, 2]], atol=1e-5)
+    with torch.inference_mode():
+        hidden = trunk(torch.from_numpy(images))
+        for rows, head_factors in groups:
+            tensors = [torch.from_numpy(f.astype(np.float32)) for f in head_factors]
+            expected = top(hidden[rows], *tensors).numpy()
+            assert np.abs(expected - whole[rows]).max() > 1e-3  # the factors matter
+            np.testing.assert_allclose(mixed[rows], expected, atol=1e-4)
+    with pytest.raises(ValueError, match="not served split"):
+        image_backbone.embed_images(images, groups)

@@ -134,23 +134,23 @@ def test_a_fine_tuned_version_keeps_its_top_and_its_texts_stay_with_their_tenant
         examples=[], labels=["a", "b"], weights=np.ones((4, 2), np.float32),
         bias=np.zeros(2, np.float32), prototypes=np.ones((4, 2), np.float32),
         unknown_threshold=None, metrics={}, top_factors=factors,
-        texts={"x": "a kitten", "y": "a\x00car"},  # NUL: valid text, not a PostgreSQL text
+        inputs={"x": b"\xff\xd8 an image", "y": b"a\x00car"},  # NUL: valid text
     )  # fmt: skip
     served = store.serving_head(tenant_id=tenant.id, head_id=head.id)
     assert [f.dtype for f in served.top_factors] == [np.float16] * 2
     for got, saved in zip(served.top_factors, factors, strict=True):
         np.testing.assert_array_equal(got, saved)
-    assert store.texts(tenant_id=tenant.id, content_hashes=["x", "y", "z"]) == {
-        "x": "a kitten",
-        "y": "a\x00car",
+    assert store.inputs(tenant_id=tenant.id, content_hashes=["x", "y", "z"]) == {
+        "x": b"\xff\xd8 an image",
+        "y": b"a\x00car",
     }
-    assert store.texts(tenant_id=other.id, content_hashes=["x"]) == {}
+    assert store.inputs(tenant_id=other.id, content_hashes=["x"]) == {}
     # A frozen version has no top; a head created before fine-tuning existed is "off".
     _save(store, tenant.id, head.id, ["x", "y"])
     assert store.serving_head(tenant_id=tenant.id, head_id=head.id).top_factors is None
     assert store.create_head(tenant_id=tenant.id, name="old", backbone="bb").fine_tune == "off"
     store.delete_tenant(tenant_id=tenant.id)
-    assert store.texts(tenant_id=tenant.id, content_hashes=["x"]) == {}
+    assert store.inputs(tenant_id=tenant.id, content_hashes=["x"]) == {}
 
 
 def test_restart_resolves_interrupted_training(store) -> None:
