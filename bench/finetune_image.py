@@ -5,8 +5,8 @@ trained on augmented views; adapters/finetune.py) beat the frozen head? (Issue 1
     python bench/finetune_image.py --data ../shared/data/images/chest_xray_pneumonia --val test
     python bench/finetune_image.py --per-label 60 --backbone efficientnet_lite2
 
-In-process, as the service trains (PyTorch on the CPU, the production functions): the
-trunk runs over each training image's centre crop and `VIEWS_PER_IMAGE` augmented views;
+In-process, as the service trains (the served ONNX trunk, the top in PyTorch on the CPU,
+the production functions; GRAFT_DATA_DIR says where the exports are): the trunk runs over each training image's centre crop and `VIEWS_PER_IMAGE` augmented views;
 the frozen head (adapters.heads.train_head on the centre crops' embeddings) and the head
 on the tuned top are scored on the validation split as served (centre crop). Then the
 whole of `fine_tune: on` (`compare`: three folds, then all the images) is timed: what a
@@ -25,10 +25,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.finetune import ImageExamples, centre_activations, compare, embed_images  # noqa: E402
+from adapters.finetune import (  # noqa: E402
+    ImageExamples,
+    centre_activations,
+    compare,
+    embed_images,
+    onnx_trunk,
+)
 from adapters.heads import predict_proba, train_head  # noqa: E402
 from bench.accuracy import image_split  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
+from models.export import ensure_split  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 FLOWERS = ROOT.parent / "shared" / "data" / "images" / "flowers"
 MAX_PIXELS = 10**8
@@ -50,7 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    spec = get_backbone(args.backbone)
+    settings = Settings()
+    spec = settings.catalog[args.backbone]
     pre = spec.preprocessing
     train = image_split(args.data / args.train)
     if args.per_label:
@@ -62,7 +70,9 @@ def main() -> None:
     val = image_split(args.data / args.val)
     labels = [label for label, _ in train]
     images = [path.read_bytes() for _, path in train]
-    trunk, top = spec.build_split()
+    _, top = spec.build_split()
+    # The served trunk, as training runs it.
+    trunk = onnx_trunk(ensure_split(spec, settings.backbone_dir)[0])
 
     started = time.perf_counter()
     examples = ImageExamples.of(trunk, top, images, pre, MAX_PIXELS)

@@ -36,7 +36,7 @@ from adapters import finetune, heads
 from adapters.adaptation import adapt
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
-from models.export import split_exported
+from models.export import split_exported, split_onnx_paths
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.decoder import TrainingDecoder
 from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
@@ -420,6 +420,7 @@ class Trainer:
             images = [inputs[h] for h in hashes]
             pixels = self.settings.max_image_pixels
             pre = spec.preprocessing
+            trunk = finetune.onnx_trunk(split_onnx_paths(spec, self.settings.backbone_dir)[0])
             examples = finetune.ImageExamples.of(trunk, top, images[:n], pre, pixels)
             unlabeled = (
                 finetune.centre_activations(trunk, images[n:], pre, pixels) if images[n:] else []
