@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -264,6 +265,7 @@ def compare(
     *,
     always: bool = False,
     seed: int = 0,
+    progress: Callable[[int, int], None] = lambda done, total: None,
 ) -> Comparison:
     """The frozen head's and the fine-tuned one's held-out scores on the same folds, and
     the winner's factors (tuned again on every example when it is the fine-tuned one).
@@ -288,6 +290,7 @@ def compare(
     }
     similarity = np.empty(len(y))
     for fold, (fitted, judged) in enumerate(splits):
+        progress(fold, folds + 1)  # tunings done: the folds', then the final one
         fitted_labels = [labels[i] for i in fitted]
         head = train_head(frozen[fitted], fitted_labels, seed=seed)
         oof["frozen"][judged] = predict_proba(frozen[judged], head.weights, head.bias)
@@ -308,6 +311,7 @@ def compare(
         oof["frozen"].argmax(axis=1) == y, oof["fine_tuned"].argmax(axis=1) == y
     )
     won = always or p_frozen_better >= SIGNIFICANCE
+    progress(folds, folds + 1)
     factors = examples.tune(range(len(labels)), labels, seed=seed) if won else None
     report = {
         "chosen": "fine_tuned" if won else "frozen",

@@ -138,6 +138,8 @@ training_jobs = sa.Table(
     sa.Column("lease_owner", sa.Text),
     sa.Column("lease_until", sa.Float),  # Unix time
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # JSON {"stage", "done", "total"} while it runs (migration 0008).
+    sa.Column("progress", sa.Text),
     sa.Index("training_jobs_by_head", "head_id", "created_at"),
 )
 job_examples = sa.Table(
@@ -209,6 +211,7 @@ class Head:
     error: str | None
     created_at: str
     updated_at: str
+    progress: dict[str, Any] | None = None  # of its running training job, if any
 
     @property
     def servable(self) -> bool:
@@ -229,6 +232,7 @@ class Head:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "error": self.error,
+            "progress": self.progress if self.status == "training" else None,
         }
 
 
@@ -804,7 +808,13 @@ class Store:
             db.execute(
                 training_jobs.update()
                 .where(training_jobs.c.id == job.id)
-                .values(lease_owner=owner, lease_until=now + lease_s, attempts=job.attempts)
+                .values(
+                    # A dead process's progress is stale: the new one starts over.
+                    lease_owner=owner,
+                    lease_until=now + lease_s,
+                    attempts=job.attempts,
+                    progress=None,
+                )
             )
         return job
 
@@ -818,6 +828,15 @@ class Store:
         )
         with self._read() as db:
             return [(label, kind, bytes(data)) for label, kind, data in db.execute(query)]
+
+    def set_progress(self, *, job_id: str, progress: dict[str, Any]) -> None:
+        """How far the job is, for its head to show; written by the process training it."""
+        with self._tx() as db:
+            db.execute(
+                training_jobs.update()
+                .where(training_jobs.c.id == job_id)
+                .values(progress=json.dumps(progress))
+            )
 
     def renew_leases(self, *, owner: str, lease_s: float) -> None:
         with self._tx() as db:
@@ -834,7 +853,7 @@ class Store:
             return db.execute(
                 training_jobs.update()
                 .where(training_jobs.c.lease_owner.startswith(owner_prefix, autoescape=True))
-                .values(lease_owner=None, lease_until=None)
+                .values(lease_owner=None, lease_until=None, progress=None)
             ).rowcount
 
     def release_job(self, *, job_id: str) -> None:
@@ -844,7 +863,12 @@ class Store:
             db.execute(
                 training_jobs.update()
                 .where(training_jobs.c.id == job_id)
-                .values(lease_owner=None, lease_until=None, attempts=training_jobs.c.attempts - 1)
+                .values(
+                    lease_owner=None,
+                    lease_until=None,
+                    attempts=training_jobs.c.attempts - 1,
+                    progress=None,
+                )
             )
 
     def finish_job(self, *, job_id: str, tenant_id: str, head_id: str, version: int) -> None:
@@ -885,13 +909,22 @@ class Store:
         ).rowcount
 
 
-_HEAD_COLUMNS = tuple(
-    heads.c[name]
-    for name in (
-        "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
-        "bias", "prototypes", "unknown_threshold", "label_descriptions", "fine_tune", "metrics",
-        "error", "created_at", "updated_at",
-    )
+_HEAD_COLUMNS = (
+    *(
+        heads.c[name]
+        for name in (
+            "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
+            "bias", "prototypes", "unknown_threshold", "label_descriptions", "fine_tune",
+            "metrics", "error", "created_at", "updated_at",
+        )
+    ),
+    # The progress of the head's oldest job that reports one (the one running).
+    sa.select(training_jobs.c.progress)
+    .where(training_jobs.c.head_id == heads.c.id, training_jobs.c.progress.is_not(None))
+    .order_by(training_jobs.c.created_at)
+    .limit(1)
+    .scalar_subquery()
+    .label("progress"),
 )  # fmt: skip
 # The reads of a cold head and of a new key, built once (building a statement costs more
 # than running it).
@@ -943,7 +976,8 @@ def _head_arrays(
 
 def _head_from_row(row) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
-     threshold, descriptions, fine_tune, metrics, error, created_at, updated_at) = row  # fmt: skip
+     threshold, descriptions, fine_tune, metrics, error, created_at, updated_at,
+     progress) = row  # fmt: skip
     label_list = json.loads(labels)
     w, b, p = _head_arrays(weights, bias, prototypes) if weights is not None else (None,) * 3
     return Head(
@@ -964,4 +998,5 @@ def _head_from_row(row) -> Head:
         error=error,
         created_at=created_at,
         updated_at=updated_at,
+        progress=json.loads(progress) if progress else None,
     )

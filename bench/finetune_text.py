@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--sets", default="yelp,amazon,imdb")
     parser.add_argument("--shots", type=int, default=8)
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0, help="seed of the first draw")
     parser.add_argument("--max-rows", type=int, default=2000, help="rows per set scored")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -76,7 +77,7 @@ def main() -> None:
         texts, labels = [t for _, t in rows], [lab for lab, _ in rows]
         hidden = hidden_states(trunk, token_ids(texts, tokenizer), pre.pad_id())
         frozen = embed(top, hidden, None)
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.first_draw + args.draws):
             rng = np.random.default_rng(draw)
             chosen = [
                 int(i)

@@ -325,6 +325,16 @@ class HeadMetrics(BaseModel):
     train_seconds: float | None = None
 
 
+class TrainingProgress(BaseModel):
+    stage: Literal["embedding", "fitting", "fine_tuning", "adapting"] = Field(
+        description="`embedding`: the new examples through the backbone (`done` of `total`"
+        " rows); `fitting`: the head; `fine_tuning`: its top (`done` of `total` tunings:"
+        " the held-out folds', then the final one); `adapting`: to its unlabelled examples"
+    )
+    done: int = Field(ge=0)
+    total: int = Field(ge=0)
+
+
 class HeadPublic(BaseModel):
     id: str
     name: str
@@ -338,6 +348,11 @@ class HeadPublic(BaseModel):
     created_at: str
     updated_at: str
     error: str | None
+    progress: TrainingProgress | None = Field(
+        None,
+        description="while `status` is `training`: how far the training is (updated about"
+        " once a second; null until it starts, and once it ends)",
+    )
 
 
 class HeadList(BaseModel):

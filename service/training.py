@@ -54,6 +54,9 @@ JOB_POLL_S = 1.0
 # Rows per message to the runner (8 decoded images: 1.2 MB).
 TRAINING_MESSAGE_ROWS = 8
 TRAINING_MESSAGES_IN_FLIGHT = 2
+# A running job's progress is written at most this often within a stage (each new stage
+# at once): a write per message of 8 rows would be a write per 60 ms.
+PROGRESS_INTERVAL_S = 1.0
 
 
 @dataclass
@@ -94,6 +97,28 @@ class FineTuning:
     target: np.ndarray | None
     names: dict[str, np.ndarray] | None
     report: dict
+
+
+class Progress:
+    """Records how far a job is (`Store.set_progress`), for its head object to show:
+    `stage` ("embedding", "fitting", "fine_tuning", "adapting") and `done` of `total`
+    (rows embedded, tunings finished). A failed write is logged; the job goes on."""
+
+    def __init__(self, store: Store, job_id: str) -> None:
+        self.store, self.job_id = store, job_id
+        self._stage: str | None = None
+        self._written = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if stage == self._stage and now - self._written < PROGRESS_INTERVAL_S:
+            return
+        self._stage, self._written = stage, now
+        try:
+            progress = {"stage": stage, "done": done, "total": total}
+            self.store.set_progress(job_id=self.job_id, progress=progress)
+        except Exception:
+            log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
 
 
 # A backbone the head may be trained on, with its inputs prepared on demand (`auto`
@@ -238,6 +263,7 @@ class Trainer:
         `choose_backbone` picks one. With unlabelled examples the head is adapted to
         their domain, where that looks helpful (`adapters/adaptation.py`)."""
         tenant_id = head.tenant_id
+        progress = Progress(self.store, job_id)
         try:
             # One backbone at a time: its decoded inputs are dropped once embedded.
             sets = {}
@@ -245,7 +271,10 @@ class Trainer:
             for spec, prepare in options:
                 prepared = prepare()
                 new_inputs.update(prepared.inputs)
-                sets[spec.id] = self._training_set(tenant_id, head, spec, prepared, new_labels)
+                sets[spec.id] = self._training_set(
+                    tenant_id, head, spec, prepared, new_labels, progress
+                )
+            progress("fitting", 0, 1)
             label_embeddings = {
                 spec.id: self._label_embeddings(spec, head, sets[spec.id].labels)
                 for spec, _ in options
@@ -273,12 +302,14 @@ class Trainer:
                 None,
             )
             if head.fine_tune != "off":
-                tuned = self._fine_tune(head, self._loaded[chosen], training_set, new_inputs)
+                spec = self._loaded[chosen]
+                tuned = self._fine_tune(head, spec, training_set, new_inputs, progress)
                 if tuned.head is not None:
                     trained, x, target, names = tuned.head, tuned.x, tuned.target, tuned.names
                     factors = tuned.factors
                 trained.metrics["fine_tuning"] = tuned.report
             if training_set.unlabeled:
+                progress("adapting", 0, 1)
                 trained = adapt(x, training_set.labels, target, trained, label_embeddings=names)
             version = self.store.save_version(
                 tenant_id=tenant_id,
@@ -323,10 +354,11 @@ class Trainer:
         spec: BackboneSpec,
         prepared: PreparedInputs,
         new_labels: list[str | None],
+        progress: Progress,
     ) -> TrainingSet:
         """The head's stored examples plus the new ones, as this backbone's embeddings;
         unlabelled ones apart."""
-        new_vectors = self._embed(spec, prepared)
+        new_vectors = self._embed(spec, prepared, progress)
         cached = self.store.cached_embeddings(
             tenant_id=tenant_id,
             backbone=spec.id,
@@ -372,6 +404,7 @@ class Trainer:
         spec: BackboneSpec,
         training_set: TrainingSet,
         new_inputs: dict[str, bytes],
+        progress: Progress,
     ) -> FineTuning:
         """The head fine-tuned on its own top (adapters/finetune.py) when `fine_tune` is
         "on", or "auto" and held-out folds say it beats the frozen head; the report of
@@ -412,6 +445,7 @@ class Trainer:
                 f"{missing} example(s) were stored before their inputs were kept (a head"
                 " created with fine_tune off); create the head again to fine-tune it"
             )
+        progress("fine_tuning", 0, finetune.MAX_FOLDS + 1)
         # Loaded for this training and dropped after it: a worker holds no PyTorch copy
         # of the backbone between trainings (MPNet: 420 MB; loading takes a second or two).
         trunk, top = spec.build_split()
@@ -435,7 +469,11 @@ class Trainer:
             examples = finetune.TextExamples(top, hidden[:n])
             unlabeled, label_hidden = hidden[n : -len(names)], hidden[-len(names) :]
         comparison = finetune.compare(
-            examples, training_set.labels, training_set.x, always=head.fine_tune == "on"
+            examples,
+            training_set.labels,
+            training_set.x,
+            always=head.fine_tune == "on",
+            progress=lambda done, total: progress("fine_tuning", done, total),
         )
         report = {**report, **comparison.report}
         if not comparison.fine_tuned:
@@ -476,12 +514,15 @@ class Trainer:
         vectors = self._run(spec, text_rows(spec, texts))
         return dict(zip(names, vectors, strict=True))
 
-    def _embed(self, spec: BackboneSpec, prepared: PreparedInputs) -> dict[str, np.ndarray]:
+    def _embed(
+        self, spec: BackboneSpec, prepared: PreparedInputs, progress: Progress
+    ) -> dict[str, np.ndarray]:
         if not prepared.to_embed:
             return {}
-        return dict(zip(prepared.to_embed, self._run(spec, prepared.rows), strict=True))
+        embedded = self._run(spec, prepared.rows, progress)
+        return dict(zip(prepared.to_embed, embedded, strict=True))
 
-    def _run(self, spec: BackboneSpec, rows) -> np.ndarray:
+    def _run(self, spec: BackboneSpec, rows, progress: Progress | None = None) -> np.ndarray:
         # In messages of a few rows, a few at a time: the worker's predicts share the link
         # and queue behind what is on it (1,000 images are 150 MB, which the runner would
         # also hold at once). Two in flight keep the runner's training lane busy.
@@ -490,6 +531,8 @@ class Trainer:
         for start in range(0, len(rows), TRAINING_MESSAGE_ROWS):
             if len(in_flight) == TRAINING_MESSAGES_IN_FLIGHT:
                 embeddings.append(in_flight.popleft().result())
+                if progress is not None:
+                    progress("embedding", sum(map(len, embeddings)), len(rows))
             chunk = rows[start : start + TRAINING_MESSAGE_ROWS]
             in_flight.append(self.runner.embed(spec.id, chunk, "training"))
         embeddings.extend(future.result() for future in in_flight)

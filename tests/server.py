@@ -144,12 +144,17 @@ def kill_server(server: Server) -> None:
     server.process.wait()
 
 
-def poll_until_trained(client: httpx.Client, head_id: str, timeout: float = 120) -> dict:
-    """The head once it is no longer training (after a 202)."""
+def poll_until_trained(
+    client: httpx.Client, head_id: str, timeout: float = 120, progress: list | None = None
+) -> dict:
+    """The head once it is no longer training (after a 202); the `progress` it showed
+    while training appended to `progress`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         head = client.get(f"/v1/heads/{head_id}").json()
         if head["status"] != "training":
             return head
+        if progress is not None:
+            progress.append(head["progress"])
         time.sleep(0.2)
     raise AssertionError(f"head {head_id} still training after {timeout} s")

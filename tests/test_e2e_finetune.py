@@ -34,13 +34,15 @@ QUERIES = [
 ]
 
 
-def _create(client, name: str, fine_tune: str | None, per_label: int = 6) -> dict:
+def _create(
+    client, name: str, fine_tune: str | None, per_label: int = 6, progress: list | None = None
+) -> dict:
     body = {"name": name, "backbone": "minilm_l6", "examples": text_examples(per_label)}
     if fine_tune is not None:
         body["fine_tune"] = fine_tune
     response = client.post("/v1/heads", json=body)
     assert response.status_code in (201, 202), response.text
-    head = poll_until_trained(client, response.json()["id"])
+    head = poll_until_trained(client, response.json()["id"], progress=progress)
     assert head["status"] == "ready", head
     return head
 
@@ -57,6 +59,26 @@ def _scores(client, head_id: str, queries: list[str]) -> np.ndarray:
         scores = {item["label"]: item["score"] for item in p["top_k"]}
         rows.append([scores["cooking"], scores["sports"], p["similarity"]])
     return np.array(rows)
+
+
+def _tuned_again(client, head_id: str, examples: list[dict], n_examples: int) -> dict:
+    """Version 2 of a fine-tuned head, after `examples` are added: fine-tuned again."""
+    added = client.post(f"/v1/heads/{head_id}/examples", json={"examples": examples})
+    assert added.status_code in (200, 202), added.text
+    head = poll_until_trained(client, head_id)
+    assert head["version"] == 2 and head["metrics"]["n_examples"] == n_examples
+    assert head["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+    return head
+
+
+def _exported(client, head_id: str) -> tuple[ort.InferenceSession, dict[str, str]]:
+    """The head's ONNX model, which must be its version 2, fine-tuned, and its metadata."""
+    download = client.get(f"/v1/heads/{head_id}/model.onnx")
+    assert download.status_code == 200, download.text
+    session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
+    return session, meta
 
 
 def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -> None:
@@ -88,21 +110,11 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
             np.testing.assert_allclose(scores[0], alone[head_id][QUERIES.index(query)], atol=1e-4)
 
         # The next version tunes again, on every example: the texts were kept.
-        added = client.post(
-            f"/v1/heads/{tuned['id']}/examples", json={"examples": text_examples(2, offset=6)}
-        )
-        assert added.status_code in (200, 202), added.text
-        tuned = poll_until_trained(client, tuned["id"])
-        assert tuned["version"] == 2 and tuned["metrics"]["n_examples"] == 16
-        assert tuned["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+        tuned = _tuned_again(client, tuned["id"], text_examples(2, offset=6), n_examples=16)
         served = _scores(client, tuned["id"], QUERIES)
 
         # One graph, trunk + the head's top + the head, predicts as the server does.
-        download = client.get(f"/v1/heads/{tuned['id']}/model.onnx")
-        assert download.status_code == 200, download.text
-        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
-        assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
+        session, meta = _exported(client, tuned["id"])
         feeds = exported_text_feeds(client, "minilm_l6", meta, QUERIES)
         probabilities, similarity = session.run(["probabilities", "similarity"], feeds)
         labels = json.loads(meta["graft.labels"])
@@ -172,21 +184,11 @@ def test_an_image_head_fine_tunes_on_request_and_exports_whole(server) -> None:
         assert max(moved) > 1e-3
 
         # The next version tunes again, on every image: they were kept.
-        added = client.post(
-            f"/v1/heads/{tuned['id']}/examples", json={"examples": image_examples(1, seed=3)}
-        )
-        assert added.status_code in (200, 202), added.text
-        tuned = poll_until_trained(client, tuned["id"])
-        assert tuned["version"] == 2 and tuned["metrics"]["n_examples"] == 8
-        assert tuned["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+        tuned = _tuned_again(client, tuned["id"], image_examples(1, seed=3), n_examples=8)
         served = predict(tuned["id"])
 
         # One graph, trunk + the head's top + the head, predicts as the server does.
-        download = client.get(f"/v1/heads/{tuned['id']}/model.onnx")
-        assert download.status_code == 200, download.text
-        session = ort.InferenceSession(download.content, providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
-        assert meta["graft.fine_tuned"] == "true" and meta["graft.version"] == "2"
+        session, meta = _exported(client, tuned["id"])
         assert [i.name for i in session.get_inputs()] == ["image"]
         pre = exported_image_preprocessing(meta)
         batch = np.stack([decode_image(x, pre, 10**8) for x in temples + flowers])
@@ -217,12 +219,21 @@ def test_a_fine_tuned_head_survives_a_restart_and_is_refused_where_its_backbone_
     tmp_path, backbone_dir
 ) -> None:
     data_dir = tmp_path / "data"
-    env = {"GRAFT_BACKBONES": "minilm_l6"}
+    # Every creation answers 202 at once: the head shows how far its training is.
+    env = {"GRAFT_BACKBONES": "minilm_l6", "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"}
     server = start_server(BENTOML, data_dir, backbone_dir, env)
     try:
         with server.new_tenant("restart") as client:
             key = client.headers["Authorization"].removeprefix("Bearer ")
-            head = _create(client, "tuned", "on")
+            progress: list = []
+            head = _create(client, "tuned", "on", progress=progress)
+            assert head["progress"] is None
+            shown = [p for p in progress if p is not None]
+            # Four tunings of a few seconds each (three folds, then all the examples).
+            assert {p["stage"] for p in shown} >= {"fine_tuning"}, progress
+            assert all(0 <= p["done"] <= p["total"] for p in shown), shown
+            tunings = [p["done"] for p in shown if p["stage"] == "fine_tuning"]
+            assert tunings == sorted(tunings) and tunings[-1] > 0, shown
             before = _scores(client, head["id"], QUERIES)
     finally:
         stop_server(server)

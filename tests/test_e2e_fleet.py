@@ -205,7 +205,12 @@ def test_a_replica_killed_under_load_loses_nothing_acknowledged(fleet, long_run)
     for head_id, promised in load.acknowledged.items():
         head = heads.get(head_id)
         assert head is not None, f"acknowledged head {head_id} is gone"
-        assert head["status"] == "ready" and head["version"] >= promised, (head, promised)
+        assert head["status"] == "ready" and head["version"] >= promised, (
+            head["status"],
+            head["error"],
+            head["version"],
+            promised,
+        )
     print(
         f"\nfleet: {kills} kills, {load.requests} requests, {len(load.first_failures)} failed"
         f" in flight on a killed replica, {len(load.failures_after_retry)} after one retry;"

@@ -283,6 +283,30 @@ def test_a_job_keeps_its_examples_and_is_published_only_when_finished(store) -> 
     assert store.claim_job(owner="b/1/y", lease_s=30) is None
 
 
+def test_a_running_jobs_progress_shows_on_its_head_until_it_ends(store) -> None:
+    tenant, _ = store.create_tenant(name="t")
+    other, _ = store.create_tenant(name="u")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    store.create_head(tenant_id=tenant.id, name="quiet", backbone="bb")
+    job_id, _ = _job(store, tenant.id, head.id, lease_s=0.05)
+
+    def progress():
+        return store.get_head(tenant_id=tenant.id, head_id=head.id).public()["progress"]
+
+    assert progress() is None  # not started
+    embedding = {"stage": "embedding", "done": 8, "total": 20}
+    store.set_progress(job_id=job_id, progress=embedding)
+    assert progress() == embedding
+    assert [h.progress for h in store.list_heads(tenant_id=tenant.id)] == [embedding, None]
+    assert store.list_heads(tenant_id=other.id) == []
+    time.sleep(0.1)  # its process died: whoever takes the job over starts from nothing
+    assert store.claim_job(owner="b/1/y", lease_s=30).id == job_id
+    assert progress() is None
+    store.set_progress(job_id=job_id, progress={"stage": "fitting", "done": 0, "total": 1})
+    store.fail_job(job_id=job_id, tenant_id=tenant.id, head_id=head.id, error="broken")
+    assert progress() is None
+
+
 def test_a_job_whose_process_died_is_taken_over_then_given_up(store) -> None:
     tenant, _ = store.create_tenant(name="t")
     head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
