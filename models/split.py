@@ -1,19 +1,24 @@
-"""A text encoder cut in two for fine-tuning on a shared trunk (issue 13).
+"""A backbone cut in two for fine-tuning on a shared trunk (issue 13).
 
-The trunk (embeddings and every layer below the cut) is frozen and shared by every head.
-The top (the last `TOP_LAYERS` layers and the pooling) keeps the pretrained weights,
-shared too; a fine-tuned head adds its own low-rank update to every linear map of the
-top (LoRA, Hu et al. 2021): `W x + b + B (A x)`, A (rank × in) and B (out × rank) per
-head, the LoRA scale folded into B. With B = 0 the top is the pretrained one, so the
-trunk and the top together compute the backbone's embedding.
+The trunk is frozen and shared by every head: a text encoder's embeddings and every layer
+below the cut, or an image network's stem and every stage but the last. The top keeps the
+pretrained weights, shared too: the encoder's last `TOP_LAYERS` layers and the pooling,
+or the network's last `TOP_STAGES` stage(s), head convolution and pooling. A fine-tuned
+head adds its own low-rank update (LoRA, Hu et al. 2021) to every linear map of a text
+top, `W x + b + B (A x)`, and to every 1×1 convolution of an image top, `(W + B A) x`;
+A (rank × in) and B (out × rank) per head, the LoRA scale folded into B. With B = 0 the
+top is the pretrained one, so the trunk and the top together compute the backbone's
+embedding.
 
 The factors are inputs of the top, not weights: one top (a torch module here, an ONNX
 graph when served) serves every fine-tuned head of a backbone, fed each head's factors
 with its rows. `bench/finetune_text.py` measured the choice of 4 layers and rank 8 on
-MPNet (UCI sentiment, 8 per label: 0.856 frozen, 0.898 fine-tuned).
+MPNet (UCI sentiment, 8 per label: 0.856 frozen, 0.898 fine-tuned);
+`bench/finetune_image.py` the image top on lite0 (BENCHMARKS.md).
 
-Encoders supported: the BERT family (BERT, RoBERTa, MiniLM: `encoder.layer`) and MPNet
-(`encoder.layer` plus a relative position bias computed from the sequence length).
+Supported: the BERT family (BERT, RoBERTa, MiniLM: `encoder.layer`), MPNet (`encoder.layer`
+plus a relative position bias computed from the sequence length), and timm's EfficientNet
+class (EfficientNet, -Lite, MobileNetV2: `blocks`, `conv_head`).
 """
 
 from __future__ import annotations

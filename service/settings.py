@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     )
     fine_tuning: bool = Field(
         True,
-        description="serve text backbones as a shared trunk and top, so that heads may be"
+        description="serve backbones that split as a shared trunk and top, so that heads may be"
         " fine-tuned (README, Fine-tuning); off: whole graphs, frozen heads only",
     )
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
