@@ -121,7 +121,7 @@ def test_unlabelled_examples_travel_with_a_job_and_stay_with_their_head(store) -
         assert db.scalar(sa.text("SELECT count(*) FROM head_unlabeled")) == 0
 
 
-def test_a_fine_tuned_version_keeps_its_top_and_its_texts_stay_with_their_tenant(
+def test_a_fine_tuned_version_keeps_its_top_and_its_inputs_stay_with_their_tenant(
     store,
 ) -> None:
     tenant, _ = store.create_tenant(name="t")
