@@ -154,6 +154,10 @@ class TextExamples:
     def __init__(self, top, hidden: list, pairs_per_example: int = PAIRS_PER_EXAMPLE) -> None:
         self.top, self.hidden, self.pairs_per_example = top, hidden, pairs_per_example
 
+    @property
+    def size(self) -> int:
+        return len(self.hidden)
+
     def tune(self, rows, labels: list[str], seed: int) -> list[np.ndarray]:
         hidden = [self.hidden[i] for i in rows]
         return tune(self.top, hidden, labels, seed=seed, pairs_per_example=self.pairs_per_example)
@@ -164,10 +168,15 @@ class TextExamples:
 
 class ImageExamples:
     """An image head's examples as tuning sees them: the trunk's activations of each image
-    as served (the centre crop) and of its augmented views."""
+    as served (the centre crop) and of its augmented views (none for images only embedded,
+    such as unlabelled ones)."""
 
-    def __init__(self, top, centre: np.ndarray, views: np.ndarray) -> None:
+    def __init__(self, top, centre: np.ndarray, views: np.ndarray | None = None) -> None:
         self.top, self.centre, self.views = top, centre, views
+
+    @property
+    def size(self) -> int:
+        return len(self.centre)
 
     @classmethod
     def of(

@@ -456,8 +456,9 @@ class Trainer:
             pre = spec.preprocessing
             trunk = finetune.onnx_trunk(split_onnx_paths(spec, self.settings.backbone_dir)[0])
             examples = finetune.ImageExamples.of(trunk, top, images[:n], pre, pixels)
-            unlabeled = (
-                finetune.centre_activations(trunk, images[n:], pre, pixels) if images[n:] else []
+            unlabeled = finetune.ImageExamples(
+                top,
+                finetune.centre_activations(trunk, images[n:], pre, pixels) if images[n:] else [],
             )
             label_hidden = None
         else:
@@ -467,7 +468,8 @@ class Trainer:
                 trunk, text_rows(spec, texts), spec.preprocessing.pad_id()
             )
             examples = finetune.TextExamples(top, hidden[:n])
-            unlabeled, label_hidden = hidden[n : -len(names)], hidden[-len(names) :]
+            unlabeled = finetune.TextExamples(top, hidden[n : -len(names)])
+            label_hidden = hidden[-len(names) :]
         comparison = finetune.compare(
             examples,
             training_set.labels,
@@ -489,12 +491,7 @@ class Trainer:
         trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
         report["top_bytes"] = sum(f.nbytes for f in factors)
         report["seconds"] = round(time.perf_counter() - started, 1)
-        if not len(unlabeled):
-            target = tuned[:0]
-        elif spec.modality == "image":
-            target = finetune.embed_images(top, unlabeled, served)
-        else:
-            target = finetune.embed(top, unlabeled, served)
+        target = unlabeled.embed(served) if unlabeled.size else tuned[:0]
         return FineTuning(trained, factors, tuned, target, label_embeddings, report)
 
     def fine_tunable(self, spec: BackboneSpec) -> bool:
