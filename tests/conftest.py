@@ -115,3 +115,19 @@ def server(tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path) -> Iter
     log = running.log()
     assert running.admin_key not in log, "the admin key was logged"
     assert not TENANT_KEY.findall(log), "a tenant key was logged"
+
+
+@pytest.fixture(scope="session")
+def polling_server(
+    tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path
+) -> Iterator[Server]:
+    """A server whose heads always answer 202 and train in the background, as big heads
+    do: for the client, the `graft` command and the console, which show its progress."""
+    running = start_server(
+        BENTOML,
+        tmp_path_factory.mktemp("polling"),
+        backbone_dir,
+        {"GRAFT_BACKBONES": "efficientnet_lite0,minilm_l6", "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"},
+    )
+    yield running
+    stop_server(running)

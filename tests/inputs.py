@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -73,6 +74,23 @@ def text_examples(n: int, *, offset: int = 0) -> list[dict]:
         for label, texts in (("sports", SPORTS), ("cooking", COOKING))
         for text in texts[offset : offset + n]
     ]
+
+
+def label_folders(root: Path, per_label: int, *, seed: int) -> Path:
+    """A folder per label as people keep them: `temple/` and `flower/` with JPEG crops."""
+    for label, name in (("temple", "china.jpg"), ("flower", "flower.jpg")):
+        (root / label).mkdir(parents=True)
+        for index, data in enumerate(crops(name, per_label, seed=seed)):
+            (root / label / f"{label}-{index}.jpg").write_bytes(data)
+    return root
+
+
+def text_folders(root: Path, per_label: int) -> Path:
+    """`sports/` and `cooking/`, each with one .txt file of one example per line."""
+    for label, texts in (("sports", SPORTS), ("cooking", COOKING)):
+        (root / label).mkdir(parents=True)
+        (root / label / "examples.txt").write_text("\n".join(texts[:per_label]) + "\n")
+    return root
 
 
 def assert_error(response, status: int, code: str | None = None) -> dict:

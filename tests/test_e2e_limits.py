@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from graft import Client, GraftError
 from tests.inputs import assert_error, text_examples
 from tests.server import BENTOML, start_server, stop_server
 
@@ -52,6 +53,23 @@ def test_rate_limit_answers_429_with_retry_after_per_tenant(limited) -> None:
         assert calm.get("/v1/heads").status_code == 200  # another tenant is not slowed
         time.sleep(int(refused.headers["Retry-After"]))
         assert eager.get("/v1/heads").status_code == 200  # Retry-After was long enough
+
+
+def test_client_waits_out_429s_for_their_retry_after(limited) -> None:
+    with limited.new_tenant("patient") as tenant:
+        key = tenant.headers["Authorization"].removeprefix("Bearer ")
+    _wait_for_tokens()
+    with Client(limited.base_url, key, retries=0) as impatient:
+        with pytest.raises(GraftError) as refused:
+            for _ in range(10):
+                impatient.heads()
+        assert (refused.value.status, refused.value.code) == (429, "rate_limited")
+    _wait_for_tokens()
+    with Client(limited.base_url, key) as patient:
+        start = time.monotonic()
+        for _ in range(10):  # the burst of 6, then 429 answers waited out (Retry-After: 1)
+            assert patient.heads() == []
+        assert time.monotonic() - start >= 0.9
 
 
 def test_heads_per_tenant(limited) -> None:
