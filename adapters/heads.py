@@ -251,10 +251,12 @@ def _held_out_fields(
     """A head's held-out metrics as its `metrics` name them (None without held-out rows)."""
     return {
         "cv_accuracy": held_out.get("accuracy"),
+        "cv_accuracy_margin": held_out.get("accuracy_margin"),
         "cv_folds": folds if held_out else None,
         "cv_macro_f1": held_out.get("macro_f1"),
         "cv_ece": held_out.get("ece"),
         "cv_ece_uncalibrated": uncalibrated_ece,
+        "cv_reliability": held_out.get("reliability"),
         "cv_per_label": held_out.get("per_label"),
         "cv_confusion_matrix": held_out.get("confusion_matrix"),
         "unknown_threshold": None if unknown_threshold is None else round(unknown_threshold, 4),
@@ -315,14 +317,17 @@ def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
     predicted = probabilities.argmax(axis=1)
+    accuracy = float(np.mean(predicted == y))
     indices = list(range(len(classes)))
     precision, recall, f1, support = precision_recall_fscore_support(
         y, predicted, labels=indices, zero_division=0
     )
     return {
-        "accuracy": round(float(np.mean(predicted == y)), 4),
+        "accuracy": round(accuracy, 4),
+        "accuracy_margin": round(accuracy_margin(accuracy, len(y)), 4),
         "macro_f1": round(float(np.mean(f1)), 4),
         "ece": round(expected_calibration_error(y, probabilities), 4),
+        "reliability": reliability_bins(y, probabilities),
         "per_label": {
             label: {
                 "precision": round(float(precision[i]), 4),
@@ -360,9 +365,26 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def reliability_bins(y: np.ndarray, probabilities: np.ndarray) -> list[dict]:
+    """The top score's equal-width bins that hold predictions: their mean confidence, the
+    share of them that is right, and how many (a reliability diagram's points)."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y
+    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    return [
+        {
+            "confidence": round(float(confidence[bins == b].mean()), 4),
+            "accuracy": round(float(correct[bins == b].mean()), 4),
+            "count": int((bins == b).sum()),
+        }
+        for b in np.unique(bins)
+    ]
+
+
 def expected_calibration_error(y: np.ndarray, probabilities: np.ndarray) -> float:
     """Mean |accuracy - confidence| over equal-width bins of the top score, weighted by
     how many predictions fall in each bin (Guo et al. 2017)."""
+    # From unrounded bins: the stored ones are rounded for the API.
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
@@ -371,6 +393,12 @@ def expected_calibration_error(y: np.ndarray, probabilities: np.ndarray) -> floa
         in_bin = bins == b
         gap += in_bin.sum() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
     return float(gap / len(y))
+
+
+def accuracy_margin(accuracy: float, n: int) -> float:
+    """Half the 95% interval of an accuracy measured on n rows (normal approximation,
+    never narrower than one row's worth)."""
+    return float(1.96 * np.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n))
 
 
 def _warnings(held_out: dict, n: int, min_count: int, majority: float) -> list[str]:
@@ -382,7 +410,7 @@ def _warnings(held_out: dict, n: int, min_count: int, majority: float) -> list[s
         ]
     warnings = []
     accuracy = held_out["accuracy"]
-    margin = 1.96 * np.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n)  # 95%, normal approx.
+    margin = accuracy_margin(accuracy, n)
     if min_count < FEW_EXAMPLES_PER_LABEL:
         warnings.append(
             f"metrics rest on few examples ({min_count} for the rarest label, {n} in all):"

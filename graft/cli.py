@@ -7,7 +7,6 @@ graft predict HEAD_ID rose.jpg tulip.jpg
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -130,11 +129,11 @@ def _summary(head: HeadPublic) -> None:
     if metrics.cv_accuracy is None:
         out.print(f"held-out accuracy: not measured ({metrics.n_examples} examples)")
     else:
-        # 95% interval of a proportion measured on n held-out examples.
-        accuracy = metrics.cv_accuracy
-        half = 1.96 * math.sqrt(accuracy * (1 - accuracy) / metrics.n_examples)
+        margin = (
+            "" if metrics.cv_accuracy_margin is None else f" ± {metrics.cv_accuracy_margin:.3f}"
+        )
         out.print(
-            f"held-out accuracy: [bold]{metrics.cv_accuracy:.3f} ± {half:.3f}[/bold]"
+            f"held-out accuracy: [bold]{metrics.cv_accuracy:.3f}{margin}[/bold]"
             f" (95%, {metrics.n_examples} examples, {metrics.cv_folds} folds;"
             f" always the most common label: {metrics.majority_baseline:.3f})"
         )

@@ -181,6 +181,12 @@ class LabelMetrics(BaseModel):
     support: int
 
 
+class ReliabilityBin(BaseModel):
+    confidence: float = Field(description="mean top score of the held-out rows in this bin")
+    accuracy: float = Field(description="share of them whose top label is right")
+    count: int
+
+
 class HeadCandidate(BaseModel):
     head_type: Literal["logistic_regression", "prototype"]
     regularization_c: float | None
@@ -272,6 +278,11 @@ class HeadMetrics(BaseModel):
         description="stratified k-fold cross-validated accuracy; null when some label has "
         "too few examples to hold any out"
     )
+    cv_accuracy_margin: float | None = Field(
+        None,
+        description="half the 95% interval of `cv_accuracy` (normal approximation): the"
+        " accuracy is cv_accuracy ± this",
+    )
     cv_folds: int | None = None
     cv_macro_f1: float | None = Field(None, description="held-out macro-averaged F1")
     cv_ece: float | None = Field(
@@ -279,6 +290,11 @@ class HeadMetrics(BaseModel):
     )
     cv_ece_uncalibrated: float | None = Field(
         None, description="the same before temperature scaling"
+    )
+    cv_reliability: list[ReliabilityBin] | None = Field(
+        None,
+        description="the reliability diagram of held-out scores, as served: the top score's"
+        " 10 equal-width bins that hold rows",
     )
     temperature: float | None = Field(
         None, description="fitted on held-out scores and applied to every score; 1 = none"

@@ -9,8 +9,10 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from adapters.heads import (
     C_GRID,
     SOLVER,
+    accuracy_margin,
     expected_calibration_error,
     predict_proba,
+    reliability_bins,
     top_k,
     train_head,
 )
@@ -108,6 +110,29 @@ def test_expected_calibration_error() -> None:
     # Always 0.6 for the second label, right 60% of the time: calibrated.
     calibrated = np.tile([0.4, 0.6], (10, 1))
     assert expected_calibration_error(y, calibrated) == pytest.approx(0.0)
+
+
+def test_reliability_bins_and_accuracy_margin() -> None:
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    scores = np.array([[0.95, 0.05]] * 4 + [[0.65, 0.35]] * 2 + [[0.32, 0.68]] * 4)
+    # Bin 0.9-1: 4 rows, all right; 0.6-0.7: 6 rows (0.65 for 0, 0.68 for 1), 4 right.
+    assert reliability_bins(y, scores) == [
+        {"confidence": 0.67, "accuracy": 0.6667, "count": 6},
+        {"confidence": 0.95, "accuracy": 1.0, "count": 4},
+    ]
+    assert accuracy_margin(0.5, 100) == pytest.approx(1.96 * 0.05)
+    assert accuracy_margin(1.0, 16) == pytest.approx(1.96 / 16)  # never zero
+
+
+def test_served_metrics_carry_the_margin_and_the_reliability_diagram() -> None:
+    digits = load_digits()
+    x, y = _normalised(digits.data[:300]), [str(d) for d in digits.target[:300]]
+    metrics = train_head(x, y, seed=1).metrics
+    assert metrics["cv_accuracy_margin"] == round(accuracy_margin(metrics["cv_accuracy"], 300), 4)
+    bins = metrics["cv_reliability"]
+    assert sum(b["count"] for b in bins) == 300
+    weighted_gap = sum(b["count"] * abs(b["accuracy"] - b["confidence"]) for b in bins) / 300
+    assert weighted_gap == pytest.approx(metrics["cv_ece"], abs=1e-3)
 
 
 def test_one_label_is_refused() -> None:
