@@ -23,6 +23,7 @@ from adapters import heads  # noqa: E402
 from adapters.store import Store  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
+from service.console import Console  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
@@ -150,3 +151,5 @@ class Graft:
 # Outermost first: predicts are answered before the mount (service/predict_path.py).
 Graft.add_asgi_middleware(PredictPath, api=app, max_body_bytes=settings.max_body_bytes)
 Graft.add_asgi_middleware(JsonNotFoundUnderV1)
+# The web console at / (service/console.py); /v1 requests go straight past it.
+Graft.add_asgi_middleware(Console)
