@@ -26,7 +26,7 @@ app.add_typer(tenants, name="tenants")
 app.add_typer(heads, name="heads")
 app.add_typer(examples, name="examples")
 
-out = Console()
+out = Console(soft_wrap=True)  # a key or an id is never broken over lines
 err = Console(stderr=True)
 
 STAGES = {
@@ -97,15 +97,20 @@ def _with_progress(call):
         upload = bars.add_task("uploading", total=None, detail="")
         training = None
 
-        def on_upload(sent: int, total: int) -> None:
-            detail = f"{sent / 1e6:.1f}/{total / 1e6:.1f} MB"
-            bars.update(upload, completed=sent, total=total, detail=detail)
-
-        def on_progress(progress: TrainingProgress | None) -> None:
+        def start_training() -> None:
             nonlocal training
             if training is None:
                 bars.update(upload, description="uploaded")
                 training = bars.add_task("training", total=None, detail="")
+
+        def on_upload(sent: int, total: int) -> None:
+            detail = f"{sent / 1e6:.1f}/{total / 1e6:.1f} MB"
+            bars.update(upload, completed=sent, total=total, detail=detail)
+            if sent == total:  # the server trains before it answers (up to 20 s), or 202s
+                start_training()
+
+        def on_progress(progress: TrainingProgress | None) -> None:
+            start_training()
             if progress is not None:
                 bars.update(
                     training,

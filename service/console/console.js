@@ -415,27 +415,27 @@ function drawReliability(bins, ece) {
 
 function drawBackboneChoice(backbone, selection) {
   if (!selection) return figure("backbone-choice", null, `${backbone}, as asked (not chosen by auto).`);
+  // Ranked by LogME; the shortlist's bars are their held-out accuracy (0 to 1).
   const ids = Object.keys(selection.logme).sort((a, b) => selection.logme[b] - selection.logme[a]);
-  const values = ids.map((id) => selection.logme[id]);
-  const low = Math.min(0, ...values);
-  const span = Math.max(...values) - low || 1;
   const row = 26;
   const left = 150;
   const width = 180;
-  const picture = chart(left + width + 60, ids.length * row + 4, `LogME per backbone; chosen ${selection.chosen}`);
+  const picture = chart(left + width + 150, ids.length * row + 4, `Backbones ranked by LogME; chosen ${selection.chosen}`);
   ids.forEach((id, i) => {
     const chosen = id === selection.chosen;
-    const value = selection.logme[id];
+    const accuracy = selection.cv_accuracy[id];
+    const logme = `LogME ${selection.logme[id].toFixed(3)}`;
     picture.append(svg("text", { x: left - 6, y: i * row + 16, "text-anchor": "end", "font-weight": chosen ? "bold" : "normal" },
       `${chosen ? "✓ " : ""}${id}`));
-    const bar = svg("rect", { x: left, y: i * row + 5, width: Math.max(2, ((value - low) / span) * width), height: 14,
-      fill: chosen ? "#1f5fbf" : "#8a96a8" });
-    const accuracy = selection.cv_accuracy[id];
-    bar.append(svg("title", {}, `${id}: LogME ${value.toFixed(3)}${accuracy == null ? "" : `, held-out accuracy ${pct(accuracy)}`}`));
-    picture.append(bar, svg("text", { x: left + ((value - low) / span) * width + 4, y: i * row + 16 }, value.toFixed(2)));
+    if (accuracy == null) {
+      picture.append(svg("text", { x: left, y: i * row + 16 }, `not trained (${logme})`));
+      return;
+    }
+    const bar = svg("rect", { x: left, y: i * row + 5, width: Math.max(2, accuracy * width), height: 14, fill: chosen ? "#1f5fbf" : "#8a96a8" });
+    bar.append(svg("title", {}, `${id}: held-out accuracy ${pct(accuracy)}, ${logme}`));
+    picture.append(bar, svg("text", { x: left + accuracy * width + 4, y: i * row + 16 }, `${pct(accuracy)} (${logme})`));
   });
-  const tried = selection.shortlist.map((id) => `${id} ${selection.cv_accuracy[id] == null ? "–" : pct(selection.cv_accuracy[id])}`);
-  figure("backbone-choice", picture, `LogME ranks every backbone on your examples; heads were trained on the best (${tried.join(", ")} held out) and ${selection.chosen} kept.`);
+  figure("backbone-choice", picture, `Every backbone scored by LogME on your examples; the best ${selection.shortlist.length} trained (bars: held-out accuracy) and the lower held-out log-loss kept.`);
 }
 
 // Try it, add examples, download, delete --------------------------------------------------
