@@ -27,7 +27,6 @@ folder per label). Texts: `sentence<TAB>label` lines (UCI sentiment) or AG News 
 from __future__ import annotations
 
 import argparse
-import base64
 import csv
 import io
 import json
@@ -35,17 +34,16 @@ import statistics
 import sys
 import tempfile
 import time
-import zipfile
 from collections import Counter
 from pathlib import Path
 
-import httpx
 import numpy as np
 from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.heads import expected_calibration_error  # noqa: E402
+from graft import Client, Examples  # noqa: E402
 from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 BATCH = 32
@@ -91,52 +89,38 @@ def text_split(rows, *, seed: int, train_per_label: int | None, val_per_label: i
 
 
 def create_head(
-    client: httpx.Client,
+    client: Client,
     name: str,
     backbone: str,
-    *,
-    examples=None,
-    archive=None,
+    examples: Examples,
     descriptions: dict[str, str] | None = None,
-):
+) -> tuple[dict, float]:
+    """The trained head (as the API's JSON) and the seconds from upload to trained."""
     start = time.perf_counter()
-    if archive is not None:
-        response = client.post(
-            "/v1/heads",
-            data={"name": name, "backbone": backbone},
-            files={"archive": ("train.zip", archive, "application/zip")},
-        )
-    else:
-        body = {"name": name, "backbone": backbone, "examples": examples}
-        if descriptions:
-            body["label_descriptions"] = descriptions
-        response = client.post("/v1/heads", json=body)
-    response.raise_for_status()
-    head = response.json()
-    while head["status"] == "training":
-        time.sleep(0.2)
-        head = client.get(f"/v1/heads/{head['id']}").json()
-    if head["status"] != "ready":
-        raise RuntimeError(f"training failed: {head['error']}")
-    return head, time.perf_counter() - start
+    head = client.create_head(name, examples, backbone=backbone, label_descriptions=descriptions)
+    return head.model_dump(mode="json"), time.perf_counter() - start
 
 
-def predict_all(client: httpx.Client, head: dict, inputs: list[dict]) -> tuple[list[dict], float]:
+def _predict(client: Client, head_id: str, items: list, top_k: int = 1) -> list[dict]:
+    """Images (bytes) or texts, in one call."""
+    kind = "images" if isinstance(items[0], bytes) else "texts"
+    answer = client.predict(head_id, **{kind: items}, top_k=top_k)
+    return answer.model_dump(mode="json")["predictions"]
+
+
+def predict_all(client: Client, head: dict, inputs: list) -> tuple[list[dict], float]:
     """Every input's prediction (all labels' scores), in batches; and the seconds spent."""
     predictions, seconds = [], 0.0
     for start in range(0, len(inputs), BATCH):
         t0 = time.perf_counter()
-        response = client.post(
-            f"/v1/heads/{head['id']}/predict",
-            json={"inputs": inputs[start : start + BATCH], "top_k": len(head["labels"])},
+        predictions += _predict(
+            client, head["id"], inputs[start : start + BATCH], len(head["labels"])
         )
         seconds += time.perf_counter() - t0
-        response.raise_for_status()
-        predictions += response.json()["predictions"]
     return predictions, seconds
 
 
-def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[str]):
+def evaluate(client: Client, head: dict, inputs: list, labels: list[str]):
     """Validation accuracy, macro-F1, ECE (from the returned scores) and the share of inputs
     kept (not flagged unknown); and inputs/s."""
     predictions, seconds = predict_all(client, head, inputs)
@@ -156,7 +140,7 @@ def evaluate(client: httpx.Client, head: dict, inputs: list[dict], labels: list[
     return quality, len(inputs) / seconds
 
 
-def rejected(client: httpx.Client, head: dict, oods: dict[str, list[dict]]) -> dict[str, float]:
+def rejected(client: Client, head: dict, oods: dict[str, list]) -> dict[str, float]:
     """Share of each out-of-distribution source that the head flags unknown."""
     return {
         name: float(np.mean([p["unknown"] for p in predict_all(client, head, inputs)[0]]))
@@ -164,7 +148,7 @@ def rejected(client: httpx.Client, head: dict, oods: dict[str, list[dict]]) -> d
     }
 
 
-def ood_inputs(sources: list[str], modality: str) -> dict[str, list[dict]]:
+def ood_inputs(sources: list[str], modality: str) -> dict[str, list]:
     """Up to OOD_INPUTS inputs per --ood source, as predict inputs of `modality`."""
     rng = np.random.default_rng(0)
     out = {}
@@ -173,19 +157,19 @@ def ood_inputs(sources: list[str], modality: str) -> dict[str, list[dict]]:
             from sklearn.datasets import load_digits
 
             digits = load_digits().images[:OOD_INPUTS]
-            out["digits"] = [{"image": _png(_enlarged_digit(d))} for d in digits]
+            out["digits"] = [_png(_enlarged_digit(d)) for d in digits]
             continue
         path = Path(source)
         if path.is_dir():
             files = sorted(f for f in path.rglob("*") if f.is_file())[:OOD_INPUTS]
-            out[path.name] = [{"image": base64.b64encode(f.read_bytes()).decode()} for f in files]
+            out[path.name] = [f.read_bytes() for f in files]
             continue
         rows = read_texts(path)
         texts = [rows[i][1] for i in rng.choice(len(rows), OOD_INPUTS, replace=False)]
         if modality == "text":
-            out[path.name] = [{"text": t} for t in texts]
+            out[path.name] = texts
         else:
-            out[f"{path.name} as images"] = [{"image": _png(_text_image(t))} for t in texts]
+            out[f"{path.name} as images"] = [_png(_text_image(t)) for t in texts]
     return out
 
 
@@ -208,10 +192,10 @@ def _text_image(text: str):
     return image
 
 
-def _png(image) -> str:
+def _png(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return buffer.getvalue()
 
 
 def unknown_line(kept: float, rejected_share: dict[str, float]) -> str:
@@ -256,25 +240,21 @@ def quality_line(q: dict, spread: str = "") -> str:
     return f"accuracy {q['accuracy']:.3f}{spread}, macro-F1 {q['macro_f1']:.3f}, ECE {q['ece']:.3f}"
 
 
-def single_latency(
-    client: httpx.Client, head_id: str, item: dict, n: int = 30
-) -> tuple[float, float]:
+def single_latency(client: Client, head_id: str, item, n: int = 30) -> tuple[float, float]:
     times = []
     for _ in range(n):
         t0 = time.perf_counter()
-        client.post(f"/v1/heads/{head_id}/predict", json={"inputs": [item]}).raise_for_status()
+        _predict(client, head_id, [item])
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1000, float(np.percentile(times, 95)) * 1000
 
 
-def bench_images(client: httpx.Client, root: Path, backbone: str, ood: list[str]) -> None:
+def bench_images(client: Client, root: Path, backbone: str, ood: list[str]) -> None:
     train, val = image_split(root / "train"), image_split(root / "val")
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for label, path in train:
-            archive.write(path, f"{label}/{path.name}")
-    head, train_seconds = create_head(client, root.name, backbone, archive=buffer.getvalue())
-    inputs = [{"image": base64.b64encode(p.read_bytes()).decode()} for _, p in val]
+    head, train_seconds = create_head(
+        client, root.name, backbone, Examples.from_dir(root / "train")
+    )
+    inputs = [p.read_bytes() for _, p in val]
     quality, per_second = evaluate(client, head, inputs, [label for label, _ in val])
     p50, p95 = single_latency(client, head["id"], inputs[0])
     metrics = head["metrics"]
@@ -292,13 +272,16 @@ def bench_images(client: httpx.Client, root: Path, backbone: str, ood: list[str]
         ("warnings", "; ".join(metrics["warnings"]) or "none"),
         ("create head", f"{train_seconds:.2f} s (upload, decode, embed, CV + fit)"),
         ("  of which fit", f"{metrics['train_seconds']} s (model choice by CV, final fit)"),
-        ("predict", f"{per_second:.1f} images/s (batches of {BATCH}, one client, base64 JPEG)"),
+        (
+            "predict",
+            f"{per_second:.1f} images/s (batches of {BATCH}, one client, JPEG files as multipart)",
+        ),
         ("single image", f"p50 {p50:.1f} ms, p95 {p95:.1f} ms"),
     )
 
 
 def bench_texts(
-    client: httpx.Client,
+    client: Client,
     path: Path,
     backbone: str,
     train_per_label,
@@ -314,11 +297,11 @@ def bench_texts(
         train, val = text_split(
             rows, seed=seed, train_per_label=train_per_label, val_per_label=val_per_label
         )
-        examples = [{"label": label, "text": text} for label, text in train]
+        examples = Examples("text", list(train))
         head, seconds = create_head(
-            client, f"{path.stem}-{seed}", backbone, examples=examples, descriptions=descriptions
+            client, f"{path.stem}-{seed}", backbone, examples, descriptions=descriptions
         )
-        inputs = [{"text": text} for _, text in val]
+        inputs = [text for _, text in val]
         quality, per_second = evaluate(client, head, inputs, [label for label, _ in val])
         rejections.append(rejected(client, head, oods))
         qualities.append(quality)
@@ -388,12 +371,9 @@ def main() -> None:
         server = start_server(BENTOML, scratch, ROOT / ".graft" / "backbones", env)
         url, admin_key = server.base_url, server.admin_key
     try:
-        with httpx.Client(base_url=url, timeout=600) as admin:
-            admin.headers["Authorization"] = f"Bearer {admin_key}"
-            key = admin.post("/v1/tenants", json={"name": "bench"}).json()["api_key"]
-        with httpx.Client(
-            base_url=url, timeout=600, headers={"Authorization": f"Bearer {key}"}
-        ) as client:
+        with Client(url, admin_key) as admin:
+            key = admin.create_tenant("bench").api_key
+        with Client(url, key, timeout=600) as client:
             if args.images:
                 bench_images(client, args.images, args.backbone or "efficientnet_lite0", args.ood)
             else:

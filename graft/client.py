@@ -259,19 +259,24 @@ class Client:
         from_dir: str | os.PathLike | None = None,
         backbone: str = "auto",
         fine_tune: Literal["auto", "on", "off"] = "auto",
+        label_descriptions: dict[str, str] | None = None,
         wait: bool = True,
         on_upload: UploadCallback | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> HeadPublic:
         """A new head from `examples` or a folder per label. Images go up as one zip,
-        texts as JSON. With `wait`, returns once trained (`TrainingFailed` if it failed)."""
+        texts as JSON. With `wait`, returns once trained (`TrainingFailed` if it failed).
+        `label_descriptions`: text heads, a short description per label (README)."""
         examples = _examples(examples, from_dir)
         spec = {"name": name, "backbone": backbone, "fine_tune": fine_tune}
-        if examples.modality == "image":
+        if examples.modality == "image" and not label_descriptions:
             archive = ("examples.zip", examples.as_zip(), "application/zip")
             kwargs = {"data": spec, "files": {"archive": archive}}
         else:
-            kwargs = {"json": {**spec, "examples": examples.as_json()}}
+            body = {**spec, "examples": examples.as_json()}
+            if label_descriptions:
+                body["label_descriptions"] = label_descriptions
+            kwargs = {"json": body}
         response = self._request("POST", "/heads", on_upload=on_upload, **kwargs)
         head = HeadPublic.model_validate_json(response.content)
         return self.wait(head, on_progress=on_progress) if wait else head
@@ -294,6 +299,24 @@ class Client:
             json={"examples": examples.as_json()},
             on_upload=on_upload,
         )
+        head = HeadPublic.model_validate_json(response.content)
+        return self.wait(head, on_progress=on_progress) if wait else head
+
+    def add_unlabeled(
+        self,
+        head_id: str,
+        *,
+        images: Sequence[ImageLike] = (),
+        texts: Sequence[str] = (),
+        wait: bool = True,
+        on_progress: ProgressCallback | None = None,
+    ) -> HeadPublic:
+        """Unlabelled examples of the domain the head will serve; it retrains, adapting to
+        them where that looks helpful (`metrics.domain` says how and why)."""
+        if bool(images) == bool(texts):
+            raise ValueError("give images or texts (one of them)")
+        inputs = [{"image": _b64(_image_bytes(x))} for x in images] or [{"text": t} for t in texts]
+        response = self._request("POST", f"/heads/{head_id}/unlabeled", json={"examples": inputs})
         head = HeadPublic.model_validate_json(response.content)
         return self.wait(head, on_progress=on_progress) if wait else head
 
