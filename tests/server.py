@@ -73,7 +73,9 @@ def start_server(
     *,
     admin_key: str | None = None,
     port: int | None = None,
+    cwd: Path = ROOT,
 ) -> Server:
+    """A server of this checkout (or of the checkout at `cwd`: bench/predict_regression.py)."""
     port = port or free_port()
     admin_key = admin_key or secrets.token_urlsafe(24)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +97,7 @@ def start_server(
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [*command, "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            cwd=cwd,
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -59,6 +59,37 @@ def page(browser):
     assert not problems, problems
 
 
+# Each visible HTML element's own text against the first opaque background behind it:
+# the WCAG 2 contrast ratio, where AA asks for 4.5:1 (3:1 for large text).
+LOW_CONTRAST = """() => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const lum = (c) => {
+    const [r, g, b] = rgb(c).slice(0, 3).map((v) => {
+      v /= 255;
+      return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+    });
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+  };
+  const background = (el) => {
+    for (; el; el = el.parentElement) {
+      const c = getComputedStyle(el).backgroundColor;
+      if (rgb(c)[3] !== 0) return c;
+    }
+    return "rgb(255, 255, 255)";
+  };
+  const low = [];
+  for (const el of document.body.querySelectorAll("*")) {
+    if (el instanceof SVGElement || !el.checkVisibility()) continue;
+    if (![...el.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+    const [a, b] = [lum(getComputedStyle(el).color), lum(background(el))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    const text = el.textContent.trim().slice(0, 30);
+    if (ratio < 4.5) low.push(`${el.tagName} "${text}": ${ratio.toFixed(2)}`);
+  }
+  return low;
+}"""
+
+
 def _tenant_key(server, name: str) -> str:
     with Client(server.base_url, server.admin_key) as admin:
         return admin.create_tenant(name).api_key
@@ -104,6 +135,7 @@ def test_console_from_key_to_download(polling_server, page: Page, tmp_path) -> N
     assert page.locator("#reliability svg circle").count() >= 1
     expect(page.locator("#backbone-choice")).to_contain_text("efficientnet_lite0, as asked")
     expect(page.locator("#heads tbody tr")).to_have_count(1)
+    assert page.evaluate(LOW_CONTRAST) == []
     page.screenshot(path=SCREENSHOTS / "2-head.png", full_page=True)
     page.locator("#head-section").screenshot(path=SCREENSHOTS / "metrics.png")
 
@@ -182,3 +214,25 @@ def test_console_texts_and_errors(polling_server, page: Page) -> None:
     page.get_by_label("one per line as").fill("no label here")
     page.get_by_role("button", name="Create head").click()
     expect(page.get_by_role("alert")).to_contain_text('line 1: write it as "label: text"')
+
+
+def test_console_is_labelled_keyboard_usable_and_legible(polling_server, page: Page) -> None:
+    page.goto(f"{polling_server.base_url}/")
+    assert page.evaluate(LOW_CONTRAST) == []
+    _enter_key(page, _tenant_key(polling_server, "console a11y"))
+    expect(page.locator("#app")).to_be_visible()
+    # Every form control has a label, and every text is legible on its background.
+    unlabelled = page.evaluate(
+        "() => [...document.querySelectorAll('input, select, textarea')]"
+        ".filter((el) => !el.labels.length && !el.ariaLabel).map((el) => el.id)"
+    )
+    assert unlabelled == []
+    assert page.evaluate(LOW_CONTRAST) == []
+    # The keyboard alone reaches the create form's controls, in reading order.
+    page.get_by_label("Name").focus()
+    reached = []
+    for _ in range(8):
+        reached.append(page.evaluate("document.activeElement.id"))
+        page.keyboard.press("Tab")
+    order = ["head-name", "backbone", "fine-tune", "folder", "texts", "create"]
+    assert [r for r in reached if r in order] == order, reached

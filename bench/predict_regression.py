@@ -1,0 +1,111 @@
+"""Predict throughput of this checkout against an earlier revision, side by side.
+
+    python bench/predict_regression.py --base 3c644f7    # about 4 minutes on 2 cores
+
+The base revision is checked out in a scratch git worktree; both servers run from the
+same virtual environment, each on its own SQLite file seeded with the same 1,100 heads
+of 1,100 tenants. They take turns under the same load: wrk (or httpx without it), 16
+connections of single-image raw-JPEG predicts over 1,000 heads, as
+bench/database_serving.py. The server not measured is idle. Issue 14's target: the
+console and the training progress add nothing to the predict path (ratio ≈ 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.serving import (  # noqa: E402
+    BACKBONE,
+    Requests,
+    client_images,
+    closed_loop,
+    seed_heads,
+    settle,
+    wrk_loop,
+)
+from models.registry import get_backbone  # noqa: E402
+from service.settings import Settings  # noqa: E402
+from tests.server import BENTOML, start_server, stop_server  # noqa: E402
+
+HEADS = 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="the git revision to compare with")
+    parser.add_argument("--duration", type=float, default=20, help="seconds per phase")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    settings = Settings()
+    dim = get_backbone(BACKBONE).embedding_dim
+    images = client_images()
+    scratch = Path(tempfile.mkdtemp(prefix="graft-predict-regression-"))
+    base_tree = scratch / "base"
+    git = ["git", "-C", str(ROOT)]
+    subprocess.run([*git, "worktree", "add", "--detach", str(base_tree), args.base], check=True)
+    use_wrk = shutil.which("wrk") is not None
+    head_rev = subprocess.run(
+        [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    print(
+        f"# bench/predict_regression.py: {head_rev.stdout.strip()} (this checkout) against"
+        f" {args.base}; {args.clients} clients ({'wrk' if use_wrk else 'httpx'}), raw"
+        f" single-image predicts over {HEADS} heads, {args.duration:.0f} s x {args.rounds}"
+        f" rounds each, {settings.api_workers} API workers"
+    )
+    servers = {}
+    try:
+        for name, tree in (("base", base_tree), ("this", ROOT)):
+            data = scratch / f"data-{name}"  # graft.sqlite3: the server's default file there
+            heads = seed_heads(data / "graft.sqlite3", HEADS + 100, dim)
+            server = start_server(BENTOML, data, settings.backbone_dir, cwd=tree)
+            servers[name] = (server, heads[:HEADS])
+        # Each server runs its own tree's code: only this checkout serves the console at /.
+        consoles = {
+            name: "content-security-policy" in httpx.get(f"{server.base_url}/").headers
+            for name, (server, _) in servers.items()
+        }
+        print(f"# console at /: {consoles}")
+        results: dict[str, list[dict]] = {name: [] for name in servers}
+        for round_ in range(args.rounds + 1):  # round 0 warms both up
+            for name, (server, heads) in servers.items():
+                requests = Requests(server.base_url, heads, images, 1, "raw")
+                settle(server.base_url, server.admin_key)
+                seconds = args.duration if round_ else 5
+                if use_wrk:
+                    r = wrk_loop(requests, args.clients, seconds, scratch)
+                else:
+                    r = asyncio.run(closed_loop(requests, args.clients, seconds))
+                if round_:
+                    results[name].append(r)
+                    rate = r["requests"] / r["seconds"]
+                    print(f"round {round_} {name:<5} {rate:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+    finally:
+        for server, _ in servers.values():
+            stop_server(server)
+        subprocess.run([*git, "worktree", "remove", "--force", str(base_tree)], check=False)
+        shutil.rmtree(scratch, ignore_errors=True)
+    rates = {n: [r["requests"] / r["seconds"] for r in rs] for n, rs in results.items()}
+    ratios = [new / old for new, old in zip(rates["this"], rates["base"], strict=True)]
+    for name, values in rates.items():
+        print(f"{name:<5} median {statistics.median(values):7.1f} images/s")
+    print(
+        f"this ÷ base, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
+        f" median {statistics.median(ratios):.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
