@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from graft.client import Client, Examples, GraftError
+from graft.client import DEFAULT_URL, Client, Examples, GraftError
 from service.schemas import HeadPublic, TrainingProgress
 
 app = typer.Typer(help="Graft: per-tenant heads on shared backbones.", no_args_is_help=True)
@@ -40,9 +41,7 @@ STAGES = {
 @app.callback()
 def main(
     ctx: typer.Context,
-    url: Annotated[str, typer.Option(envvar="GRAFT_URL", help="the server")] = (
-        "http://127.0.0.1:3000"
-    ),
+    url: Annotated[str, typer.Option(envvar="GRAFT_URL", help="the server")] = DEFAULT_URL,
     key: Annotated[
         str | None, typer.Option(envvar="GRAFT_API_KEY", help="a tenant's or the admin key")
     ] = None,
@@ -57,6 +56,9 @@ def run() -> None:
         app()
     except GraftError as exc:
         err.print(f"[red]error[/red] {exc.code}: {exc.message}")
+        raise SystemExit(1) from None
+    except httpx.TransportError as exc:  # no server there, or it went away
+        err.print(f"[red]error[/red] cannot reach the server: {exc}")
         raise SystemExit(1) from None
     except (ValueError, OSError) as exc:  # a folder without examples, a missing file
         err.print(f"[red]error[/red] {exc}")

@@ -25,6 +25,7 @@ from tests.inputs import (
     label_folders,
     text_folders,
 )
+from tests.server import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -164,3 +165,7 @@ def test_command_from_tenant_to_export(polling_server, tmp_path) -> None:
     assert gone.returncode == 1 and "head_not_found" in gone.stderr
     no_folder = _graft(polling_server, key, "heads", "create", "x", "--from", str(tmp_path / "no"))
     assert no_folder.returncode == 1 and "is not a folder" in no_folder.stderr
+    nobody = _graft(
+        polling_server, key, "--url", f"http://127.0.0.1:{free_port()}", "heads", "list"
+    )
+    assert nobody.returncode == 1 and "cannot reach the server" in nobody.stderr

@@ -58,6 +58,9 @@ def test_built_bento_serves(tmp_path: Path, backbone_dir: Path) -> None:
     assert tag.startswith("graft:")
     src = tmp_path / "bentoml" / "bentos" / "graft" / tag.split(":")[1] / "src"
     assert (src / "service" / "service.py").is_file() and not (src / "tests").exists()
+    # The console's static files and the client travel with the bento.
+    assert (src / "service" / "console" / "console.js").is_file()
+    assert (src / "graft" / "client.py").is_file()
 
     server = start_server(
         [BENTOML, "serve", tag],
@@ -67,6 +70,8 @@ def test_built_bento_serves(tmp_path: Path, backbone_dir: Path) -> None:
     )
     try:
         with server.client() as client:
+            console = client.get("/")
+            assert "Graft console" in console.text and console.headers["content-security-policy"]
             backbones = client.get("/v1/backbones").json()["backbones"]
             assert {b["id"] for b in backbones} >= {"efficientnet_lite0", "minilm_l6"}
         with server.new_tenant("bento") as tenant:
