@@ -12,7 +12,6 @@ server not measured is idle. Issue 11's target: PostgreSQL within 10% of SQLite.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import sys
@@ -21,15 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import (  # noqa: E402
-    BACKBONE,
-    Requests,
-    client_images,
-    closed_loop,
-    seed_heads,
-    settle,
-    wrk_loop,
-)
+from bench.serving import BACKBONE, client_images, seed_heads, take_turns  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.postgres import postgres  # noqa: E402
@@ -65,25 +56,14 @@ def main() -> None:
                 env = {} if engine == "SQLite" else {"GRAFT_DATABASE_URL": url}
                 server = start_server(BENTOML, scratch / engine, settings.backbone_dir, env)
                 servers[engine] = (server, heads[:HEADS])
-            results: dict[str, list[dict]] = {engine: [] for engine in servers}
-            for round_ in range(args.rounds + 1):  # round 0 warms both up
-                for engine, (server, heads) in servers.items():
-                    requests = Requests(server.base_url, heads, images, 1, "raw")
-                    settle(server.base_url, server.admin_key)
-                    seconds = args.duration if round_ else 5
-                    if use_wrk:
-                        r = wrk_loop(requests, args.clients, seconds, scratch)
-                    else:
-                        r = asyncio.run(closed_loop(requests, args.clients, seconds))
-                    if round_:
-                        results[engine].append(r)
-                        rate = r["requests"] / r["seconds"]
-                        print(f"round {round_} {engine:<10} {rate:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+            rates = take_turns(
+                servers, images, rounds=args.rounds, duration=args.duration,
+                clients=args.clients, scratch=scratch,
+            )  # fmt: skip
         finally:
             for server, _ in servers.values():
                 stop_server(server)
     shutil.rmtree(scratch, ignore_errors=True)
-    rates = {e: [r["requests"] / r["seconds"] for r in rs] for e, rs in results.items()}
     ratios = [pg / lite for pg, lite in zip(rates["PostgreSQL"], rates["SQLite"], strict=True)]
     for engine, values in rates.items():
         print(f"{engine:<10} median {statistics.median(values):7.1f} images/s")

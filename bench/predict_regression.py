@@ -13,7 +13,6 @@ console and the training progress add nothing to the predict path (ratio ≈ 1).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import subprocess
@@ -25,15 +24,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import (  # noqa: E402
-    BACKBONE,
-    Requests,
-    client_images,
-    closed_loop,
-    seed_heads,
-    settle,
-    wrk_loop,
-)
+from bench.serving import BACKBONE, client_images, seed_heads, take_turns  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.server import BENTOML, start_server, stop_server  # noqa: E402
@@ -78,26 +69,15 @@ def main() -> None:
             for name, (server, _) in servers.items()
         }
         print(f"# console at /: {consoles}")
-        results: dict[str, list[dict]] = {name: [] for name in servers}
-        for round_ in range(args.rounds + 1):  # round 0 warms both up
-            for name, (server, heads) in servers.items():
-                requests = Requests(server.base_url, heads, images, 1, "raw")
-                settle(server.base_url, server.admin_key)
-                seconds = args.duration if round_ else 5
-                if use_wrk:
-                    r = wrk_loop(requests, args.clients, seconds, scratch)
-                else:
-                    r = asyncio.run(closed_loop(requests, args.clients, seconds))
-                if round_:
-                    results[name].append(r)
-                    rate = r["requests"] / r["seconds"]
-                    print(f"round {round_} {name:<5} {rate:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+        rates = take_turns(
+            servers, images, rounds=args.rounds, duration=args.duration, clients=args.clients,
+            scratch=scratch,
+        )  # fmt: skip
     finally:
         for server, _ in servers.values():
             stop_server(server)
         subprocess.run([*git, "worktree", "remove", "--force", str(base_tree)], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
-    rates = {n: [r["requests"] / r["seconds"] for r in rs] for n, rs in results.items()}
     ratios = [new / old for new, old in zip(rates["this"], rates["base"], strict=True)]
     for name, values in rates.items():
         print(f"{name:<5} median {statistics.median(values):7.1f} images/s")

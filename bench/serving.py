@@ -262,6 +262,35 @@ def wrk_loop(requests: Requests, clients: int, seconds: float, scratch: Path) ->
     return result
 
 
+def take_turns(
+    servers: dict[str, tuple],
+    images: list[bytes],
+    *,
+    rounds: int,
+    duration: float,
+    clients: int,
+    scratch: Path,
+) -> dict[str, list[float]]:
+    """Servers (name: (server, heads)) measured in turn under the same load: wrk, or httpx
+    without it, `clients` connections of single-image raw-JPEG predicts over the server's
+    heads, while the others idle. Round 0 warms each up. Images/s per round, by name."""
+    use_wrk = shutil.which("wrk") is not None
+    rates: dict[str, list[float]] = {name: [] for name in servers}
+    for round_ in range(rounds + 1):
+        for name, (server, heads) in servers.items():
+            requests = Requests(server.base_url, heads, images, 1, "raw")
+            settle(server.base_url, server.admin_key)
+            seconds = duration if round_ else 5
+            if use_wrk:
+                r = wrk_loop(requests, clients, seconds, scratch)
+            else:
+                r = asyncio.run(closed_loop(requests, clients, seconds))
+            if round_:
+                rates[name].append(r["requests"] / r["seconds"])
+                print(f"round {round_} {name:<10} {rates[name][-1]:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
+    return rates
+
+
 async def open_loop(requests: Requests, rate: float, seconds: float) -> list[tuple[float, float]]:
     """Requests started at a fixed rate, whatever the answers: (start, seconds) of each
     answered one (an error counts as an infinite latency)."""
