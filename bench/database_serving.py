@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import BACKBONE, client_images, seed_heads, take_turns  # noqa: E402
+from bench.serving import (  # noqa: E402
+    BACKBONE,
+    client_images,
+    report_turns,
+    seed_heads,
+    take_turns,
+)
 from models.registry import get_backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.postgres import postgres  # noqa: E402
@@ -64,13 +69,7 @@ def main() -> None:
             for server, _ in servers.values():
                 stop_server(server)
     shutil.rmtree(scratch, ignore_errors=True)
-    ratios = [pg / lite for pg, lite in zip(rates["PostgreSQL"], rates["SQLite"], strict=True)]
-    for engine, values in rates.items():
-        print(f"{engine:<10} median {statistics.median(values):7.1f} images/s")
-    print(
-        f"PostgreSQL ÷ SQLite, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
-        f" median {statistics.median(ratios):.3f} (target ≥ 0.90)"
-    )
+    report_turns(rates, "PostgreSQL", "SQLite", " (target ≥ 0.90)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,13 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import BACKBONE, client_images, seed_heads, take_turns  # noqa: E402
+from bench.serving import (  # noqa: E402
+    BACKBONE,
+    client_images,
+    report_turns,
+    seed_heads,
+    take_turns,
+)
 from models.registry import get_backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
 from tests.server import BENTOML, start_server, stop_server  # noqa: E402
@@ -78,13 +83,7 @@ def main() -> None:
             stop_server(server)
         subprocess.run([*git, "worktree", "remove", "--force", str(base_tree)], check=False)
         shutil.rmtree(scratch, ignore_errors=True)
-    ratios = [new / old for new, old in zip(rates["this"], rates["base"], strict=True)]
-    for name, values in rates.items():
-        print(f"{name:<5} median {statistics.median(values):7.1f} images/s")
-    print(
-        f"this ÷ base, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
-        f" median {statistics.median(ratios):.3f}"
-    )
+    report_turns(rates, "this", "base")
 
 
 if __name__ == "__main__":

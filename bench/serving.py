@@ -291,6 +291,17 @@ def take_turns(
     return rates
 
 
+def report_turns(rates: dict[str, list[float]], new: str, old: str, target: str = "") -> None:
+    """Each server's median, and `new` ÷ `old` round by round (both ran the same round)."""
+    ratios = [a / b for a, b in zip(rates[new], rates[old], strict=True)]
+    for name, values in rates.items():
+        print(f"{name:<10} median {statistics.median(values):7.1f} images/s")
+    print(
+        f"{new} ÷ {old}, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
+        f" median {statistics.median(ratios):.3f}{target}"
+    )
+
+
 async def open_loop(requests: Requests, rate: float, seconds: float) -> list[tuple[float, float]]:
     """Requests started at a fixed rate, whatever the answers: (start, seconds) of each
     answered one (an error counts as an infinite latency)."""
