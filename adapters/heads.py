@@ -384,7 +384,7 @@ def reliability_bins(y: np.ndarray, probabilities: np.ndarray) -> list[dict]:
 def expected_calibration_error(y: np.ndarray, probabilities: np.ndarray) -> float:
     """Mean |accuracy - confidence| over equal-width bins of the top score, weighted by
     how many predictions fall in each bin (Guo et al. 2017)."""
-    # From unrounded bins: the stored ones are rounded for the API.
+    # Not from reliability_bins(): those are rounded for the API.
     confidence = probabilities.max(axis=1)
     correct = probabilities.argmax(axis=1) == y
     bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)

@@ -3,8 +3,9 @@
 No build step and no third-party front-end code: the console is one HTML page, one
 stylesheet and one script that call the REST API under /v1 with the key pasted into the
 page (kept in the tab's sessionStorage). A strict Content-Security-Policy allows nothing
-but these files and the API. Requests under /v1 never reach this (the predict path
-included): it answers GET and HEAD of / and /console/<file> only.
+but these files and the API. It answers GET and HEAD of / and /console/<file> only;
+other requests go on after one dictionary lookup, and predicts never reach it
+(service/predict_path.py answers them first).
 """
 
 from __future__ import annotations
