@@ -48,10 +48,12 @@ test: lint
 	$(VENV)/bin/pytest --database postgresql -m "not families" $(PYTEST_ARGS)
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
-# operation and mode, 3 minutes of load on 72 tenants (about 12 minutes); then the crash
-# tests and the fleet drill (a replica killed every 10 s for 2 minutes) on PostgreSQL.
+# operation and mode, schemathesis's conformance run at 200 examples per operation, 3
+# minutes of load on 72 tenants; then the crash tests and the fleet drill (a replica
+# killed every 10 s for 2 minutes) on PostgreSQL.
 test-long: lint
-	$(VENV)/bin/pytest --long -s tests/test_e2e_crash.py tests/test_e2e_fuzz.py tests/test_e2e_load.py
+	$(VENV)/bin/pytest --long -s tests/test_e2e_crash.py tests/test_e2e_fuzz.py \
+		tests/test_e2e_conformance.py tests/test_e2e_load.py
 	$(VENV)/bin/pytest --long -s --database postgresql tests/test_e2e_crash.py tests/test_e2e_fleet.py
 
 # Accuracy and speed on the shared data sets (not part of the test suite).

@@ -10,6 +10,7 @@ import numpy as np
 from fastapi import APIRouter, FastAPI, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
@@ -22,6 +23,7 @@ from service.auth import AdminOnly, CurrentTenant, GraftDep
 from service.core import Graft
 from service.errors import (
     BadInput,
+    MethodNotAllowed,
     PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
@@ -60,6 +62,7 @@ tenants = APIRouter(prefix="/tenants", tags=["tenants (admin)"], dependencies=[A
 operations = APIRouter(prefix="/stats", tags=["operations (admin)"], dependencies=[AdminOnly])
 backbones = APIRouter(prefix="/backbones", tags=["backbones"])
 heads = APIRouter(prefix="/heads", tags=["heads"])
+ROUTERS = (tenants, operations, backbones, heads)
 
 
 # Tenants (admin key) -----------------------------------------------------------------
@@ -132,23 +135,20 @@ def _json_body(model: type[BaseModel]) -> dict:
 
 
 _HEAD_CREATE_JSON = _json_body(HeadCreate)
+_HEAD_SPEC_FORM = _json_body(HeadSpec)
 _HEAD_CREATE_BODY = {
     "requestBody": {
         "required": True,
         "content": {
             "application/json": {"schema": _HEAD_CREATE_JSON},
             "multipart/form-data": {
+                # The form's fields are HeadSpec's, checked by it, and the zip.
                 "schema": {
-                    "type": "object",
-                    "required": ["name", "backbone", "archive"],
+                    **_HEAD_SPEC_FORM,
+                    "required": [*_HEAD_SPEC_FORM["required"], "archive"],
+                    "additionalProperties": False,
                     "properties": {
-                        "name": {"type": "string"},
-                        "backbone": {"type": "string"},
-                        "fine_tune": {
-                            "type": "string",
-                            "enum": ["auto", "on", "off"],
-                            "default": "auto",
-                        },
+                        **_HEAD_SPEC_FORM["properties"],
                         "archive": {
                             "type": "string",
                             "format": "binary",
@@ -254,6 +254,7 @@ _UNLABELED_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["archive"],
+                    "additionalProperties": False,
                     "properties": {
                         "archive": {
                             "type": "string",
@@ -318,7 +319,8 @@ _PREDICT_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["image"],
-                    "properties": {"image": {"type": "array", "items": _BINARY}},
+                    "additionalProperties": False,
+                    "properties": {"image": {"type": "array", "items": _BINARY, "minItems": 1}},
                 }
             },
         },
@@ -437,6 +439,31 @@ def download_onnx(
     )
 
 
+# What a create answers, and which path parameter its `id` fills.
+_CREATES = {
+    ("/tenants", "post"): ("tenant_id", ("201",)),
+    ("/heads", "post"): ("head_id", ("201", "202")),
+}
+
+
+def _link_created(document: dict) -> None:
+    """OpenAPI links from each create's answer to every operation on what it created, so
+    that clients and fuzzers (schemathesis's stateful phase) can follow them."""
+    paths = document["paths"]
+    for (path, method), (parameter, statuses) in _CREATES.items():
+        links = {
+            operation["operationId"]: {
+                "operationId": operation["operationId"],
+                "parameters": {parameter: "$response.body#/id"},
+            }
+            for other, item in paths.items()
+            if f"{{{parameter}}}" in other
+            for operation in item.values()
+        }
+        for status in statuses:
+            paths[path][method]["responses"][status]["links"] = links
+
+
 def create_app(max_body_bytes: int) -> FastAPI:
     app = FastAPI(
         title="Graft",
@@ -450,16 +477,17 @@ def create_app(max_body_bytes: int) -> FastAPI:
     registry = app.state.metrics_registry = CollectorRegistry()
     app.state.route_metrics = RouteMetrics(registry)
     app.add_middleware(RequestMetrics, metrics=app.state.route_metrics)
-    for router in (tenants, operations, backbones, heads):
+    for router in ROUTERS:
         app.include_router(router)
 
     generate = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            components = generate()["components"]["schemas"]
+            document = generate()
             for name, schema in _NESTED_SCHEMAS.items():
-                components.setdefault(name, schema)
+                document["components"]["schemas"].setdefault(name, schema)
+            _link_created(document)
         return app.openapi_schema
 
     app.openapi = openapi
@@ -471,13 +499,23 @@ def create_app(max_body_bytes: int) -> FastAPI:
         return Response(body, media_type=content_type)
 
     # BentoML mounts this app "passively": a path no route matches would fall through to
-    # BentoML's plain-text 404. This last route keeps every /v1 answer in the JSON shape.
+    # BentoML's plain-text 404. This last route keeps every /v1 answer in the JSON shape:
+    # 405 with the methods the path has (Allow), or 404 for a path the API does not have.
+    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+
     @app.api_route(
         "/{path:path}",
-        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS", "TRACE"],
         include_in_schema=False,
     )
     def no_such_route(path: str, request: Request) -> None:
+        allowed = {m for r in routes if r.path_regex.match(f"/{path}") for m in r.methods}
+        if allowed:
+            raise MethodNotAllowed(
+                f"{request.method} is not a method of /v1/{path}; it takes"
+                f" {', '.join(sorted(allowed))}",
+                headers={"Allow": ", ".join(sorted(allowed))},
+            )
         raise NotFoundError(f"no route for {request.method} /v1/{path}; see /v1/docs")
 
     return app

@@ -5,7 +5,14 @@ from __future__ import annotations
 import unicodedata
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    model_validator,
+)
 
 from adapters.heads import UNKNOWN_KEEP
 
@@ -35,7 +42,16 @@ def _printable(text: str) -> str:
     return text
 
 
-Name = Annotated[str, Field(min_length=1, max_length=200), AfterValidator(_printable)]
+# The pattern says in the document what `_printable` checks (control characters).
+Name = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"},
+    ),
+    AfterValidator(_printable),
+]
 
 
 # Tenants -------------------------------------------------------------------------------
@@ -99,16 +115,46 @@ class BackboneList(BaseModel):
 # Heads ---------------------------------------------------------------------------------
 
 
+def _image_or_text(schema: dict, model: type[BaseModel]) -> None:
+    """The document's form of an input: one of two objects, one with `image`, one with
+    `text`, each a string; what `Input._exactly_one` holds a request to."""
+    properties, required = schema.pop("properties"), schema.pop("required", [])
+    schema.pop("additionalProperties", None)
+    shared = {k: v for k, v in properties.items() if k not in ("image", "text")}
+    schema["oneOf"] = [
+        {
+            "title": f"{field} {model.__name__.lower()}",
+            "type": "object",
+            "properties": {
+                **shared,
+                field: {
+                    "type": "string",
+                    **({"format": "byte", "contentEncoding": "base64"} if field == "image" else {}),
+                    "description": properties[field]["description"],
+                },
+            },
+            "required": [*required, field],
+            "additionalProperties": False,
+        }
+        for field in ("image", "text")
+    ]
+
+
 class Input(_Strict):
     """One input: an image as base64 of JPEG/PNG/WebP bytes, or a text."""
 
+    model_config = ConfigDict(json_schema_extra=_image_or_text)
+
     image: str | None = Field(None, description="base64 of JPEG, PNG or WebP bytes")
-    text: str | None = None
+    text: str | None = Field(None, description="a text (UTF-8)")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Input:
-        if (self.image is None) == (self.text is None):
+        given = [field for field in ("image", "text") if field in self.model_fields_set]
+        if len(given) != 1:
             raise ValueError("give exactly one of 'image' or 'text'")
+        if getattr(self, given[0]) is None:
+            raise ValueError(f"'{given[0]}' must be a string, not null")
         return self
 
 
@@ -143,11 +189,18 @@ class HeadSpec(_Strict):
 
 
 MAX_DESCRIPTION_CHARS = 500
+# In the document: what `HeadCreate._descriptions_fit` checks (some non-space, at most 500).
+Description = Annotated[
+    str,
+    WithJsonSchema(
+        {"type": "string", "minLength": 1, "maxLength": MAX_DESCRIPTION_CHARS, "pattern": "\\S"}
+    ),
+]
 
 
 class HeadCreate(HeadSpec):
     examples: list[Example] = Field(min_length=1)
-    label_descriptions: dict[str, str] = Field(
+    label_descriptions: dict[str, Description] = Field(
         default_factory=dict,
         description="text backbones only: a short description per label (default: the label"
         " itself), embedded as prior knowledge; cross-validation decides whether it is used",

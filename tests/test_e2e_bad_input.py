@@ -301,9 +301,37 @@ def test_bad_requests_of_every_kind(server, tenant, stored) -> None:
         (tenant.get("/v1/heads/a%0Ab"), 404, "not_found"),
         (tenant.get("/v1/backbones/efficientnet_lite0/tokenizer.json"), 404, "no_tokenizer"),
         (tenant.get("/v1/backbones/nope"), 404, "backbone_not_found"),
+        # An input is an image or a text, each a string: null is neither (the document's
+        # oneOf says the same).
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"image": None}]}),
+            422,
+            "invalid_request",
+        ),
+        (
+            tenant.post(f"{head}/predict", json={"inputs": [{"image": None, "text": "x"}]}),
+            422,
+            "invalid_request",
+        ),
+        (tenant.post(f"{head}/predict", json={"inputs": [{}]}), 422, "invalid_request"),
     ]
     for response, status, code in cases:
         assert_error(response, status, code)
+
+
+def test_a_method_a_path_does_not_take_answers_405_with_allow(tenant, stored) -> None:
+    head = f"/v1/heads/{stored['id']}"
+    for method, path, allowed in [
+        ("PUT", "/v1/heads", "GET, POST"),
+        ("PUT", "/v1/backbones", "GET"),
+        ("PATCH", head, "DELETE, GET"),
+        ("GET", f"{head}/predict", "POST"),  # the predict path passes other methods on
+        ("DELETE", "/v1/tenants", "GET, POST"),
+    ]:
+        answer = tenant.request(method, path)
+        assert_error(answer, 405, "method_not_allowed")
+        assert answer.headers["Allow"] == allowed, (method, path)
+    assert_error(tenant.put("/v1/no/such/route"), 404, "not_found")
 
 
 BAD_ARCHIVES = [
