@@ -42,15 +42,23 @@ def _printable(text: str) -> str:
     return text
 
 
-# The pattern says in the document what `_printable` checks (control characters).
+# Patterns that say in the document what the server checks: no control characters
+# (`_printable`, and labels in service/inputs.check_labels), and for a label some non-space.
+_CONTROL = "\\u0000-\\u001f\\u007f-\\u009f"
 Name = Annotated[
+    str,
+    Field(min_length=1, max_length=200, json_schema_extra={"pattern": f"^[^{_CONTROL}]*$"}),
+    AfterValidator(_printable),
+]
+Label = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=200,
-        json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"},
+        json_schema_extra={
+            "maxLength": 200,  # GRAFT_MAX_LABEL_CHARS's default
+            "pattern": f"^[^{_CONTROL}]*[^\\s{_CONTROL}][^{_CONTROL}]*$",
+        },
     ),
-    AfterValidator(_printable),
 ]
 
 
@@ -159,7 +167,7 @@ class Input(_Strict):
 
 
 class Example(Input):
-    label: str = Field(min_length=1)
+    label: Label
 
 
 FineTuneMode = Literal["auto", "on", "off"]
@@ -199,6 +207,25 @@ Description = Annotated[
 
 
 class HeadCreate(HeadSpec):
+    # A whole request that trains a head: for readers, and for fuzzers' example phase.
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "reviews",
+                    "backbone": "auto",
+                    "examples": [
+                        {"label": "pos", "text": "Works great, love it"},
+                        {"label": "pos", "text": "Exactly what I needed"},
+                        {"label": "neg", "text": "Broke after a day"},
+                        {"label": "neg", "text": "Waste of money"},
+                    ],
+                    "label_descriptions": {"pos": "a positive review", "neg": "a negative review"},
+                }
+            ]
+        }
+    )
+
     examples: list[Example] = Field(min_length=1)
     label_descriptions: dict[str, Description] = Field(
         default_factory=dict,
@@ -440,6 +467,13 @@ class PredictOptions(BaseModel):
 
 
 class PredictRequest(PredictOptions, _Strict):
+    # Strict types in JSON, as the document says (`"reject_unknown": 0` is no boolean); the
+    # same options as query parameters are strings, converted (PredictOptions).
+    model_config = ConfigDict(
+        strict=True,
+        json_schema_extra={"examples": [{"inputs": [{"text": "Does what it says"}], "top_k": 2}]},
+    )
+
     inputs: list[Input] = Field(min_length=1)
 
 
