@@ -57,6 +57,12 @@ from service.training import AUTO_BACKBONE
 ERRORS = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 415, 422, 429)
 }
+ERRORS[429]["headers"] = {
+    "Retry-After": {
+        "description": "seconds until a request is let through",
+        "schema": {"type": "integer"},
+    }
+}
 
 tenants = APIRouter(prefix="/tenants", tags=["tenants (admin)"], dependencies=[AdminOnly])
 operations = APIRouter(prefix="/stats", tags=["operations (admin)"], dependencies=[AdminOnly])
@@ -417,7 +423,19 @@ async def predict(
 
 @heads.get(
     "/{head_id}/model.onnx",
-    responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        **ERRORS,
+        200: {
+            "content": {"application/octet-stream": {}},
+            "headers": {
+                "Content-Disposition": {"schema": {"type": "string"}},
+                "X-Graft-Head-Version": {
+                    "description": "the head version in the model",
+                    "schema": {"type": "integer"},
+                },
+            },
+        },
+    },
     response_class=Response,
 )
 def download_onnx(

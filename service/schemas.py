@@ -11,6 +11,7 @@ from pydantic import (
     ConfigDict,
     Field,
     WithJsonSchema,
+    field_validator,
     model_validator,
 )
 
@@ -475,6 +476,12 @@ class PredictRequest(PredictOptions, _Strict):
     )
 
     inputs: list[Input] = Field(min_length=1)
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _whole_number(cls, value: object) -> object:
+        # JSON Schema's integer is any number without a fraction, 2.0 too.
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 class LabelScore(BaseModel):
