@@ -90,6 +90,9 @@ def test_text_head_from_lines_and_texts(polling_server, tenant_key, tmp_path) ->
         answer = graft.predict(head.id, texts=[SPORTS[7], COOKING[7]], top_k=2)
         assert [p.label for p in answer.predictions] == ["sports", "cooking"]
         assert [len(p.top_k) for p in answer.predictions] == [2, 2]
+        # Unlabelled texts of the domain it will serve: version 2 reports on them.
+        head = graft.add_unlabeled(head.id, texts=[SPORTS[6], COOKING[6], "Serve it warm"])
+        assert head.version == 2 and head.metrics.domain.n_unlabeled == 3
         graft.delete_head(head.id)
 
 
