@@ -365,12 +365,17 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
     return z / z.sum(axis=1, keepdims=True)
 
 
+def _top_score_bins(y: np.ndarray, probabilities: np.ndarray):
+    """Each row's top score, whether its label is right, and its equal-width score bin."""
+    confidence = probabilities.max(axis=1)
+    correct = probabilities.argmax(axis=1) == y
+    return confidence, correct, np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+
+
 def reliability_bins(y: np.ndarray, probabilities: np.ndarray) -> list[dict]:
     """The top score's equal-width bins that hold predictions: their mean confidence, the
     share of them that is right, and how many (a reliability diagram's points)."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y
-    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    confidence, correct, bins = _top_score_bins(y, probabilities)
     return [
         {
             "confidence": round(float(confidence[bins == b].mean()), 4),
@@ -384,10 +389,7 @@ def reliability_bins(y: np.ndarray, probabilities: np.ndarray) -> list[dict]:
 def expected_calibration_error(y: np.ndarray, probabilities: np.ndarray) -> float:
     """Mean |accuracy - confidence| over equal-width bins of the top score, weighted by
     how many predictions fall in each bin (Guo et al. 2017)."""
-    # Not from reliability_bins(): those are rounded for the API.
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == y
-    bins = np.minimum((confidence * ECE_BINS).astype(int), ECE_BINS - 1)
+    confidence, correct, bins = _top_score_bins(y, probabilities)
     gap = 0.0
     for b in np.unique(bins):
         in_bin = bins == b

@@ -15,7 +15,7 @@ const STAGES = {
 
 const $ = (id) => document.getElementById(id);
 let current = null; // the head on show
-let dropped = null; // files dropped on the create form: [{label, file}]
+let chosen = null; // the create form's examples from a chosen or dropped folder, read once
 
 // API -------------------------------------------------------------------------------------
 
@@ -203,9 +203,7 @@ function describe(examples) {
 }
 
 async function createExamples() {
-  const found = dropped ?? fromPicker($("folder").files);
-  if (found.length) return examplesOf(found);
-  return examplesOfText($("texts").value);
+  return chosen?.length ? chosen : examplesOfText($("texts").value);
 }
 
 // Heads list --------------------------------------------------------------------------------
@@ -281,7 +279,7 @@ async function createHead() {
   $("train-bar").value = 1;
   $("train-detail").textContent = "";
   $("create-form").reset();
-  dropped = null;
+  chosen = null;
   $("found").textContent = "";
   await loadHeads();
   await showHead(head.id);
@@ -544,12 +542,12 @@ document.addEventListener("DOMContentLoaded", () => {
   });
   on("refresh", "click", (e) => busy(e.target, loadHeads));
   on("folder", "change", async () => {
-    dropped = null;
-    $("found").textContent = describe(await examplesOf(fromPicker($("folder").files)));
+    chosen = await examplesOf(fromPicker($("folder").files));
+    $("found").textContent = describe(chosen);
   });
   dropZone("create-drop", async (transfer) => {
-    dropped = await fromDrop(transfer);
-    $("found").textContent = `dropped: ${describe(await examplesOf(dropped))}`;
+    chosen = await examplesOf(await fromDrop(transfer));
+    $("found").textContent = `dropped: ${describe(chosen)}`;
   });
   dropZone("predict-drop", async (transfer) => {
     droppedImages = [...transfer.files].filter((f) => IMAGE.test(f.name));
