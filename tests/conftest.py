@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from models import cpu
 from models.export import ensure_onnx, ensure_split
 from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
@@ -30,6 +31,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the store every test and server uses: a SQLite file each (the default), or a"
         " database each on one PostgreSQL server the suite starts (make test runs both)",
     )
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    # Which INT8 kernels ONNX Runtime runs here (models/cpu.py); tests hold on any x86-64.
+    return f"cpu: {cpu.describe()}"
 
 
 @pytest.fixture(scope="session", autouse=True)
