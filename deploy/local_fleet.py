@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 
+from service.lifetime import dies_with_this_process
 from service.settings import Settings
 from tests.postgres import postgres
 from tests.server import BENTOML, Server, free_port, kill_server, start_server, stop_server
@@ -83,7 +84,7 @@ class Fleet:
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=120)
+        return httpx.Client(base_url=self.url, headers=headers, timeout=300)
 
     def kill(self, index: int) -> None:
         """SIGKILL to every process of one replica: a machine lost."""
@@ -169,6 +170,9 @@ def local_fleet(
                     [_nginx_program(), "-c", str(config), "-p", str(folder)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.STDOUT,
+                    # Stopped with this process however it ends (the replicas end with it
+                    # too: service/lifetime.py); PostgreSQL, a daemon, does not.
+                    preexec_fn=dies_with_this_process(),
                 )
                 fleet.url = f"http://127.0.0.1:{balancer_port}"
                 _wait_for(f"{fleet.url}/readyz", nginx)
@@ -203,7 +207,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--port", type=int, default=8080, help="the balancer's port")
     args = parser.parse_args()
-    with local_fleet(args.replicas, args.port) as fleet:
+    # The user's setting (or its default), not the test servers' longer wait.
+    wait = {"GRAFT_SYNC_TRAINING_TIMEOUT_S": str(Settings().sync_training_timeout_s)}
+    with local_fleet(args.replicas, args.port, env=wait) as fleet:
         print(
             f"graft fleet: {fleet.url} (nginx) in front of",
             ", ".join(s.base_url for s in fleet.replicas),

@@ -17,7 +17,7 @@ while a set decoded (BENCHMARKS.md, fourth pass).
 
 The link is the runner's wire (`service/link.py`): a socket pair, pickled messages. The
 process starts at a worker's first training set and ends with the worker (its end of the
-socket closes, whatever killed the worker).
+socket closes; and the kernel kills it when the worker dies: `service/lifetime.py`).
 """
 
 from __future__ import annotations
@@ -31,17 +31,17 @@ import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import recv_handle, send_handle
-from pathlib import Path
 
 import numpy as np
 
 from models.preprocess import InvalidInput, decode_images
 from models.registry import ImagePreprocessing
+from service.lifetime import start_python
 from service.link import hang_up, recv, send
 
-_ROOT = Path(__file__).resolve().parents[1]
 # The process idles before it imports what it decodes with (0.2 s of a core).
 _START = (
+    "from service.lifetime import end_with_starter; end_with_starter(); "
     "from service.priority import run_in_idle_time; run_in_idle_time(); "
     "from service.decoder import main; main()"
 )
@@ -102,13 +102,8 @@ class TrainingDecoder:
         if self._conn is None:
             ours, theirs = socket.socketpair()
             with theirs:
-                self._process = subprocess.Popen(
-                    [sys.executable, "-c", _START, str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()],
-                    env={
-                        **os.environ,
-                        "PYTHONPATH": f"{_ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-                    },
+                self._process = start_python(
+                    _START, str(theirs.fileno()), pass_fds=(theirs.fileno(),)
                 )
             self._conn = Connection(ours.detach())
         return self._conn

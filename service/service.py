@@ -26,6 +26,7 @@ from service.auth import resolve_admin_key  # noqa: E402
 from service.console import Console  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
+from service.lifetime import end_with_arbiter, end_with_parent, is_arbiter  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
 from service.predict_path import PredictPath  # noqa: E402
 from service.runner import Runner, RunnerClient, link_address  # noqa: E402
@@ -33,6 +34,9 @@ from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
 settings = Settings()
+# BentoML's arbiter ends with what started it; its workers with it (service/lifetime.py).
+if is_arbiter() and settings.end_with_parent:
+    end_with_parent(os.getppid())
 own_multiprocess_dir(settings.run_dir)
 app = create_app(settings.max_body_bytes)
 SERVICE_CONFIG = {
@@ -57,6 +61,7 @@ if os.environ["OTEL_SDK_DISABLED"] == "true":
 )
 class BackboneRunner:
     def __init__(self) -> None:
+        end_with_arbiter()
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # One runner per server start: no training job can be running yet.
         store = Store(settings.database_url)
@@ -117,6 +122,7 @@ class Graft:
     backbone_runner = bentoml.depends(BackboneRunner, url=settings.runner_url)
 
     def __init__(self) -> None:
+        end_with_arbiter()
         # One core per worker: the parallelism is in the workers. Numpy's BLAS threads
         # would also escape the nice of training threads (threads inherit it; a pool made
         # at import does not).

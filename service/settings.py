@@ -79,6 +79,11 @@ class Settings(BaseSettings):
     # Off by default: a line per request costs about 7% of predict throughput on 2 cores
     # (bench/serving.py); /metrics still counts every request.
     access_log: bool = Field(False, description="one log line per request (BentoML's)")
+    end_with_parent: bool = Field(
+        True,
+        description="the server ends (every process of it) when the process that started it"
+        " dies (make serve, a supervisor); false for one left running on purpose (nohup)",
+    )
     api_workers: int = Field(
         default_factory=usable_cores,
         ge=1,
