@@ -16,7 +16,7 @@ from typing import Literal
 
 import numpy as np
 
-from models.preprocess import InvalidInput, decode_images, load_tokenizer, token_ids
+from models.preprocess import InvalidInput, decode_images, text_rows
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.errors import Forbidden, PayloadTooLarge, Unprocessable
 from service.schemas import holds_control_characters
@@ -63,12 +63,6 @@ def to_rows(
         except InvalidInput as exc:
             raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
     return text_rows(spec, texts)
-
-
-def text_rows(spec: BackboneSpec, texts: list[str]) -> list[np.ndarray]:
-    """Checked texts to the text backbone's token-id rows."""
-    pre = spec.preprocessing
-    return token_ids(texts, load_tokenizer(pre.tokenizer_file(), pre.max_tokens))
 
 
 def check_text(text: str, settings: Settings) -> str:

@@ -18,6 +18,7 @@ runner, in turn, embeds training rows at SCHED_IDLE, beside predicts
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -34,12 +35,15 @@ import numpy as np
 
 from adapters import finetune, heads
 from adapters.adaptation import adapt
+from adapters.finetune_head import FineTuning, TuningRequest
 from adapters.store import Head, Job, Store
 from adapters.transferability import choose_backbone
 from models.export import split_exported, split_onnx_paths
+from models.preprocess import text_rows
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.decoder import TrainingDecoder
-from service.inputs import RawInput, check_modality, content_hash, text_rows, to_rows
+from service.fine_tuning import fine_tune_in_process
+from service.inputs import RawInput, check_modality, content_hash, to_rows
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
 from service.runner import RunnerClient, RunnerUnavailable
 from service.settings import Settings
@@ -83,20 +87,6 @@ class TrainingSet:
     labels: list[str]
     unlabeled: list[str]  # content hashes of the target domain's unlabelled examples
     target: np.ndarray  # (len(unlabeled), embedding_dim)
-
-
-@dataclass(frozen=True)
-class FineTuning:
-    """What fine-tuning gave a head: with `head` None, the frozen head stays (the report
-    says why); else the head on its tuned top, the top's factors (fp16), and the
-    labelled, unlabelled and label-description embeddings through that top."""
-
-    head: heads.TrainedHead | None
-    factors: list[np.ndarray] | None
-    x: np.ndarray | None
-    target: np.ndarray | None
-    names: dict[str, np.ndarray] | None
-    report: dict
 
 
 class Progress:
@@ -446,53 +436,25 @@ class Trainer:
                 " created with fine_tune off); create the head again to fine-tune it"
             )
         progress("fine_tuning", 0, finetune.MAX_FOLDS + 1)
-        # Loaded for this training and dropped after it: a worker holds no PyTorch copy
-        # of the backbone between trainings (MPNet: 420 MB; loading takes a second or two).
-        trunk, top = spec.build_split()
-        names = sorted(set(training_set.labels))
-        if spec.modality == "image":
-            images = [inputs[h] for h in hashes]
-            pixels = self.settings.max_image_pixels
-            pre = spec.preprocessing
-            trunk = finetune.onnx_trunk(split_onnx_paths(spec, self.settings.backbone_dir)[0])
-            examples = finetune.ImageExamples.of(trunk, top, images[:n], pre, pixels)
-            unlabeled = finetune.ImageExamples(
-                top,
-                finetune.centre_activations(trunk, images[n:], pre, pixels) if images[n:] else [],
-            )
-            label_hidden = None
-        else:
-            descriptions = [head.label_descriptions.get(label, label) for label in names]
-            texts = [inputs[h].decode("utf-8") for h in hashes] + descriptions
-            hidden = finetune.hidden_states(
-                trunk, text_rows(spec, texts), spec.preprocessing.pad_id()
-            )
-            examples = finetune.TextExamples(top, hidden[:n])
-            unlabeled = finetune.TextExamples(top, hidden[n : -len(names)])
-            label_hidden = hidden[-len(names) :]
-        comparison = finetune.compare(
-            examples,
-            training_set.labels,
-            training_set.x,
+        request = TuningRequest(
+            labelled=[inputs[h] for h in hashes[:n]],
+            unlabelled=[inputs[h] for h in hashes[n:]],
+            labels=training_set.labels,
+            frozen=training_set.x,
+            descriptions=head.label_descriptions,
             always=head.fine_tune == "on",
-            progress=lambda done, total: progress("fine_tuning", done, total),
+            trunk_onnx=split_onnx_paths(spec, self.settings.backbone_dir)[0],
+            max_image_pixels=self.settings.max_image_pixels,
         )
-        report = {**report, **comparison.report}
-        if not comparison.fine_tuned:
-            return FineTuning(None, None, None, None, None, report)
-        # Stored and served in fp16: the head is fitted on what the served top gives.
-        factors = [f.astype(np.float16) for f in comparison.factors]
-        served = [f.astype(np.float32) for f in factors]
-        tuned = examples.embed(served)
-        label_embeddings = None
-        if label_hidden is not None:
-            label_vectors = finetune.embed(top, label_hidden, served)
-            label_embeddings = dict(zip(names, label_vectors, strict=True))
-        trained = finetune.fine_tuned_head(tuned, training_set.labels, comparison, label_embeddings)
-        report["top_bytes"] = sum(f.nbytes for f in factors)
-        report["seconds"] = round(time.perf_counter() - started, 1)
-        target = unlabeled.embed(served) if unlabeled.size else tuned[:0]
-        return FineTuning(trained, factors, tuned, target, label_embeddings, report)
+        # In a process that ends with it: a worker holds no PyTorch (service/fine_tuning.py).
+        tuned = fine_tune_in_process(
+            spec,
+            request,
+            (self.settings.backbones_file, self.settings.sources_dir),
+            lambda done, total: progress("fine_tuning", done, total),
+        )
+        report = {**report, **tuned.report, "seconds": round(time.perf_counter() - started, 1)}
+        return dataclasses.replace(tuned, report=report)
 
     def fine_tunable(self, spec: BackboneSpec) -> bool:
         """Whether heads on this backbone can be fine-tuned here: the runner serves them

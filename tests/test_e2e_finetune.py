@@ -5,11 +5,13 @@ text heads, and image heads on request."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
+import psutil
 import pytest
 
 from models.preprocess import decode_image
@@ -22,7 +24,14 @@ from tests.inputs import (
     image_examples,
     text_examples,
 )
-from tests.server import BENTOML, poll_until_trained, start_server, stop_server
+from tests.server import (
+    BENTOML,
+    alive,
+    poll_until_trained,
+    process_tree,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -71,6 +80,16 @@ def _tuned_again(client, head_id: str, examples: list[dict], n_examples: int) ->
     return head
 
 
+def _holding_pytorch(server) -> list[str]:
+    """The server's processes with PyTorch's library mapped."""
+    holding = []
+    for process in alive(process_tree(server.process.pid)):
+        with contextlib.suppress(psutil.Error):
+            if any("libtorch" in m.path for m in process.memory_maps()):
+                holding.append(" ".join(process.cmdline()))
+    return holding
+
+
 def _exported(client, head_id: str) -> tuple[ort.InferenceSession, dict[str, str]]:
     """The head's ONNX model, which must be its version 2, fine-tuned, and its metadata."""
     download = client.get(f"/v1/heads/{head_id}/model.onnx")
@@ -112,6 +131,8 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
         # The next version tunes again, on every example: the texts were kept.
         tuned = _tuned_again(client, tuned["id"], text_examples(2, offset=6), n_examples=16)
         served = _scores(client, tuned["id"], QUERIES)
+        # Each tuning ran in a process that ended with it: the server holds no PyTorch.
+        assert not _holding_pytorch(server)
 
         # One graph, trunk + the head's top + the head, predicts as the server does.
         session, meta = _exported(client, tuned["id"])
