@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:Graft"]
+# The README's command (the port comes from the environment's PORT; HOST is loopback).
+MAKE_SERVE = ["make", "--no-print-directory", "serve"]
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ class Server:
 
     def client(self, key: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=120)
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=300)
 
     def admin(self) -> httpx.Client:
         return self.client(self.admin_key)
@@ -87,6 +90,11 @@ def start_server(
         "GRAFT_ADMIN_KEY": admin_key,
         "BENTOML_DO_NOT_TRACK": "True",
         "HF_HUB_OFFLINE": "1",
+        "PORT": str(port),
+        # A head's request waits for its training, however long a busy machine makes it:
+        # tests read the finished head, and never race the 20 s default (202). Those that
+        # test 202 set 0. Under nginx's 300 s in front of a fleet.
+        "GRAFT_SYNC_TRAINING_TIMEOUT_S": "240",
         **(env or {}),
     }
     from tests.postgres import database_for  # it imports free_port from here
@@ -94,9 +102,10 @@ def start_server(
     database_url = None if "GRAFT_DATABASE_URL" in full_env else database_for(data_dir)
     if database_url is not None:
         full_env["GRAFT_DATABASE_URL"] = database_url
+    listen = [] if command == MAKE_SERVE else ["--host", "127.0.0.1", "--port", str(port)]
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", str(port)],
+            [*command, *listen],
             cwd=cwd,
             env=full_env,
             stdout=log,
@@ -117,16 +126,37 @@ def start_server(
     raise RuntimeError(f"server not ready in time:\n{server.log()[-4000:]}")
 
 
-def _process_tree(server: Server) -> list[psutil.Process]:
+def process_tree(pid: int) -> list[psutil.Process]:
+    """Process `pid` and every process under it (BentoML's workers, each in a session of
+    its own, are still its children)."""
     try:
-        arbiter = psutil.Process(server.process.pid)
-        return [arbiter, *arbiter.children(recursive=True)]
+        top = psutil.Process(pid)
+        return [top, *top.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
 
 
+def alive(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those still running (a zombie waiting for its parent to reap it has ended)."""
+    running = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+    return running
+
+
+def wait_until_ended(processes: list[psutil.Process], seconds: float = 60) -> float:
+    """The seconds until none of `processes` runs; AssertionError after `seconds`."""
+    start = time.monotonic()
+    while running := alive(processes):
+        assert time.monotonic() - start < seconds, f"still running: {running}"
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
 def stop_server(server: Server) -> None:
-    workers = _process_tree(server)[1:]
+    workers = process_tree(server.process.pid)[1:]
     server.process.terminate()
     try:
         server.process.wait(timeout=30)
@@ -140,14 +170,14 @@ def stop_server(server: Server) -> None:
 def kill_server(server: Server) -> None:
     """A power cut: SIGKILL to the arbiter and every worker at once (BentoML puts each
     worker in a process group of its own, so the arbiter's group is not enough)."""
-    for process in _process_tree(server):
+    for process in process_tree(server.process.pid):
         with contextlib.suppress(psutil.NoSuchProcess):
             process.send_signal(signal.SIGKILL)
     server.process.wait()
 
 
 def poll_until_trained(
-    client: httpx.Client, head_id: str, timeout: float = 120, progress: list | None = None
+    client: httpx.Client, head_id: str, timeout: float = 600, progress: list | None = None
 ) -> dict:
     """The head once it is no longer training (after a 202); the `progress` it showed
     while training appended to `progress`."""
@@ -160,3 +190,31 @@ def poll_until_trained(
             progress.append(head["progress"])
         time.sleep(0.2)
     raise AssertionError(f"head {head_id} still training after {timeout} s")
+
+
+def fine_tuning_processes(pid: int) -> list[psutil.Process]:
+    """The fine-tuning processes under process `pid`."""
+    found = []
+    for process in alive(process_tree(pid)):
+        with contextlib.suppress(psutil.Error):
+            if "service.fine_tuning" in " ".join(process.cmdline()):
+                found.append(process)
+    return found
+
+
+def wait_for_fine_tuning(pid: int, seconds: float = 300) -> None:
+    """Until a fine-tuning process runs under `pid` (a head's job has reached it)."""
+    deadline = time.monotonic() + seconds
+    while not fine_tuning_processes(pid):
+        assert time.monotonic() < deadline, "no fine-tuning process started"
+        time.sleep(0.2)
+
+
+def post_in_background(client: httpx.Client, path: str, body: dict) -> None:
+    """A request whose answer never comes: the server is killed under it."""
+
+    def post() -> None:
+        with contextlib.suppress(httpx.HTTPError):
+            client.post(path, json=body)
+
+    threading.Thread(target=post, daemon=True).start()

@@ -134,11 +134,13 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
 
     lane_threads = set()
     lane_policies = set()
+    in_pass, pass_may_end = threading.Event(), threading.Event()
 
     def embed_training(rows: np.ndarray) -> np.ndarray:
         lane_threads.add(threading.get_native_id())
         lane_policies.add(os.sched_getscheduler(0))  # 0: the calling thread
-        time.sleep(0.2)  # a slow training pass, far longer than a slice
+        in_pass.set()
+        pass_may_end.wait(10)  # a slow training pass: it lasts until the predict is answered
         return np.zeros((len(rows), 2), np.float32)
 
     batcher = Batcher(
@@ -147,10 +149,11 @@ def test_a_training_lane_never_holds_a_predict_up() -> None:
     )  # fmt: skip
     try:
         training = batcher.submit(np.zeros((3, 1), np.uint8), "training")
-        time.sleep(0.05)  # the lane is inside its first pass
-        start = time.perf_counter()
-        assert batcher.submit(np.ones((1, 1), np.uint8)).result(5)[0, 0] == 1
-        assert time.perf_counter() - start < 0.1
+        assert in_pass.wait(10)  # the lane is inside its first pass
+        # Answered while the training pass still runs: it did not wait behind it.
+        assert batcher.submit(np.ones((1, 1), np.uint8)).result(10)[0, 0] == 1
+        assert not training.done()
+        pass_may_end.set()
         assert not training.result(10).any() and batcher.training_rows == 3
     finally:
         batcher.close()
@@ -240,13 +243,14 @@ def test_lanes_run_passes_side_by_side_and_count_their_cpu() -> None:
 def test_rows_after_a_failed_request_in_a_pass_still_get_their_own_embeddings() -> None:
     # A's first two rows fail in pass 1; pass 2 holds A's last row, then B's. B must get
     # its own row's embedding, not A's: the offset moves past the rows of a failed request.
-    b_queued = threading.Event()
+    a_taken, b_queued = threading.Event(), threading.Event()
     calls = 0
 
     def embed(rows):
         nonlocal calls
         calls += 1
         if calls == 1:
+            a_taken.set()
             b_queued.wait(10)
             raise RuntimeError("pass 1 fails")
         return rows.astype(np.float32)
@@ -254,7 +258,7 @@ def test_rows_after_a_failed_request_in_a_pass_still_get_their_own_embeddings() 
     batcher = Batcher(embed, name="t", max_batch_size=2, max_latency_ms=0, training_slice_ms=20)
     try:
         a = batcher.submit(np.full((3, 4), 1.0))
-        time.sleep(0.2)  # the lane has taken A's first two rows
+        assert a_taken.wait(10)  # the lane has taken A's first two rows
         b = batcher.submit(np.full((1, 4), 2.0))
         b_queued.set()
         with pytest.raises(RuntimeError):

@@ -16,7 +16,9 @@ from tests.inputs import COOKING, SPORTS
 @pytest.fixture
 def runner_and_graft(tmp_path, backbone_dir):
     """A runner and an API worker's application in this process, over the real socket."""
-    settings = Settings(data_dir=tmp_path, backbone_dir=backbone_dir)
+    # A head's request waits for its training however long a busy machine takes (as on
+    # the test servers: tests/server.py).
+    settings = Settings(data_dir=tmp_path, backbone_dir=backbone_dir, sync_training_timeout_s=600)
     runner = Runner(settings)
     app = Graft(settings, RunnerClient(settings.runner_socket))
     yield runner, app

@@ -201,16 +201,31 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path, backbone_dir) -> None:
                     },
                 )
 
+            predict_sent = threading.Event()
+
             def predict() -> None:
                 images = [{"image": b64(x)} for x in crops("flower.jpg", 16, seed=3)]
+
+                def body():  # the request's whole body, then the event
+                    yield json.dumps({"inputs": images}).encode()
+                    predict_sent.set()
+
                 answers["predict"] = tenant.post(
-                    f"/v1/heads/{head['id']}/predict", json={"inputs": images}
+                    f"/v1/heads/{head['id']}/predict",
+                    content=body(),
+                    headers={"Content-Type": "application/json"},
                 )
 
             threads = [threading.Thread(target=slow_requests), threading.Thread(target=predict)]
             for thread in threads:
                 thread.start()
-            time.sleep(0.8)  # both requests are in the server
+            # Both requests are in the server: the new head is stored (its training has
+            # begun), the predict's body sent.
+            deadline = time.monotonic() + 120
+            while not any(h["name"] == "slow" for h in tenant.get("/v1/heads").json()["heads"]):
+                assert time.monotonic() < deadline, "the slow head never arrived"
+                time.sleep(0.05)
+            assert predict_sent.wait(120)
             server.process.send_signal(signal.SIGTERM)
             assert server.process.wait(timeout=60) == 0
             for thread in threads:

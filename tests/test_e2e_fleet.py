@@ -9,6 +9,7 @@ PostgreSQL server either way.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 
@@ -17,6 +18,13 @@ import pytest
 
 from deploy.local_fleet import local_fleet
 from tests.inputs import COOKING, SPORTS
+from tests.server import (
+    alive,
+    post_in_background,
+    process_tree,
+    wait_for_fine_tuning,
+    wait_until_ended,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -98,6 +106,37 @@ def test_what_one_replica_writes_the_others_serve_at_once(fleet) -> None:
         with replica.client(key) as old, replica.client(new_key) as new:
             assert old.get("/v1/heads").status_code == 401
             assert new.get("/v1/heads").status_code == 200
+
+
+def test_a_replica_killed_alone_is_gone_and_another_finishes_its_job(fleet) -> None:
+    """SIGKILL to a replica's top process only (the OOM killer, a supervisor that signals
+    one process): its workers and its fine-tuning process end with it, and another replica
+    takes its training job over once its lease runs out."""
+    key = _tenant_key(fleet)
+    victim = fleet.replicas[0]
+    body = {"name": "orphaned", "backbone": TEXT, "examples": _examples(random.Random(3), 4)}
+    processes = []
+    try:
+        with victim.client(key) as client:
+            post_in_background(client, "/v1/heads", {**body, "fine_tune": "on"})
+            wait_for_fine_tuning(victim.process.pid)
+            processes = process_tree(victim.process.pid)
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait()
+            wait_until_ended(processes)
+        with fleet.client(key) as balanced:
+            deadline = time.monotonic() + 300
+            while (head := balanced.get("/v1/heads").json()["heads"][0])["status"] == "training":
+                assert time.monotonic() < deadline, head
+                time.sleep(0.5)
+    finally:
+        for process in alive(processes):  # none, unless the test failed
+            process.kill()
+        fleet.restart(0)
+    assert head["status"] == "ready" and head["version"] == 1, head
+    assert head["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+    others = fleet.replicas[1].log() + fleet.replicas[2].log()
+    assert f"of head {head['id']} (attempt" in others
 
 
 class Load:

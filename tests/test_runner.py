@@ -90,7 +90,10 @@ def test_a_runner_that_dies_fails_what_it_held_and_a_new_one_is_found(tmp_path) 
         np.testing.assert_array_equal(client.embed("double", rows).result(30), double(rows))
         runner.kill()
         runner.join()
-        time.sleep(0.2)  # the client's reader sees the connection close
+        deadline = time.monotonic() + 120
+        while client.is_connected():  # until the client's reader sees the connection close
+            assert time.monotonic() < deadline, "the client never saw the runner go"
+            time.sleep(0.05)
         with pytest.raises(RunnerUnavailable):
             client.embed("double", rows).result(30)
         runner = start()  # as BentoML restarts a runner that died

@@ -310,9 +310,9 @@ def test_a_running_jobs_progress_shows_on_its_head_until_it_ends(store) -> None:
 def test_a_job_whose_process_died_is_taken_over_then_given_up(store) -> None:
     tenant, _ = store.create_tenant(name="t")
     head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
-    job_id, _ = _job(store, tenant.id, head.id, lease_s=0.05)
+    job_id, _ = _job(store, tenant.id, head.id)
     assert store.claim_job(owner="b/1/y", lease_s=30) is None  # its lease is live
-    time.sleep(0.1)  # ... and now it ran out: the process died
+    store.renew_leases(owner="replica-a/1/x", lease_s=-1)  # ... and it ran out: the process died
     taken = store.claim_job(owner="b/1/y", lease_s=0.05)
     assert (taken.id, taken.head_id, taken.backbones, taken.attempts) == (
         job_id,
