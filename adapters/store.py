@@ -288,7 +288,7 @@ def open_engine(url: str) -> sa.Engine:
         # even a power cut. Head writes are rare; the fsync costs nothing when predicting.
         dbapi_connection.execute("PRAGMA synchronous = FULL")
         dbapi_connection.execute("PRAGMA foreign_keys = ON")
-        _with_retry_while_locked(lambda: dbapi_connection.execute("PRAGMA journal_mode = WAL"))
+        retry_while_locked(lambda: dbapi_connection.execute("PRAGMA journal_mode = WAL"))
 
     @sa.event.listens_for(engine, "begin")
     def _begin(connection) -> None:
@@ -300,11 +300,12 @@ def open_engine(url: str) -> sa.Engine:
     return engine
 
 
-def _with_retry_while_locked(step) -> None:
-    """The runner and every API worker open the store at once on a new data directory.
-    Turning on WAL upgrades a read lock to a write lock, which SQLite refuses at once (no
-    busy wait: it could deadlock) while another process does the same; the step is
-    idempotent, so it is simply tried again."""
+def retry_while_locked(step) -> None:
+    """The runner and every API worker open the store (and the rate buckets:
+    service/limits.py) at once on a new data directory. Turning on WAL upgrades a read
+    lock to a write lock, which SQLite refuses at once (no busy wait: it could deadlock)
+    while another process does the same; the step is idempotent, so it is simply tried
+    again."""
     import sqlite3
 
     deadline = time.monotonic() + OPEN_TIMEOUT_S

@@ -29,7 +29,14 @@ sys.path.insert(0, str(ROOT))
 from bench.accuracy import read_texts  # noqa: E402
 from models import cpu  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.server import BENTOML, alive, process_tree, start_server, stop_server  # noqa: E402
+from tests.server import (  # noqa: E402
+    BENTOML,
+    alive,
+    poll_until_trained,
+    process_tree,
+    start_server,
+    stop_server,
+)
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 MIB = 2**20
@@ -69,11 +76,11 @@ def measure(label: str, cwd: Path, heads: int, per_label: int, scratch: Path) ->
                 answer = client.post(
                     "/v1/heads",
                     json={"name": f"h{i}", "backbone": "mpnet_base_v2", "examples": examples},
-                    timeout=1200,
                 )
+                assert answer.status_code in (201, 202), answer.text
+                head = poll_until_trained(client, answer.json()["id"], timeout=3600)
                 seconds = time.perf_counter() - started
-                head = answer.json()
-                assert answer.status_code == 201 and head["status"] == "ready", answer.text
+                assert head["status"] == "ready", head
                 chosen = head["metrics"]["fine_tuning"]["chosen"]
                 settle()
                 table.append((f"after head {i + 1} ({chosen})", *memory(server), seconds))

@@ -15,6 +15,7 @@ result over a socket pair; it ends with the worker that started it
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -76,6 +77,10 @@ def fine_tune_in_process(
 def main() -> None:
     """The fine-tuning process: one request in, progress and the result (or the error)
     out."""
+    # A worker's clean stop (SIGTERM, which BentoML's arbiter also sends its workers'
+    # children) waits for the job to end, as it did when tuning ran in the worker; a
+    # worker that dies takes this process with it (SIGKILL).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(sys.argv[1]))
     backbone, backbones_file, sources_dir, request = conn.recv()
     try:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from adapters.store import retry_while_locked
 from service.errors import PayloadTooLarge, send_error
 
 
@@ -95,7 +96,7 @@ class RateLimiter:
         if db is None:
             self._path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self._path, isolation_level=None, timeout=10)
-            db.execute("PRAGMA journal_mode=WAL")
+            retry_while_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
             db.execute("PRAGMA synchronous=OFF")
             self._local.db = db
         return db
