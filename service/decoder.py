@@ -17,7 +17,8 @@ while a set decoded (BENCHMARKS.md, fourth pass).
 
 The link is the runner's wire (`service/link.py`): a socket pair, pickled messages. The
 process starts at a worker's first training set and ends with the worker (its end of the
-socket closes; and the kernel kills it when the worker dies: `service/lifetime.py`).
+socket closes; and it watches the worker, ending mid-set if the worker dies:
+`service/lifetime.py`).
 """
 
 from __future__ import annotations

@@ -6,10 +6,15 @@ decoder and fine-tuning processes with the worker. Without this, BentoML's worke
 in a session of its own) outlived a killed arbiter, still answering on its port and
 writing to its store.
 
-On Linux the kernel does it: a process asks for a signal when its parent dies
-(PR_SET_PDEATHSIG), here SIGKILL, as for the crash that took the parent. It then checks
-that its parent is still the one that started it: one that died before the request would
-go unnoticed. Elsewhere a thread watches the parent.
+BentoML's workers ask the kernel for SIGKILL when the arbiter dies (Linux's
+PR_SET_PDEATHSIG), as for the crash that took it, then check that their parent is still
+the arbiter: one that died before the request would go unnoticed. The kernel sends that
+signal when the *thread* that started the process ends; the arbiter starts its workers
+from its main loop, which lives as long as it does. Other processes may be started from
+threads that end first (a request's thread starts a worker's decoder; the local fleet
+starts replicas from a pool's threads), so the arbiter and a worker's own processes
+watch their parent process instead: a thread that looks every half second. Elsewhere
+than Linux every process watches so.
 
 A server started on purpose without a parent to end with (`nohup bentoml serve &` from a
 shell that then exits) sets GRAFT_END_WITH_PARENT=false; its own processes still end
@@ -37,24 +42,29 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 
 def end_with_parent(parent_pid: int) -> None:
-    """This process is killed when process `parent_pid`, its parent, dies; at once if it
-    is not its parent any more (it died already)."""
-    if sys.platform == "linux":
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    else:
-        threading.Thread(
-            target=_watch_parent, args=(parent_pid,), name="graft-parent", daemon=True
-        ).start()
+    """This process is killed when process `parent_pid`, its parent, dies (or the thread
+    of it that started this process ends: see above); at once if it is not its parent any
+    more."""
+    if sys.platform != "linux":
+        watch_parent(parent_pid)
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     if os.getppid() != parent_pid:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os.kill(os.getpid(), signal.SIGKILL)
+def watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
+    """This process is killed within `every_s` of process `parent_pid`, its parent,
+    dying (at once if it is not its parent any more), whichever thread started it."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_s)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="graft-parent", daemon=True).start()
 
 
 def is_arbiter() -> bool:
@@ -82,7 +92,7 @@ def start_python(code: str, *args: str, pass_fds: tuple[int, ...] = ()) -> subpr
 
 def end_with_starter() -> None:
     """In a process `start_python` started: end when the process that started it does."""
-    end_with_parent(int(os.environ[PARENT_PID]))
+    watch_parent(int(os.environ[PARENT_PID]))
 
 
 def dies_with_this_process() -> Callable[[], None]:
