@@ -67,9 +67,10 @@ def watch_parent(parent_pid: int, every_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="graft-parent", daemon=True).start()
 
 
-def is_arbiter() -> bool:
-    """Whether this process is BentoML's arbiter: the first to import the service module
-    (service/service.py), which records its pid for the workers it starts."""
+def record_arbiter() -> bool:
+    """Records this process as BentoML's arbiter, for the workers it starts, unless one is
+    recorded already: the first process to import the service module (service/service.py)
+    is the arbiter; its workers inherit the record. Whether this process is it."""
     return os.environ.setdefault(ARBITER_PID, str(os.getpid())) == str(os.getpid())
 
 
@@ -96,8 +97,9 @@ def end_with_starter() -> None:
 
 
 def dies_with_this_process() -> Callable[[], None]:
-    """A `preexec_fn` for a program started with subprocess (nginx): it gets SIGTERM (its
-    own clean stop) when this process dies. Linux only; elsewhere it does nothing."""
+    """A `preexec_fn` for a program started with subprocess (nginx), from a thread that
+    lives as long as it: it gets SIGTERM (its own clean stop) when this process dies.
+    Linux only; elsewhere it does nothing."""
     parent = os.getpid()
 
     def preexec() -> None:

@@ -26,7 +26,7 @@ from service.auth import resolve_admin_key  # noqa: E402
 from service.console import Console  # noqa: E402
 from service.core import Graft as GraftCore  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
-from service.lifetime import end_with_arbiter, is_arbiter, watch_parent  # noqa: E402
+from service.lifetime import end_with_arbiter, record_arbiter, watch_parent  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
 from service.predict_path import PredictPath  # noqa: E402
 from service.runner import Runner, RunnerClient, link_address  # noqa: E402
@@ -35,7 +35,7 @@ from service.settings import Settings  # noqa: E402
 log = logging.getLogger("graft")
 settings = Settings()
 # BentoML's arbiter ends with what started it; its workers with it (service/lifetime.py).
-if is_arbiter() and settings.end_with_parent:
+if record_arbiter() and settings.end_with_parent:
     watch_parent(os.getppid())
 own_multiprocess_dir(settings.run_dir)
 app = create_app(settings.max_body_bytes)
