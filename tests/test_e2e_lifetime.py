@@ -29,7 +29,7 @@ def test_make_serve_killed_leaves_no_process_and_frees_its_port(
     tmp_path, backbone_dir, suite_database
 ) -> None:
     if suite_database != "sqlite":
-        pytest.skip("processes are the store's business in neither pass: once is enough")
+        pytest.skip("the same processes on either store: the SQLite pass runs it")
     server = start_server(
         MAKE_SERVE, tmp_path / "data", backbone_dir, {"GRAFT_BACKBONES": "minilm_l6"}
     )
