@@ -1,11 +1,11 @@
 """A head's fine-tuning, in a process of its own that ends with it.
 
 Fine-tuning in the API worker left PyTorch, the backbone's torch copy and the optimiser's
-state in the worker after the job: a server that held 1,738 MiB idle held 5,650 MiB after
-five MPNet heads had been created. In a process that ends with the job, a worker never
-imports PyTorch, and what the job allocated goes back to the system when it ends
-(BENCHMARKS.md, memory). Starting the process costs a few seconds of imports per
-fine-tuned head, against the tens of seconds the tuning itself takes.
+state in the worker after the job: a server at 1,745 MiB idle held 4,489 MiB after five
+MPNet heads had been created. In a process that ends with the job, a worker never
+imports PyTorch, and what the job allocated goes back to the system when it ends: 1,771
+MiB after the same five (BENCHMARKS.md, issue 27). The process imports PyTorch each
+time; the heads took as long to create (62.1 s against 62.7 s on average).
 
 The process starts at the job's nice (the training thread's, which it inherits), runs
 `adapters.finetune_head.fine_tune_head` on the request and sends its progress and
