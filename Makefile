@@ -41,11 +41,12 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The whole suite twice: on SQLite (the embedded default), then on a PostgreSQL server it
-# starts from Debian's packages (apt-get install postgresql; .ci/run does).
+# The whole suite on SQLite (the embedded default), then the tests of the store's SQL
+# (marked postgresql) again on a PostgreSQL server it starts from Debian's packages
+# (apt-get install postgresql; .ci/run does).
 test: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
-	$(VENV)/bin/pytest --database postgresql -m "not families" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest --database postgresql -m postgresql $(PYTEST_ARGS)
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
 # operation and mode, schemathesis's conformance run at 200 examples per operation, 3

@@ -43,8 +43,8 @@ from sklearn.metrics import f1_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.heads import expected_calibration_error  # noqa: E402
+from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
 from graft import Client, Examples  # noqa: E402
-from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 BATCH = 32
 OOD_INPUTS = 300  # per --ood source

@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.accuracy import image_split, read_texts  # noqa: E402
 from bench.serving import Requests, closed_loop, seed_heads, server_roles  # noqa: E402
+from deploy.local_server import BENTOML, poll_until_trained, start_server, stop_server  # noqa: E402
 from models.export import ensure_split  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.server import BENTOML, poll_until_trained, start_server, stop_server  # noqa: E402
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 FLOWERS = ROOT.parent / "shared/data/images/flowers"

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import bentoml  # noqa: E402
 
-from tests.server import free_port, wait_until_up  # noqa: E402
+from deploy.local_server import free_port, wait_until_up  # noqa: E402
 
 DIM = 1280
 CALLS = 400

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.coherence import KeyCache  # noqa: E402
 from adapters.head_cache import HeadCache  # noqa: E402
 from adapters.store import Store  # noqa: E402
-from tests.postgres import postgres  # noqa: E402
+from deploy.local_postgres import postgres  # noqa: E402
 
 HEADS = 1000
 LOOKUPS = 5000

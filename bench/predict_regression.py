@@ -30,9 +30,9 @@ from bench.serving import (  # noqa: E402
     seed_heads,
     take_turns,
 )
+from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 HEADS = 1000
 

@@ -56,6 +56,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.store import Store  # noqa: E402
+from deploy.local_server import BENTOML, free_port, start_server, stop_server, wait_until_up  # noqa: E402
 from models.export import ensure_variant  # noqa: E402
 from models.preprocess import decode_image  # noqa: E402
 from models.registry import get_backbone  # noqa: E402
@@ -63,7 +64,6 @@ from models.runtime import Backbone  # noqa: E402
 from service.priority import run_in_idle_time  # noqa: E402
 from service.settings import Settings, usable_cores  # noqa: E402
 from tests.inputs import crops  # noqa: E402
-from tests.server import BENTOML, free_port, start_server, stop_server, wait_until_up  # noqa: E402
 
 BACKBONE = "efficientnet_lite0"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.accuracy import read_texts, text_split  # noqa: E402
+from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
 from service.settings import Settings  # noqa: E402
-from tests.server import BENTOML, start_server, stop_server  # noqa: E402
 
 YELP = (
     ROOT.parent

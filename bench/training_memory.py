@@ -27,9 +27,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.accuracy import read_texts  # noqa: E402
-from models import cpu  # noqa: E402
-from service.settings import Settings  # noqa: E402
-from tests.server import (  # noqa: E402
+from deploy.local_server import (  # noqa: E402
     BENTOML,
     alive,
     poll_until_trained,
@@ -37,6 +35,8 @@ from tests.server import (  # noqa: E402
     start_server,
     stop_server,
 )
+from models import cpu  # noqa: E402
+from service.settings import Settings  # noqa: E402
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 MIB = 2**20

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import httpx
 
+from deploy.local_postgres import postgres
+from deploy.local_server import BENTOML, Server, free_port, kill_server, start_server, stop_server
 from service.lifetime import dies_with_this_process
 from service.settings import Settings
-from tests.postgres import postgres
-from tests.server import BENTOML, Server, free_port, kill_server, start_server, stop_server
 
 NGINX_CONF = """
 daemon off;

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from deploy.local_postgres import postgres
 from models import cpu
 from models.export import ensure_onnx, ensure_split
 from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
-from tests.postgres import SUITE_SERVER, database_for, postgres
-from tests.server import BENTOML, Server, start_server, stop_server
+from tests.postgres import SUITE_SERVER, database_for
+from tests.server import BENTOML, ROOT, Server, start_test_server, stop_server
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -31,6 +32,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="the store every test and server uses: a SQLite file each (the default), or a"
         " database each on one PostgreSQL server the suite starts (make test runs both)",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test given a store (a SQLite file, or a PostgreSQL database in the second pass)
+    # tests its SQL: it runs in both passes.
+    for item in items:
+        if "database_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.postgresql)
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -65,15 +74,21 @@ def long_run(request: pytest.FixtureRequest) -> bool:
     return request.config.getoption("--long")
 
 
+# Exported backbones are named by the hash of their weights and exporter (models/export.py),
+# so one cache serves every run: the one `make serve` fills, unless GRAFT_TEST_BACKBONE_DIR
+# names another. A changed backbone gets new files; stale ones are only disk.
+BACKBONE_CACHE = Path(os.environ.get("GRAFT_TEST_BACKBONE_DIR", ROOT / ".graft" / "backbones"))
+
+
 @pytest.fixture(scope="session")
-def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Every registered backbone exported to ONNX once for the whole session (and the
-    trunk and top of those that fine-tune)."""
-    cache = Path(os.environ.get("GRAFT_TEST_BACKBONE_DIR", tmp_path_factory.mktemp("backbones")))
+def backbone_dir() -> Path:
+    """Every registered backbone exported to ONNX (and the trunk and top of those that
+    fine-tune), once across runs."""
+    BACKBONE_CACHE.mkdir(parents=True, exist_ok=True)
     for spec in list_backbones():
-        ensure_onnx(spec, cache)
-        ensure_split(spec, cache)
-    return cache
+        ensure_onnx(spec, BACKBONE_CACHE)
+        ensure_split(spec, BACKBONE_CACHE)
+    return BACKBONE_CACHE
 
 
 @pytest.fixture(scope="session")
@@ -106,14 +121,14 @@ TENANT_KEY = re.compile(r"graft_[0-9a-f]{32}_[A-Za-z0-9_-]{20,}")
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path) -> Iterator[Server]:
     """One real server for the end-to-end tests; each test makes its own tenants."""
-    # Every built-in backbone (the default set has two per modality): `auto` then ranks
-    # four image backbones and keeps a shortlist of two.
-    every = ",".join(spec.id for spec in list_backbones())
-    running = start_server(
+    # Three image backbones, so that `auto` ranks them and keeps a shortlist of two; both
+    # text backbones, so that a text head's `auto` has a choice too.
+    loaded = "efficientnet_lite0,mobilenet_v2,efficientnet_lite1,minilm_l6,mpnet_base_v2"
+    running = start_test_server(
         BENTOML,
         tmp_path_factory.mktemp("data"),
         backbone_dir,
-        {**TEST_LIMITS, "GRAFT_BACKBONES": every},
+        {**TEST_LIMITS, "GRAFT_BACKBONES": loaded},
     )
     yield running
     stop_server(running)
@@ -129,7 +144,7 @@ def polling_server(
 ) -> Iterator[Server]:
     """A server whose heads always answer 202 and train in the background, as big heads
     do: for the client, the `graft` command and the console, which show its progress."""
-    running = start_server(
+    running = start_test_server(
         BENTOML,
         tmp_path_factory.mktemp("polling"),
         backbone_dir,

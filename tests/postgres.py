@@ -1,59 +1,16 @@
-"""A real PostgreSQL server from Debian's packages, in a temporary directory, on a free
-loopback port (tests and benchmarks). Nothing outside the directory is touched; the
-server is stopped and the directory removed at the end.
-
-Under `pytest --database postgresql` the suite starts one such server and every store
-and Graft server of the tests gets a database of its own on it (`database_for`).
-
-PostgreSQL refuses to run as root: as root (this machine's CI), its programs run as the
-`postgres` user that Debian's package creates.
-"""
+"""Under `pytest --database postgresql` the suite starts one PostgreSQL server
+(deploy/local_postgres.py) and every store and Graft server of the tests gets a database
+of its own on it (`database_for`)."""
 
 from __future__ import annotations
 
-import contextlib
-import getpass
 import os
-import shutil
-import subprocess
-import tempfile
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
-
-from tests.server import free_port
-
-# Debian installs the programs under a versioned folder, off the PATH.
-_BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
-
-
-def _program(name: str) -> str:
-    for folder in _BIN_DIRS:
-        if (folder / name).exists():
-            return str(folder / name)
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"PostgreSQL's {name} is not installed: apt-get install postgresql")
-    return found
-
-
-def _as_server_user(args: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
-
+from deploy.local_postgres import create_database
 
 # Set while the suite runs on PostgreSQL: the server's maintenance database.
 SUITE_SERVER = "GRAFT_TEST_POSTGRES_URL"
-
-
-def create_database(server_url: str) -> str:
-    """A new, empty database on the server of `server_url`; its SQLAlchemy URL."""
-    name = f"graft_{uuid.uuid4().hex[:12]}"
-    plain = server_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(plain, autocommit=True) as connection:
-        connection.execute(f'CREATE DATABASE "{name}"')
-    return server_url.rsplit("/", 1)[0] + "/" + name
 
 
 def database_for(data_dir: Path) -> str | None:
@@ -68,46 +25,3 @@ def database_for(data_dir: Path) -> str | None:
     if not remembered.exists():
         remembered.write_text(create_database(server_url))
     return remembered.read_text()
-
-
-@contextlib.contextmanager
-def postgres(database: str = "graft") -> Iterator[str]:
-    """Starts a server and yields a SQLAlchemy URL of a new, empty database on it."""
-    folder = Path(tempfile.mkdtemp(prefix="graft-postgres-"))
-    data = folder / "data"
-    user = "postgres" if os.geteuid() == 0 else getpass.getuser()
-    if os.geteuid() == 0:
-        shutil.chown(folder, "postgres", "postgres")
-    port = free_port()
-    run = dict(check=True, capture_output=True, text=True)
-    try:
-        subprocess.run(
-            _as_server_user(
-                [_program("initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8"]
-            ),
-            **run,
-        )
-        options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"
-        subprocess.run(
-            _as_server_user(
-                [_program("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
-                 "-w", "start"]
-            ),
-            **run,
-        )  # fmt: skip
-        try:
-            subprocess.run(
-                _as_server_user(
-                    [_program("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user,
-                     database]
-                ),
-                **run,
-            )  # fmt: skip
-            yield f"postgresql+psycopg://{user}@127.0.0.1:{port}/{database}"
-        finally:
-            subprocess.run(
-                _as_server_user([_program("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                capture_output=True,
-            )
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)

@@ -42,7 +42,9 @@ def test_retraining_embeds_only_inputs_it_has_not_seen(runner_and_graft) -> None
 
     tenant, _ = graft.store.create_tenant(name="t")
     first = _examples("sports", SPORTS[:3]) + _examples("cooking", COOKING[:3])
-    create = functools.partial(graft.create_head, backbone_id="minilm_l6", examples=first)
+    create = functools.partial(
+        graft.create_head, backbone_id="minilm_l6", examples=first, fine_tune="off"
+    )
     embedded, head = embedded_by(create, tenant, name="h")
     assert embedded == 6 and head.status == "ready"
 

@@ -54,7 +54,12 @@ def test_unlabelled_texts_are_kept_reported_and_deduplicated(server) -> None:
     with server.new_tenant("chat") as client:
         head = client.post(
             "/v1/heads",
-            json={"name": "topics", "backbone": "minilm_l6", "examples": text_examples(5)},
+            json={
+                "name": "topics",
+                "backbone": "minilm_l6",
+                "examples": text_examples(5),
+                "fine_tune": "off",
+            },
         ).json()
         path = f"/v1/heads/{head['id']}"
         assert head["metrics"]["domain"] is None
@@ -130,7 +135,12 @@ def test_bad_unlabelled_input_is_refused_and_changes_nothing(server) -> None:
     with server.new_tenant("careless") as client, server.new_tenant("other") as other:
         head = client.post(
             "/v1/heads",
-            json={"name": "t", "backbone": "minilm_l6", "examples": text_examples(3)},
+            json={
+                "name": "t",
+                "backbone": "minilm_l6",
+                "examples": text_examples(3),
+                "fine_tune": "off",
+            },
         ).json()
         url = f"/v1/heads/{head['id']}/unlabeled"
         assert_error(client.post(url, json={"examples": []}), 422)

@@ -7,21 +7,26 @@ import pytest
 
 from tests.conftest import TEST_LIMITS
 from tests.inputs import COOKING, SPORTS, image_examples
-from tests.server import BENTOML, start_server, stop_server
+from tests.server import BENTOML, start_test_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.postgresql  # counts the stored heads per backbone
 def test_a_server_loads_only_the_backbones_it_is_given(tmp_path, backbone_dir) -> None:
     data_dir = tmp_path / "data"
-    everything = start_server(BENTOML, data_dir, backbone_dir, TEST_LIMITS)
+    # The server's own default set (the variable unset).
+    everything = start_test_server(
+        BENTOML, data_dir, backbone_dir, {**TEST_LIMITS, "GRAFT_BACKBONES": None}
+    )
     try:
         with everything.new_tenant("choice") as tenant:
             key = tenant.headers["Authorization"].removeprefix("Bearer ")
             texts = [{"label": "sports", "text": t} for t in SPORTS[:3]]
             texts += [{"label": "cooking", "text": t} for t in COOKING[:3]]
             text_head = tenant.post(
-                "/v1/heads", json={"name": "t", "backbone": "minilm_l6", "examples": texts}
+                "/v1/heads",
+                json={"name": "t", "backbone": "minilm_l6", "examples": texts, "fine_tune": "off"},
             ).json()["id"]
             image_head = tenant.post(
                 "/v1/heads",
@@ -34,7 +39,7 @@ def test_a_server_loads_only_the_backbones_it_is_given(tmp_path, backbone_dir) -
     finally:
         stop_server(everything)
 
-    only_lite0 = start_server(
+    only_lite0 = start_test_server(
         BENTOML, data_dir, backbone_dir, {**TEST_LIMITS, "GRAFT_BACKBONES": "efficientnet_lite0"}
     )
     try:
@@ -67,7 +72,7 @@ def test_a_bad_backbones_file_stops_the_server_naming_the_entry(tmp_path, backbo
     declared = tmp_path / "backbones.toml"
     declared.write_text('[mine]\nkind = "timm"\nfamily = "ResNet"\nembedding_dim = 512\n')
     with pytest.raises(RuntimeError, match="server exited") as raised:
-        start_server(
+        start_test_server(
             BENTOML,
             tmp_path / "data",
             backbone_dir,

@@ -19,7 +19,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from graft import Client
-from tests.server import BENTOML, ROOT, start_server, stop_server
+from tests.server import BENTOML, ROOT, start_test_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,7 @@ SCHEMATHESIS = str(Path(sys.executable).parent / "schemathesis")
 
 @pytest.fixture(scope="module")
 def fuzzed(tmp_path_factory, backbone_dir):
-    server = start_server(
+    server = start_test_server(
         BENTOML,
         tmp_path_factory.mktemp("conformance"),
         backbone_dir,

@@ -17,9 +17,10 @@ import sqlalchemy as sa
 from models.registry import get_backbone
 from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
 from tests.postgres import database_for
-from tests.server import BENTOML, kill_server, start_server, stop_server
+from tests.server import BENTOML, kill_server, start_test_server, stop_server
 
-pytestmark = pytest.mark.e2e
+# Each test here reads or writes the store: run again on PostgreSQL (make test).
+pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
 
 TEXT = "minilm_l6"
 DIM = get_backbone(TEXT).embedding_dim
@@ -149,7 +150,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     kills = 20 if long_run else 3
     rng = random.Random(4)
     data_dir = tmp_path / "data"
-    server = start_server(BENTOML, data_dir, backbone_dir)
+    server = start_test_server(BENTOML, data_dir, backbone_dir)
     with server.admin() as admin:
         api_key = admin.post("/v1/tenants", json={"name": "crash"}).json()["api_key"]
     acknowledged: dict[str, int] = {}
@@ -162,7 +163,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(
             kill_server(server)
             writers.join()
             unexpected += writers.unexpected
-            server = start_server(BENTOML, data_dir, backbone_dir)
+            server = start_test_server(BENTOML, data_dir, backbone_dir)
             _check_everything_acknowledged_survived(server, api_key, acknowledged)
     finally:
         stop_server(server)
@@ -177,7 +178,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(
 
 
 def test_sigterm_lets_in_flight_requests_finish(tmp_path, backbone_dir) -> None:
-    server = start_server(BENTOML, tmp_path / "data", backbone_dir)
+    server = start_test_server(BENTOML, tmp_path / "data", backbone_dir)
     answers: dict[str, httpx.Response] = {}
     try:
         tenant = server.new_tenant("draining")
@@ -246,7 +247,7 @@ def test_examples_answered_202_survive_a_kill_and_their_head_is_trained(
     again (its old processes' leases are freed at once, and a worker takes the job)."""
     data_dir = tmp_path / "data"
     always_202 = {"GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"}
-    server = start_server(BENTOML, data_dir, backbone_dir, always_202)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, always_202)
     try:
         tenant = server.new_tenant("killed")
         api_key = tenant.headers["Authorization"].removeprefix("Bearer ")
@@ -259,7 +260,7 @@ def test_examples_answered_202_survive_a_kill_and_their_head_is_trained(
     finally:
         kill_server(server)  # at once: the 100 texts take seconds to embed and fit
     head_id = answer.json()["id"]
-    server = start_server(BENTOML, data_dir, backbone_dir, always_202)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, always_202)
     try:
         with server.client(api_key) as client:
             head = _settled_heads(client)[head_id]

@@ -29,7 +29,7 @@ from tests.server import (
     alive,
     poll_until_trained,
     process_tree,
-    start_server,
+    start_test_server,
     stop_server,
 )
 
@@ -242,7 +242,7 @@ def test_a_fine_tuned_head_survives_a_restart_and_is_refused_where_its_backbone_
     data_dir = tmp_path / "data"
     # Every creation answers 202 at once: the head shows how far its training is.
     env = {"GRAFT_BACKBONES": "minilm_l6", "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"}
-    server = start_server(BENTOML, data_dir, backbone_dir, env)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, env)
     try:
         with server.new_tenant("restart") as client:
             key = client.headers["Authorization"].removeprefix("Bearer ")
@@ -259,7 +259,7 @@ def test_a_fine_tuned_head_survives_a_restart_and_is_refused_where_its_backbone_
     finally:
         stop_server(server)
     # The same store, served again: the head's top came back with it.
-    server = start_server(BENTOML, data_dir, backbone_dir, env, admin_key=server.admin_key)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, env, admin_key=server.admin_key)
     try:
         with server.client(key) as client:
             np.testing.assert_allclose(_scores(client, head["id"], QUERIES), before, atol=1e-5)
@@ -267,7 +267,7 @@ def test_a_fine_tuned_head_survives_a_restart_and_is_refused_where_its_backbone_
         stop_server(server)
     # Served whole, the backbone cannot run the head's top: a clear 409, not a wrong answer.
     whole = {**env, "GRAFT_FINE_TUNING": "false"}
-    server = start_server(BENTOML, data_dir, backbone_dir, whole, admin_key=server.admin_key)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, whole, admin_key=server.admin_key)
     try:
         with server.client(key) as client:
             answer = client.post(

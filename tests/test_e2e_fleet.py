@@ -26,7 +26,8 @@ from tests.server import (
     wait_until_ended,
 )
 
-pytestmark = pytest.mark.e2e
+# Each test here reads or writes the store: run again on PostgreSQL (make test).
+pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
 
 TEXT = "minilm_l6"
 
@@ -35,7 +36,9 @@ TEXT = "minilm_l6"
 def fleet(backbone_dir, suite_database):
     if suite_database != "postgresql":
         pytest.skip("the fleet runs in the PostgreSQL pass (pytest --database postgresql)")
-    with local_fleet(3, backbone_dir=backbone_dir) as running:
+    # The text backbone only; a head's request waits for its training (tests/server.py).
+    env = {"GRAFT_BACKBONES": TEXT, "GRAFT_SYNC_TRAINING_TIMEOUT_S": "240"}
+    with local_fleet(3, backbone_dir=backbone_dir, env=env) as running:
         yield running
 
 

@@ -59,7 +59,12 @@ def test_fuzz_every_operation(server, long_run) -> None:
     with tenant:
         head = tenant.post(
             "/v1/heads",
-            json={"name": "fuzz", "backbone": "minilm_l6", "examples": text_examples(3)},
+            json={
+                "name": "fuzz",
+                "backbone": "minilm_l6",
+                "examples": text_examples(3),
+                "fine_tune": "off",
+            },
         ).json()
     tenant_key = tenant.headers["Authorization"]
     admin_key = f"Bearer {server.admin_key}"

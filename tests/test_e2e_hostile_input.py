@@ -197,7 +197,13 @@ def image_head(tenant) -> dict:
 @pytest.fixture(scope="module")
 def text_head(tenant) -> dict:
     response = tenant.post(
-        "/v1/heads", json={"name": "kept-text", "backbone": TEXT, "examples": text_examples(3)}
+        "/v1/heads",
+        json={
+            "name": "kept-text",
+            "backbone": TEXT,
+            "examples": text_examples(3),
+            "fine_tune": "off",
+        },
     )
     assert response.status_code == 201, response.text
     return response.json()

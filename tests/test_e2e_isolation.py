@@ -8,7 +8,8 @@ import pytest
 
 from tests.inputs import assert_error, text_examples
 
-pytestmark = pytest.mark.e2e
+# Each test here reads or writes the store: run again on PostgreSQL (make test).
+pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
 
 
 def test_another_tenants_head_answers_404_and_stays_unchanged(server) -> None:
@@ -17,7 +18,12 @@ def test_another_tenants_head_answers_404_and_stays_unchanged(server) -> None:
     with owner, intruder:
         head = owner.post(
             "/v1/heads",
-            json={"name": "private", "backbone": "minilm_l6", "examples": text_examples(3)},
+            json={
+                "name": "private",
+                "backbone": "minilm_l6",
+                "examples": text_examples(3),
+                "fine_tune": "off",
+            },
         ).json()
         path = f"/v1/heads/{head['id']}"
         before = owner.get(path).json()

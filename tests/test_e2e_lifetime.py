@@ -17,7 +17,7 @@ from tests.server import (
     alive,
     post_in_background,
     process_tree,
-    start_server,
+    start_test_server,
     wait_for_fine_tuning,
     wait_until_ended,
 )
@@ -30,7 +30,7 @@ def test_make_serve_killed_leaves_no_process_and_frees_its_port(
 ) -> None:
     if suite_database != "sqlite":
         pytest.skip("the same processes on either store: the SQLite pass runs it")
-    server = start_server(
+    server = start_test_server(
         MAKE_SERVE, tmp_path / "data", backbone_dir, {"GRAFT_BACKBONES": "minilm_l6"}
     )
     make = server.process

@@ -8,9 +8,10 @@ import pytest
 
 from graft import Client, GraftError
 from tests.inputs import assert_error, text_examples
-from tests.server import BENTOML, start_server, stop_server
+from tests.server import BENTOML, start_test_server, stop_server
 
-pytestmark = pytest.mark.e2e
+# Each test here reads or writes the store: run again on PostgreSQL (make test).
+pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
 
 LIMITS = {
     "GRAFT_MAX_HEADS_PER_TENANT": "2",
@@ -23,14 +24,15 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory, backbone_dir):
-    server = start_server(BENTOML, tmp_path_factory.mktemp("limited"), backbone_dir, LIMITS)
+    server = start_test_server(BENTOML, tmp_path_factory.mktemp("limited"), backbone_dir, LIMITS)
     yield server
     stop_server(server)
 
 
 def _head(client, examples) -> dict:
     response = client.post(
-        "/v1/heads", json={"name": "h", "backbone": "minilm_l6", "examples": examples}
+        "/v1/heads",
+        json={"name": "h", "backbone": "minilm_l6", "examples": examples, "fine_tune": "off"},
     )
     assert response.status_code == 201, response.text
     return response.json()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
-from tests.server import BENTOML, start_server, stop_server
+from tests.server import BENTOML, start_test_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -129,9 +129,8 @@ def _setup_tenants(server, n_text: int, n_image: int) -> list[tuple]:
         with server.admin() as admin:
             key = admin.post("/v1/tenants", json={"name": f"reader-{i}"}).json()["api_key"]
         with server.client(key) as client:
-            head = client.post(
-                "/v1/heads", json={"name": "r", "backbone": backbone, "examples": examples}
-            ).json()
+            body = {"name": "r", "backbone": backbone, "examples": examples, "fine_tune": "off"}
+            head = client.post("/v1/heads", json=body).json()
             # What this head answers for each input sent alone: the reference under load.
             expected = []
             for x in inputs:
@@ -148,9 +147,9 @@ def _setup_tenants(server, n_text: int, n_image: int) -> list[tuple]:
 
 
 def test_many_tenants_under_load(tmp_path, backbone_dir, long_run) -> None:
-    seconds, warm_up_s = (180, 60) if long_run else (40, 15)
-    n_text, n_image = (60, 12) if long_run else (12, 3)
-    server = start_server(BENTOML, tmp_path / "data", backbone_dir)
+    seconds, warm_up_s = (180, 60) if long_run else (25, 10)
+    n_text, n_image = (60, 12) if long_run else (8, 2)
+    server = start_test_server(BENTOML, tmp_path / "data", backbone_dir)
     try:
         tenants = _setup_tenants(server, n_text, n_image)
         load = Load(server, tenants, seconds)

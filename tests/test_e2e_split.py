@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from tests.inputs import COOKING, SPORTS
-from tests.server import BENTOML, free_port, start_server, stop_server
+from tests.server import BENTOML, free_port, start_test_server, stop_server
 
 pytestmark = pytest.mark.e2e
 
@@ -20,11 +20,11 @@ def test_api_servers_use_a_runner_served_on_its_own(tmp_path, backbone_dir) -> N
         "GRAFT_RUNNER_LINK": f"tcp://127.0.0.1:{free_port()}",
         "GRAFT_RUNNER_KEY": secrets.token_urlsafe(24),
     }
-    runner = start_server(
+    runner = start_test_server(
         [*BENTOML[:2], "service.service:BackboneRunner"], tmp_path / "runner", backbone_dir, link
     )
     try:
-        api = start_server(
+        api = start_test_server(
             BENTOML, tmp_path / "api", backbone_dir, {**link, "GRAFT_RUNNER_URL": runner.base_url}
         )
         try:
@@ -38,7 +38,12 @@ def test_api_servers_use_a_runner_served_on_its_own(tmp_path, backbone_dir) -> N
                 ]
                 head = tenant.post(
                     "/v1/heads",
-                    json={"name": "h", "backbone": "minilm_l6", "examples": examples},
+                    json={
+                        "name": "h",
+                        "backbone": "minilm_l6",
+                        "examples": examples,
+                        "fine_tune": "off",
+                    },
                 )
                 assert head.status_code == 201, head.text
                 answer = tenant.post(

@@ -90,6 +90,7 @@ def test_a_text_head_says_when_it_does_not_know(server) -> None:
             "backbone": "minilm_l6",
             "examples": text_examples(8),
             "label_descriptions": {"sports": "sport, games and athletes"},
+            "fine_tune": "off",
         }
         head = client.post("/v1/heads", json=body).json()
         assert head["label_descriptions"] == {"sports": "sport, games and athletes"}

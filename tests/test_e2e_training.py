@@ -6,16 +6,17 @@ import pytest
 
 from tests.conftest import TEST_LIMITS
 from tests.inputs import b64, crops, image_examples
-from tests.server import BENTOML, poll_until_trained, start_server, stop_server
+from tests.server import BENTOML, poll_until_trained, start_test_server, stop_server
 
-pytestmark = pytest.mark.e2e
+# Each test here reads or writes the store: run again on PostgreSQL (make test).
+pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
 
 
 def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> None:
     data_dir = tmp_path / "data"
     # Answer at once: every head comes back 202 and trains in the background.
     env = {**TEST_LIMITS, "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"}
-    server = start_server(BENTOML, data_dir, backbone_dir, env)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, env)
     try:
         with server.admin() as admin:
             api_key = admin.post("/v1/tenants", json={"name": "patient"}).json()["api_key"]
@@ -46,7 +47,7 @@ def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> No
     finally:
         stop_server(server)
 
-    server = start_server(BENTOML, data_dir, backbone_dir, TEST_LIMITS)
+    server = start_test_server(BENTOML, data_dir, backbone_dir, TEST_LIMITS)
     try:
         with server.client(api_key) as client:
             assert client.get(f"/v1/heads/{head['id']}").json() == head

@@ -26,7 +26,7 @@ from models.preprocess import tokenize
 from models.registry import BackboneFileError, load_catalog
 from models.runtime import Backbone
 from tests.inputs import COOKING, SPORTS
-from tests.server import BENTOML, start_server, stop_server
+from tests.server import BENTOML, start_test_server, stop_server
 
 pytestmark = pytest.mark.families
 
@@ -305,7 +305,7 @@ def test_a_wrong_embedding_size_fails_naming_the_entry(catalog: dict, tmp_path: 
 
 @pytest.mark.e2e
 def test_every_family_is_served_over_http(families: Path, exported: Path, tmp_path: Path) -> None:
-    server = start_server(
+    server = start_test_server(
         BENTOML,
         tmp_path / "data",
         exported,

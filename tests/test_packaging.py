@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.server import ROOT, start_server, stop_server
+from tests.server import ROOT, start_test_server, stop_server
 
 BENTOML = str(Path(sys.executable).parent / "bentoml")
 
@@ -62,7 +62,7 @@ def test_built_bento_serves(tmp_path: Path, backbone_dir: Path) -> None:
     assert (src / "service" / "console" / "console.js").is_file()
     assert (src / "graft" / "client.py").is_file()
 
-    server = start_server(
+    server = start_test_server(
         [BENTOML, "serve", tag],
         tmp_path / "data",
         backbone_dir,
