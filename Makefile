@@ -22,7 +22,7 @@ install: $(VENV)/.installed
 
 # Export each backbone the server loads (GRAFT_BACKBONES) to ONNX once (cached under $(GRAFT_DATA_DIR)/backbones).
 prepare: install
-	$(PY) -m models.export
+	$(PY) -m service.prepare
 
 serve: prepare
 	@$(PY) -m service.auth

@@ -38,7 +38,8 @@ PROTOTYPE_SCALE = 10.0
 # Held-out log-losses closer than this are a tie, won by the earlier candidate (separable
 # data drives every candidate's loss to about 0).
 SAME_LOSS = 1e-3
-# The unknown threshold keeps this share of the held-out in-distribution rows.
+# The unknown threshold keeps this share of the held-out in-distribution rows (the API
+# document says so: HeadMetrics.unknown_threshold in graft/schemas.py).
 UNKNOWN_KEEP = 0.99
 
 

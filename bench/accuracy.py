@@ -42,9 +42,9 @@ from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import expected_calibration_error  # noqa: E402
-from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
-from graft import Client, Examples  # noqa: E402
+from adapters.heads import expected_calibration_error
+from deploy.local_server import BENTOML, start_server, stop_server
+from graft import Client, Examples
 
 BATCH = 32
 OOD_INPUTS = 300  # per --ood source

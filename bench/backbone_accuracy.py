@@ -27,14 +27,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from adapters.transferability import choose_backbone  # noqa: E402
-from bench.accuracy import image_split, read_texts, text_split  # noqa: E402
-from models.export import ensure_variant  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.runner import resident_bytes  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.heads import predict_proba, train_head
+from adapters.transferability import choose_backbone
+from bench.accuracy import image_split, read_texts, text_split
+from models.export import ensure_variant
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.runner import resident_bytes
+from service.settings import Settings
 
 DATA = ROOT.parent / "shared" / "data"
 UCI = DATA / "text" / "uci_sentiment_labelled_sentences"

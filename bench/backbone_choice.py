@@ -22,14 +22,16 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from adapters.transferability import choose_backbone  # noqa: E402
-from bench.accuracy import image_split  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import list_backbones  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.heads import predict_proba, train_head
+from adapters.transferability import choose_backbone
+from bench.accuracy import image_split
+from models.export import ensure_onnx
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.settings import (
+    Settings,
+    list_backbones,
+)
 
 WITHIN = 0.01
 

@@ -21,11 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import psutil  # noqa: E402
+import psutil
 
-from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
-from models.registry import list_backbones  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from deploy.local_server import BENTOML, start_server, stop_server
+from service.settings import (
+    Settings,
+    list_backbones,
+)
 
 
 def tree_memory(pid: int) -> tuple[int, int]:

@@ -37,13 +37,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.adaptation import adapt  # noqa: E402
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from bench.accuracy import image_split, read_texts  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.adaptation import adapt
+from adapters.heads import predict_proba, train_head
+from bench.accuracy import image_split, read_texts
+from models.export import ensure_onnx
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.settings import Settings
 
 DATA = ROOT.parent / "shared" / "data"
 PACS = DATA / "images" / "pacs"

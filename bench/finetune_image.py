@@ -25,17 +25,17 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.finetune import (  # noqa: E402
+from adapters.finetune import (
     ImageExamples,
     centre_activations,
     compare,
     embed_images,
     onnx_trunk,
 )
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from bench.accuracy import image_split  # noqa: E402
-from models.export import ensure_split  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.heads import predict_proba, train_head
+from bench.accuracy import image_split
+from models.export import ensure_split
+from service.settings import Settings
 
 FLOWERS = ROOT.parent / "shared" / "data" / "images" / "flowers"
 MAX_PIXELS = 10**8

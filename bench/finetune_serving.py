@@ -28,11 +28,11 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
-from models.preprocess import load_tokenizer, pad_tokens, token_ids  # noqa: E402
-from models.split import export_split  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from bench.accuracy import read_texts
+from models.export import ensure_onnx
+from models.preprocess import load_tokenizer, pad_tokens, token_ids
+from models.split import export_split
+from service.settings import Settings
 
 UCI = ROOT.parent / "shared" / "data" / "text" / "uci_sentiment_labelled_sentences"
 

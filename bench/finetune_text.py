@@ -28,11 +28,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.finetune import TextExamples, compare, embed, hidden_states, tune  # noqa: E402
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from bench.accuracy import read_texts  # noqa: E402
-from models.preprocess import load_tokenizer, token_ids  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.finetune import TextExamples, compare, embed, hidden_states, tune
+from adapters.heads import predict_proba, train_head
+from bench.accuracy import read_texts
+from models.preprocess import load_tokenizer, token_ids
+from service.settings import Settings
 
 DATA = ROOT.parent / "shared" / "data" / "text"
 SETS = {

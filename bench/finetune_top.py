@@ -29,11 +29,11 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from bench.accuracy import image_split  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.timm_backbone import load_timm_model  # noqa: E402
+from adapters.heads import predict_proba, train_head
+from bench.accuracy import image_split
+from models.preprocess import decode_image
+from models.timm_backbone import load_timm_model
+from service.settings import get_backbone
 
 FLOWERS = ROOT.parent / "shared" / "data" / "images" / "flowers"
 

@@ -23,11 +23,13 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.export import ensure_variant  # noqa: E402
-from models.quantize import calibration_images  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.runtime import Backbone, available_providers  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from models.export import ensure_variant
+from models.quantize import calibration_images
+from models.runtime import Backbone, available_providers
+from service.settings import (
+    Settings,
+    get_backbone,
+)
 
 BATCHES = (1, 8, 32, 128, 256)
 

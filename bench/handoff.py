@@ -28,9 +28,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import bentoml  # noqa: E402
+import bentoml
 
-from deploy.local_server import free_port, wait_until_up  # noqa: E402
+from deploy.local_server import free_port, wait_until_up
 
 DIM = 1280
 CALLS = 400
@@ -102,7 +102,8 @@ def bentoml_composition(rows_list) -> dict[int, tuple[float, float]]:
 def runner_link(rows_list) -> dict[int, tuple[float, float]]:
     import multiprocessing
 
-    from service.runner import RunnerClient, serve_forever
+    from service.runner_client import RunnerClient
+    from service.runner_server import serve_forever
 
     path = Path(tempfile.mkdtemp(prefix="graft-handoff-")) / "runner.sock"
     context = multiprocessing.get_context("spawn")

@@ -30,10 +30,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.coherence import KeyCache  # noqa: E402
-from adapters.head_cache import HeadCache  # noqa: E402
-from adapters.store import Store  # noqa: E402
-from deploy.local_postgres import postgres  # noqa: E402
+from adapters.coherence import KeyCache
+from adapters.head_cache import HeadCache
+from adapters.store import Store
+from deploy.local_postgres import postgres
 
 HEADS = 1000
 LOOKUPS = 5000

@@ -20,11 +20,13 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.export import ensure_onnx  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from models.export import ensure_onnx
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.settings import (
+    Settings,
+    get_backbone,
+)
 
 
 def load_split(root: Path):

@@ -25,9 +25,9 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.timm_backbone import load_timm_model  # noqa: E402
+from models.preprocess import decode_image
+from models.timm_backbone import load_timm_model
+from service.settings import get_backbone
 
 CHECKPOINTS = Path(os.environ.get("PEER_DIR", "/tmp/graft-peer"))
 MAX_MODELS = int(os.environ.get("PEER_MODELS", "32"))

@@ -23,16 +23,18 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import (  # noqa: E402
+from bench.serving import (
     BACKBONE,
     client_images,
     report_turns,
     seed_heads,
     take_turns,
 )
-from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from deploy.local_server import BENTOML, start_server, stop_server
+from service.settings import (
+    Settings,
+    get_backbone,
+)
 
 HEADS = 1000
 

@@ -23,15 +23,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.heads import predict_proba, train_head  # noqa: E402
-from bench.accuracy import image_split, read_texts, text_split  # noqa: E402
-from models import cpu  # noqa: E402
-from models.export import ensure_variant  # noqa: E402
-from models.preprocess import decode_image, tokenize  # noqa: E402
-from models.quantize import VARIANTS  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.heads import predict_proba, train_head
+from bench.accuracy import image_split, read_texts, text_split
+from models import cpu
+from models.export import ensure_variant
+from models.preprocess import decode_image, tokenize
+from models.quantize import VARIANTS
+from models.runtime import Backbone
+from service.settings import (
+    Settings,
+    get_backbone,
+)
 
 
 def accuracy(x_train, y_train, x_val, y_val) -> float:

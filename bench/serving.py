@@ -55,15 +55,18 @@ from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.store import Store  # noqa: E402
-from deploy.local_server import BENTOML, free_port, start_server, stop_server, wait_until_up  # noqa: E402
-from models.export import ensure_variant  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import get_backbone  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.priority import run_in_idle_time  # noqa: E402
-from service.settings import Settings, usable_cores  # noqa: E402
-from tests.inputs import crops  # noqa: E402
+from adapters.store import Store
+from deploy.local_server import BENTOML, free_port, start_server, stop_server, wait_until_up
+from models.export import ensure_variant
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.priority import run_in_idle_time
+from service.settings import (
+    Settings,
+    get_backbone,
+    usable_cores,
+)
+from tests.inputs import crops
 
 BACKBONE = "efficientnet_lite0"
 

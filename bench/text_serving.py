@@ -23,9 +23,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts, text_split  # noqa: E402
-from deploy.local_server import BENTOML, start_server, stop_server  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from bench.accuracy import read_texts, text_split
+from deploy.local_server import BENTOML, start_server, stop_server
+from service.settings import Settings
 
 YELP = (
     ROOT.parent

@@ -26,8 +26,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts  # noqa: E402
-from deploy.local_server import (  # noqa: E402
+from bench.accuracy import read_texts
+from deploy.local_server import (
     BENTOML,
     alive,
     poll_until_trained,
@@ -35,8 +35,8 @@ from deploy.local_server import (  # noqa: E402
     start_server,
     stop_server,
 )
-from models import cpu  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from models import cpu
+from service.settings import Settings
 
 YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 MIB = 2**20

@@ -21,14 +21,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.heads import train_head  # noqa: E402
-from adapters.transferability import choose_backbone, logme  # noqa: E402
-from bench.accuracy import image_split, read_texts  # noqa: E402
-from models.export import ensure_onnx  # noqa: E402
-from models.preprocess import decode_image  # noqa: E402
-from models.registry import get_backbone, list_backbones  # noqa: E402
-from models.runtime import Backbone  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from adapters.heads import train_head
+from adapters.transferability import choose_backbone, logme
+from bench.accuracy import image_split, read_texts
+from models.export import ensure_onnx
+from models.preprocess import decode_image
+from models.runtime import Backbone
+from service.settings import (
+    Settings,
+    get_backbone,
+    list_backbones,
+)
 
 SIZES = (100, 1000)
 AG_NEWS_CLASSES = {

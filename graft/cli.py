@@ -17,7 +17,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from graft.client import DEFAULT_URL, Client, Examples, GraftError
-from service.schemas import HeadPublic, TrainingProgress
+from graft.schemas import HeadPublic, TrainingProgress
 
 app = typer.Typer(help="Graft: per-tenant heads on shared backbones.", no_args_is_help=True)
 tenants = typer.Typer(help="Tenants (admin key).", no_args_is_help=True)

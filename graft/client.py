@@ -26,7 +26,7 @@ from typing import Literal
 
 import httpx
 
-from service.schemas import (
+from graft.schemas import (
     BackbonePublic,
     HeadPublic,
     PredictResponse,

@@ -286,23 +286,3 @@ def fold_fixed_size(path: Path) -> None:
     graph.node.extend(reversed(keep))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
-
-
-def main() -> None:
-    """`python -m models.export`: prepare every backbone the server will load
-    (GRAFT_BACKBONES) in every variant (used by `make serve`), so that neither serving nor
-    a download waits for it."""
-    from models.quantize import VARIANTS
-    from service.settings import Settings
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = Settings()
-    for spec in settings.loaded_backbones():
-        for variant in VARIANTS:
-            print(f"{spec.id} {variant}: {ensure_variant(spec, settings.backbone_dir, variant)}")
-        if (split := ensure_split(spec, settings.backbone_dir)) is not None:
-            print(f"{spec.id} trunk and top: {split[0]}, {split[1]}")
-
-
-if __name__ == "__main__":
-    main()

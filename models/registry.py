@@ -392,31 +392,6 @@ class _Resolver:
         return folder
 
 
-# The catalog this process uses -----------------------------------------------------------
-
-
-def list_backbones(ids: Sequence[str] | None = None) -> list[BackboneSpec]:
-    """Every declared backbone (the built-ins and GRAFT_BACKBONES_FILE's), or those named
-    by `ids`, in that order."""
-    catalog = _default_catalog()
-    if ids is None:
-        return list(catalog.values())
-    unknown = [i for i in ids if i not in catalog]
-    if unknown:
-        raise KeyError(f"unknown backbones {unknown}; known: {', '.join(catalog)}")
-    return [catalog[i] for i in ids]
-
-
-def get_backbone(backbone_id: str) -> BackboneSpec | None:
-    return _default_catalog().get(backbone_id)
-
-
-def _default_catalog() -> dict[str, BackboneSpec]:
-    from service.settings import Settings
-
-    return Settings().catalog
-
-
 @cache
 def _content_sha256(path: Path) -> str:
     """A file's sha256; for a folder, that of its files' names and contents, in order."""

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from adapters.store import Tenant
-from service.core import Graft
+from service.core import Application
 from service.errors import Forbidden, TooManyRequests, Unauthorized
 from service.settings import Settings
 
@@ -51,11 +51,11 @@ def resolve_admin_key(settings: Settings) -> str:
 # The dependencies are coroutines: FastAPI runs a plain function on a thread of its pool,
 # a hop per dependency per request. Their reads (an indexed SQLite read, a rate bucket
 # in a local file) take microseconds and never wait on a lock for long (WAL).
-async def get_graft(request: Request) -> Graft:
+async def get_application(request: Request) -> Application:
     return request.app.state.graft
 
 
-GraftDep = Annotated[Graft, Depends(get_graft)]
+AppDep = Annotated[Application, Depends(get_application)]
 
 
 def _key(credentials: HTTPAuthorizationCredentials | None) -> str:
@@ -68,7 +68,7 @@ def _is_admin(request: Request, key: str) -> bool:
     return hmac.compare_digest(key.encode(), request.app.state.admin_key.encode())
 
 
-async def current_tenant(request: Request, graft: GraftDep, credentials: Credentials) -> Tenant:
+async def current_tenant(request: Request, graft: AppDep, credentials: Credentials) -> Tenant:
     key = _key(credentials)
     tenant = graft.keys.authenticate(key)
     if tenant is None:
@@ -85,7 +85,7 @@ async def current_tenant(request: Request, graft: GraftDep, credentials: Credent
     return tenant
 
 
-async def require_admin(request: Request, graft: GraftDep, credentials: Credentials) -> None:
+async def require_admin(request: Request, graft: AppDep, credentials: Credentials) -> None:
     key = _key(credentials)
     if _is_admin(request, key):
         return

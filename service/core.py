@@ -46,9 +46,10 @@ from service.inputs import (
     check_modality,
     to_rows,
 )
+from service.jobs import TrainingJobs
 from service.limits import RateLimiter
 from service.metrics import HeadCacheGauges, head_cache_totals
-from service.runner import RunnerClient, RunnerUnavailable
+from service.runner_client import RunnerClient, RunnerUnavailable
 from service.settings import Settings
 from service.training import AUTO_BACKBONE, Trainer
 
@@ -63,7 +64,9 @@ def speed_class(ms_per_row: float) -> str:
     return "medium" if ms_per_row <= 40 else "slow"
 
 
-class Graft:
+class Application:
+    """Graft without HTTP: tenants, heads, training and predictions, for one API worker."""
+
     def __init__(
         self,
         settings: Settings,
@@ -89,6 +92,7 @@ class Graft:
         self._runner_measures = runner_measures
         self._measures: dict[str, dict] = {}
         self.training = Trainer(self.store, runner, settings)
+        self.jobs = TrainingJobs(self.store, self.training, settings)
         self.rate_limiter = RateLimiter(
             settings.rate_limit_per_s,
             settings.rate_limit_burst,
@@ -102,6 +106,7 @@ class Graft:
         self._fleet_size.close()
         self._heartbeat.close()
         self._watcher.close()
+        self.jobs.close()
         self.training.close()
         self.runner.close()
         self.store.close()
@@ -305,7 +310,7 @@ class Graft:
         waits up to GRAFT_SYNC_TRAINING_TIMEOUT_S for it: the head, trained (201) or still
         training (202, also when the job waits behind another of the same head)."""
         try:
-            job = self.training.start(head, options, examples)
+            job = self.jobs.start(head, options, examples)
         except LookupError:
             raise NotFound(f"no head {head.id!r}", code="head_not_found") from None
         if job is not None:

@@ -16,10 +16,10 @@ from typing import Literal
 
 import numpy as np
 
+from graft.schemas import holds_control_characters
 from models.preprocess import InvalidInput, decode_images, text_rows
 from models.registry import BackboneSpec, ImagePreprocessing
 from service.errors import Forbidden, PayloadTooLarge, Unprocessable
-from service.schemas import holds_control_characters
 from service.settings import Settings
 
 
@@ -145,3 +145,8 @@ def check_descriptions(spec: BackboneSpec, descriptions: dict[str, str], labels:
             f"label_descriptions name labels without examples: {unknown[:5]}",
             code="invalid_label_descriptions",
         )
+
+
+def as_bytes(raw: RawInput) -> bytes:
+    """An input as stored: image bytes, or a (checked, valid) text as UTF-8."""
+    return raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8")

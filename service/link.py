@@ -1,7 +1,7 @@
 """The wire between Graft's processes: pickled messages whose arrays travel as raw bytes.
 
-Used by the link between API workers and the backbone runner (`service/runner.py`) and by
-the training decoder's (`service/decoder.py`).
+Used by the link between API workers and the backbone runner (`service/runner_server.py`,
+`service/runner_client.py`) and by the training decoder's (`service/decoder.py`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,11 @@ import os
 import pickle
 import socket
 from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
@@ -52,3 +57,18 @@ def hang_up(conn: Connection) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     with contextlib.suppress(OSError):
         conn.close()
+
+
+# Where the link is: a Unix socket's path, or (host, port) over TCP.
+Address = Path | str | tuple[str, int]
+
+
+def link_address(settings: Settings) -> tuple[Address, bytes | None]:
+    """The runner link's address, and the key that TCP needs (None on a Unix socket)."""
+    if settings.runner_link_address is None:
+        return settings.runner_socket, None
+    return settings.runner_link_address, settings.runner_key.encode()
+
+
+def socket_family(address: Address) -> str:
+    return "AF_INET" if isinstance(address, tuple) else "AF_UNIX"

@@ -126,7 +126,7 @@ class HeadCacheGauges:
             gauge.set(len(cache) if field == "heads" else getattr(cache, field))
 
 
-class _Graft:
+class _GraftSeries:
     """Only Graft's own series of a collector (BentoML's workers write theirs beside)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -136,12 +136,12 @@ class _Graft:
         return [m for m in self.registry.collect() if m.name.startswith("graft_")]
 
 
-def _every_worker(registry: CollectorRegistry) -> CollectorRegistry | _Graft:
+def _every_worker(registry: CollectorRegistry) -> CollectorRegistry | _GraftSeries:
     if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         return registry  # one process: its own registry is the whole server
     merged = CollectorRegistry()
     MultiProcessCollector(merged)
-    return _Graft(merged)
+    return _GraftSeries(merged)
 
 
 def render(registry: CollectorRegistry) -> tuple[bytes, str]:

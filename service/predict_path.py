@@ -15,12 +15,12 @@ import re
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api import answer_predict, heads
+from graft.schemas import PredictOptions
+from service.api.predict import answer_predict, router
 from service.auth import bearer, current_tenant
 from service.errors import error_response
 from service.limits import BodySizeLimit
 from service.metrics import RequestMetrics
-from service.schemas import PredictOptions
 
 _PREDICT = re.compile(r"/v1/heads/([^/]+)/predict")
 
@@ -31,7 +31,7 @@ class PredictPath:
     def __init__(self, app: ASGIApp, api: FastAPI, max_body_bytes: int) -> None:
         self.app = app
         self.api = api
-        self.route = next(route for route in heads.routes if route.name == "predict")
+        self.route = next(route for route in router.routes if route.name == "predict")
         self.answer = RequestMetrics(
             BodySizeLimit(self._predict, max_bytes=max_body_bytes), api.state.route_metrics
         )

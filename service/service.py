@@ -24,12 +24,14 @@ from adapters.store import Store  # noqa: E402
 from service.api import create_app  # noqa: E402
 from service.auth import resolve_admin_key  # noqa: E402
 from service.console import Console  # noqa: E402
-from service.core import Graft as GraftCore  # noqa: E402
+from service.core import Application  # noqa: E402
 from service.errors import JsonNotFoundUnderV1  # noqa: E402
 from service.lifetime import end_with_arbiter, record_arbiter, watch_parent  # noqa: E402
+from service.link import link_address  # noqa: E402
 from service.metrics import own_multiprocess_dir  # noqa: E402
 from service.predict_path import PredictPath  # noqa: E402
-from service.runner import Runner, RunnerClient, link_address  # noqa: E402
+from service.runner import Runner  # noqa: E402
+from service.runner_client import RunnerClient  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 log = logging.getLogger("graft")
@@ -111,7 +113,7 @@ class BackboneRunner:
 @bentoml.service(
     name="graft",
     # API workers: HTTP, auth, decoding, tokenising, heads and training jobs. They hold no
-    # backbone session; rows go to the runner over its socket (service/runner.py).
+    # backbone session; rows go to the runner over its socket (service/runner_client.py).
     workers=settings.api_workers,
     **SERVICE_CONFIG,
 )
@@ -135,7 +137,7 @@ class Graft:
         sys.setswitchinterval(0.0005)
         address, authkey = link_address(settings)
         runner = RunnerClient(address, authkey=authkey)
-        self.graft = GraftCore(
+        self.graft = Application(
             settings,
             runner,
             runner_stats=functools.partial(self.backbone_runner.call, "stats"),

@@ -11,16 +11,15 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.quantize import Variant
-
-if TYPE_CHECKING:
-    from models.registry import BackboneSpec
+from models.registry import BackboneFileError, BackboneSpec, load_catalog
 
 # The backbones a server loads unless GRAFT_BACKBONES says otherwise: two of each modality,
 # so that `auto` has a choice, and the two cheapest of each: EfficientNet-Lite0 and
@@ -192,8 +191,6 @@ class Settings(BaseSettings):
         self.backbone_dir = self.backbone_dir.expanduser().resolve()
         # A bad backbones file, an unknown id or a missing weights file fails here, at
         # start, naming the entry.
-        from models.registry import BackboneFileError, load_catalog
-
         try:
             catalog = load_catalog(self.backbones_file, self.sources_dir, check_files=ids)
         except BackboneFileError as exc:
@@ -270,8 +267,6 @@ class Settings(BaseSettings):
     @property
     def catalog(self) -> dict[str, BackboneSpec]:
         """Every declared backbone: the built-ins and GRAFT_BACKBONES_FILE's."""
-        from models.registry import load_catalog
-
         return load_catalog(self.backbones_file, self.sources_dir)
 
     def loaded_backbones(self) -> list[BackboneSpec]:
@@ -293,3 +288,19 @@ class Settings(BaseSettings):
     @property
     def admin_key_path(self) -> Path:
         return self.data_dir / "admin.key"
+
+
+def list_backbones(ids: Sequence[str] | None = None) -> list[BackboneSpec]:
+    """Every declared backbone of this process's settings (the built-ins and
+    GRAFT_BACKBONES_FILE's), or those named by `ids`, in that order."""
+    catalog = Settings().catalog
+    if ids is None:
+        return list(catalog.values())
+    unknown = [i for i in ids if i not in catalog]
+    if unknown:
+        raise KeyError(f"unknown backbones {unknown}; known: {', '.join(catalog)}")
+    return [catalog[i] for i in ids]
+
+
+def get_backbone(backbone_id: str) -> BackboneSpec | None:
+    return Settings().catalog.get(backbone_id)

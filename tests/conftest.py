@@ -13,8 +13,8 @@ import pytest
 from deploy.local_postgres import postgres
 from models import cpu
 from models.export import ensure_onnx, ensure_split
-from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
+from service.settings import get_backbone, list_backbones
 from tests.postgres import SUITE_SERVER, database_for
 from tests.server import BENTOML, ROOT, Server, start_test_server, stop_server
 

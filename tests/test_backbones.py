@@ -14,8 +14,8 @@ from sklearn.datasets import load_sample_image
 
 from models.export import ensure_onnx
 from models.preprocess import decode_image, tokenize
-from models.registry import get_backbone, list_backbones
 from models.runtime import Backbone
+from service.settings import get_backbone, list_backbones
 from tests.inputs import COOKING, SPORTS, crops
 
 

@@ -6,9 +6,10 @@ import functools
 
 import pytest
 
-from service.core import Graft
+from service.core import Application
 from service.inputs import RawInput
-from service.runner import Runner, RunnerClient
+from service.runner import Runner
+from service.runner_client import RunnerClient
 from service.settings import Settings
 from tests.inputs import COOKING, SPORTS
 
@@ -20,7 +21,7 @@ def runner_and_graft(tmp_path, backbone_dir):
     # the test servers: tests/server.py).
     settings = Settings(data_dir=tmp_path, backbone_dir=backbone_dir, sync_training_timeout_s=600)
     runner = Runner(settings)
-    app = Graft(settings, RunnerClient(settings.runner_socket))
+    app = Application(settings, RunnerClient(settings.runner_socket))
     yield runner, app
     app.close()
     runner.close()

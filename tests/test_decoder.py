@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from models.preprocess import InvalidInput, decode_images
-from models.registry import get_backbone
 from service.decoder import TrainingDecoder
+from service.settings import get_backbone
 from tests.inputs import crops
 
 PRE = get_backbone("efficientnet_lite0").preprocessing

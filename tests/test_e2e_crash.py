@@ -14,7 +14,7 @@ import httpx
 import pytest
 import sqlalchemy as sa
 
-from models.registry import get_backbone
+from service.settings import get_backbone
 from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
 from tests.postgres import database_for
 from tests.server import BENTOML, kill_server, start_test_server, stop_server

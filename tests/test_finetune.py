@@ -18,7 +18,7 @@ from adapters.finetune import (
 )
 from adapters.heads import predict_proba
 from models.preprocess import load_tokenizer, token_ids
-from models.registry import get_backbone
+from service.settings import get_backbone
 from tests.inputs import text_examples
 
 # Fewer pairs than served (20 per example): enough to move the top, and quick.

@@ -105,7 +105,7 @@ def test_the_manifests_say_what_graft_needs(variant) -> None:
     endpoints_update = api["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert drain > Settings().sync_training_timeout_s + endpoints_update
     assert env["GRAFT_REPLICA_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    assert pod["spec"]["initContainers"][0]["command"][-2:] == ["-m", "adapters.migrations"]
+    assert pod["spec"]["initContainers"][0]["command"][-2:] == ["-m", "service.migrate"]
     secret = next(v for v in pod["spec"]["volumes"] if "secret" in v)["secret"]
     mounted = {item["path"] for item in secret["items"]}
     # The API pods never hold a GPU; in the GPU variant the runner pods do.

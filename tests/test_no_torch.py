@@ -11,14 +11,15 @@ from tests.server import ROOT
 SCRIPT = """
 import asyncio
 import sys
-from service.core import Graft
+from service.core import Application
 from service.inputs import RawInput
-from service.runner import Runner, RunnerClient
+from service.runner import Runner
+from service.runner_client import RunnerClient
 from service.settings import Settings
 import service.service  # the BentoML service module, as `bentoml serve` imports it
 settings = Settings()
 runner = Runner(settings)
-graft = Graft(settings, RunnerClient(settings.runner_socket))
+graft = Application(settings, RunnerClient(settings.runner_socket))
 tenant, _ = graft.store.create_tenant(name="t")
 examples = [("a", RawInput("text", "a cat")), ("b", RawInput("text", "a car"))]
 head = graft.create_head(tenant, name="h", backbone_id="minilm_l6", examples=examples)

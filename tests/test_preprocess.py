@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageOps
 
 from models.preprocess import InvalidInput, decode_image
-from models.registry import get_backbone
+from service.settings import get_backbone
 from tests.inputs import crops
 
 PRE = get_backbone("efficientnet_lite0").preprocessing

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from models.registry import ImagePreprocessing, TextPreprocessing, get_backbone, list_backbones
+from models.registry import ImagePreprocessing, TextPreprocessing
+from service.settings import get_backbone, list_backbones
 
 SPECS = list_backbones()
 

@@ -16,7 +16,8 @@ import pytest
 from adapters.store import Store
 from models.preprocess import decode_image, token_ids
 from service.batcher import Batcher
-from service.runner import RunnerClient, RunnerServer, RunnerUnavailable, serve_forever
+from service.runner_client import RunnerClient, RunnerUnavailable
+from service.runner_server import RunnerServer, serve_forever
 from service.settings import Settings
 from service.training import TRAINING_MESSAGES_IN_FLIGHT, Trainer
 from tests.inputs import COOKING, SPORTS, crops

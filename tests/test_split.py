@@ -11,9 +11,9 @@ import torch
 
 from models.export import ensure_split
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
-from models.registry import get_backbone
 from models.runtime import Backbone
 from models.split import TOP_LAYERS, export_split
+from service.settings import get_backbone
 
 TEXTS = ["goal!", "Simmer the onions in butter until they turn golden and soft."]
 

@@ -2,9 +2,8 @@
 
 Every process brings the database to the latest revision when it opens the store: one at
 a time (SQLite: the write lock; PostgreSQL: an advisory lock), a no-op once done. A fleet
-can run it once before its replicas start (a Kubernetes init step):
-
-    python -m adapters.migrations          # the database of GRAFT_DATABASE_URL
+can run it once before its replicas start (a Kubernetes init step): `python -m
+service.migrate`.
 
 A new revision: `python -m adapters.migrations revision "what changes"` writes its file;
 revisions only add (columns with defaults, tables), so that replicas of the previous
@@ -47,16 +46,9 @@ def upgrade(writer: sa.Engine) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from adapters.store import Store
-    from service.settings import Settings
-
-    if argv[:1] == ["revision"]:
-        command.revision(_config(), message=" ".join(argv[1:]) or None)
-        return
-    settings = Settings()
-    Store(settings.database_url).close()  # opening it migrates it
-    shown = sa.make_url(settings.database_url).render_as_string(hide_password=True)
-    print(f"the store at {shown} is at the latest revision")
+    if argv[:1] != ["revision"]:
+        sys.exit('usage: python -m adapters.migrations revision "what changes"')
+    command.revision(_config(), message=" ".join(argv[1:]) or None)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,6 @@
-"""Request and response bodies of the REST API; their types are the OpenAPI schema."""
+"""Request and response bodies of the REST API; their types are the OpenAPI schema. The
+server validates with them and the client reads with them: pydantic only, so that the
+client installs without the server's dependencies."""
 
 from __future__ import annotations
 
@@ -14,8 +16,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from adapters.heads import UNKNOWN_KEEP
 
 
 class _Strict(BaseModel):
@@ -402,7 +402,7 @@ class HeadMetrics(BaseModel):
     unknown_threshold: float | None = Field(
         None,
         description="inputs whose best similarity to a class mean is below this are unknown;"
-        f" set to keep {UNKNOWN_KEEP:.0%} of held-out examples; null: too few examples",
+        " set to keep 99% of held-out examples; null: too few examples",
     )
     cv_unknown_kept: float | None = Field(
         None, description="share of held-out examples kept by a threshold set on other folds"

@@ -1,0 +1,1 @@
+"""Benchmarks: scripts run from the checkout (README, Benchmarks)."""
