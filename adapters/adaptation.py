@@ -3,7 +3,7 @@
 A head is fitted on labelled examples (the source). A tenant may also send unlabelled
 inputs of the domain the head will serve (the target): sketches where the labels came
 with photos, another product's reviews, another hospital's X-rays. What measured best on
-frozen features (`bench/domain_shift.py`, BENCHMARKS.md) is, in this order:
+frozen features (BENCHMARKS.md; `bench/domain_shift.py`, removed after 03efd04) is, in this order:
 1. centring: each domain's mean embedding is subtracted. For an affine head this folds
    into the bias (b − μ_target·W), so it costs nothing when serving or in the ONNX model;
 2. self-training: the target rows the centred head is most sure of (a third) join its

@@ -47,7 +47,8 @@ LEARNING_RATE = 1e-3
 # LoRA's alpha / rank, folded into B when training ends (Hu et al. 2021: alpha = 2 rank).
 LORA_SCALE = 2.0
 # Image tops: augmented views per image (each through the trunk once), epochs over them.
-# bench/finetune_image.py measured these on flowers and the X-rays (BENCHMARKS.md).
+# bench/finetune_image.py measured these on flowers and the X-rays (BENCHMARKS.md; the
+# script was removed after 03efd04).
 VIEWS_PER_IMAGE = 4
 IMAGE_EPOCHS = 6
 IMAGE_BATCH = 32
@@ -200,6 +201,7 @@ class ImageExamples:
         return cls(top, centre, np.concatenate(views))
 
     def tune(self, rows, labels: list[str], seed: int) -> list[np.ndarray]:
+        assert self.views is not None, "labelled examples have their augmented views"
         return tune_views(self.top, self.views[np.asarray(rows)], labels, seed=seed)
 
     def embed(self, factors: list[np.ndarray] | None) -> np.ndarray:
@@ -321,7 +323,7 @@ def compare(
     )
     won = always or p_frozen_better >= SIGNIFICANCE
     progress(folds, folds + 1)
-    factors = examples.tune(range(len(labels)), labels, seed=seed) if won else None
+    winner = examples.tune(range(len(labels)), labels, seed=seed) if won else None
     report = {
         "chosen": "fine_tuned" if won else "frozen",
         "candidates": scores,
@@ -331,7 +333,7 @@ def compare(
     }
     return Comparison(
         won,
-        factors,
+        winner,
         report,
         np.log(np.maximum(oof["fine_tuned"], 1e-12)),
         similarity,

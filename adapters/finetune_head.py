@@ -50,24 +50,29 @@ def fine_tune_head(
 ) -> FineTuning:
     """The head fine-tuned on its own top when the held-out folds of `finetune.compare`
     keep it (or `always`); `progress(done, total)` after each tuning."""
+    assert spec.build_split is not None, "the worker asks only for backbones that split"
     trunk, top = spec.build_split()
     names = sorted(set(request.labels))
     label_hidden = None
+    examples: finetune.ImageExamples | finetune.TextExamples
+    unlabelled: finetune.ImageExamples | finetune.TextExamples
     if spec.modality == "image":
-        pre, pixels = spec.preprocessing, request.max_image_pixels
+        pre, pixels = spec.image_preprocessing, request.max_image_pixels
+        assert request.trunk_onnx is not None, "an image head's request names its trunk"
         trunk = finetune.onnx_trunk(request.trunk_onnx)
         examples = finetune.ImageExamples.of(trunk, top, request.labelled, pre, pixels)
         unlabelled = finetune.ImageExamples(
             top,
             finetune.centre_activations(trunk, request.unlabelled, pre, pixels)
             if request.unlabelled
-            else [],
+            else np.empty((0,)),
         )
     else:
         n, m = len(request.labelled), len(request.unlabelled)
         texts = [data.decode("utf-8") for data in request.labelled + request.unlabelled]
         texts += [request.descriptions.get(label, label) for label in names]
-        hidden = finetune.hidden_states(trunk, text_rows(spec, texts), spec.preprocessing.pad_id())
+        pad_id = spec.text_preprocessing.pad_id()
+        hidden = finetune.hidden_states(trunk, text_rows(spec, texts), pad_id)
         examples = finetune.TextExamples(top, hidden[:n])
         unlabelled = finetune.TextExamples(top, hidden[n : n + m])
         label_hidden = hidden[n + m :]
@@ -75,7 +80,7 @@ def fine_tune_head(
         examples, request.labels, request.frozen, always=request.always, progress=progress
     )
     report = dict(comparison.report)
-    if not comparison.fine_tuned:
+    if comparison.factors is None:  # the frozen head won
         return FineTuning(None, None, None, None, None, report)
     # Stored and served in fp16: the head is fitted on what the served top gives.
     factors = [f.astype(np.float16) for f in comparison.factors]

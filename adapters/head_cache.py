@@ -89,7 +89,7 @@ class HeadCache:
         row = self._store.serving_head(tenant_id=tenant_id, head_id=head_id)
         if row is None:
             return None
-        if row.weights is None:
+        if row.weights is None or row.bias is None:  # no trained version yet
             return Unservable(row.status)
         head = ServingHead(
             id=head_id,

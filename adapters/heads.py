@@ -164,10 +164,11 @@ def _fit(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(weights, bias) with logits = x @ weights + bias, one column per label."""
     n_labels = int(y.max()) + 1
-    use_names = head_type.label_names and names is not None
+    if not head_type.label_names:
+        names = None
     if head_type.kind == "prototype":
         means = class_means(x, y, n_labels)
-        if use_names:
+        if names is not None:
             means = _normalise(means + names)
         return PROTOTYPE_SCALE * means.T, np.zeros(n_labels)
     from sklearn.linear_model import LogisticRegression
@@ -176,7 +177,7 @@ def _fit(
     # Balanced weights: every label weighs the same in the loss, however many examples it
     # has, so a rare label is not drowned by a common one.
     sample_weight = compute_sample_weight("balanced", y)
-    if use_names:
+    if names is not None:
         # One row per label name, weighing as much as all of that label's examples.
         x = np.vstack([x, names])
         sample_weight = np.concatenate([sample_weight, np.full(n_labels, len(y) / n_labels)])

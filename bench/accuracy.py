@@ -27,7 +27,6 @@ folder per label). Texts: `sentence<TAB>label` lines (UCI sentiment) or AG News 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import statistics
@@ -43,49 +42,12 @@ from sklearn.metrics import f1_score
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.heads import expected_calibration_error
+from bench.common import image_split, read_texts, text_split
 from deploy.local_server import BENTOML, start_server, stop_server
 from graft import Client, Examples
 
 BATCH = 32
 OOD_INPUTS = 300  # per --ood source
-
-
-def image_split(root: Path) -> list[tuple[str, Path]]:
-    return [
-        (label_dir.name, f)
-        for label_dir in sorted(p for p in root.iterdir() if p.is_dir())
-        for f in sorted(label_dir.iterdir())
-    ]
-
-
-def read_texts(path: Path) -> list[tuple[str, str]]:
-    if path.suffix == ".csv":  # AG News: class,title,description
-        with open(path, newline="", encoding="utf-8") as f:
-            return [
-                (row[0], f"{row[1]}. {row[2]}".replace("\\$", "$").replace("\\n", " "))
-                for row in csv.reader(f)
-            ]
-    rows = []
-    # Split on \n only: the IMDB file holds U+0085, which str.splitlines() breaks on.
-    for line in path.read_text(encoding="utf-8").split("\n"):
-        if line.strip():
-            text, _, label = line.rpartition("\t")
-            rows.append((label.strip(), text.strip()))
-    return rows
-
-
-def text_split(rows, *, seed: int, train_per_label: int | None, val_per_label: int | None):
-    """Per label: a random training draw (or 80%); the rest, or `val_per_label` of it,
-    for validation."""
-    rng = np.random.default_rng(seed)
-    train, val = [], []
-    for label in sorted({label for label, _ in rows}):
-        items = [r for r in rows if r[0] == label]
-        order = rng.permutation(len(items))
-        n_train = train_per_label or int(len(items) * 0.8)
-        train += [items[i] for i in order[:n_train]]
-        val += [items[i] for i in order[n_train:][:val_per_label]]
-    return train, val
 
 
 def create_head(

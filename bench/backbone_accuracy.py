@@ -27,9 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import predict_proba, train_head
+from adapters.heads import predict_proba
 from adapters.transferability import choose_backbone
-from bench.accuracy import image_split, read_texts, text_split
+from bench.common import image_split, probe_accuracy, read_texts, text_split
 from models.export import ensure_variant
 from models.preprocess import decode_image
 from models.runtime import Backbone
@@ -54,12 +54,6 @@ def load(spec, variant: str) -> tuple[Backbone, int, float]:
     backbone = Backbone(spec, path, intra_op_threads=1)
     ms = backbone.ms_per_row()
     return backbone, resident_bytes() - before, ms
-
-
-def accuracy(x_train, y_train, x_val, y_val, seed: int) -> float:
-    head = train_head(x_train, y_train, seed=seed)
-    predicted = predict_proba(x_val, head.weights, head.bias).argmax(axis=1)
-    return float(np.mean(np.array(head.labels)[predicted] == np.array(y_val)))
 
 
 def bench_text(backbones: dict[str, Backbone], text_sets: dict) -> dict[str, dict[str, float]]:
@@ -89,7 +83,7 @@ def bench_text(backbones: dict[str, Backbone], text_sets: dict) -> dict[str, dic
                 for b, e in embedded.items()
             }
             for b, (x_train, x_val) in xs.items():
-                scores[b].append(accuracy(x_train, y_train, x_val, y_val, seed))
+                scores[b].append(probe_accuracy(x_train, y_train, x_val, y_val, seed))
             if len(backbones) > 1:
                 choice = choose_backbone(
                     {b: x[0] for b, x in xs.items()}, y_train, dict.fromkeys(xs)
@@ -117,7 +111,7 @@ def bench_images(backbones: dict[str, Backbone]) -> dict[str, float]:
             rows = [decode_image(p.read_bytes(), pre, 10**8) for _, p in items]
             return backbone.embed_images(np.stack(rows))
 
-        results[b] = accuracy(
+        results[b] = probe_accuracy(
             embed(train), [lab for lab, _ in train], embed(val), [lab for lab, _ in val], 0
         )
         print(f"flowers  {b} {results[b]:.3f}", flush=True)

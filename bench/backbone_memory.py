@@ -21,27 +21,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import psutil
 
+from bench.common import tree_memory
 from deploy.local_server import BENTOML, start_server, stop_server
 from service.settings import (
     Settings,
     list_backbones,
 )
-
-
-def tree_memory(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) of a process and its descendants, in bytes (Linux)."""
-    arbiter = psutil.Process(pid)
-    rss = pss = 0
-    for process in [arbiter, *arbiter.children(recursive=True)]:
-        fields = dict(
-            line.split(":", 1)
-            for line in Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines()[1:]
-        )
-        rss += int(fields["Rss"].split()[0]) * 1024
-        pss += int(fields["Pss"].split()[0]) * 1024
-    return rss, pss
 
 
 def measure(choice: str | None, scratch: Path, backbone_dir: Path) -> tuple[int, int]:

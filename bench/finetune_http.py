@@ -35,14 +35,11 @@ import onnxruntime as ort
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import image_split, read_texts
+from bench.common import FLOWERS, YELP, image_split, read_texts
 from bench.serving import Requests, closed_loop, seed_heads, server_roles
 from deploy.local_server import BENTOML, poll_until_trained, start_server, stop_server
 from models.export import ensure_split
 from service.settings import Settings
-
-YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
-FLOWERS = ROOT.parent / "shared/data/images/flowers"
 
 
 class TextRequests:

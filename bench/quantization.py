@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from adapters.heads import predict_proba, train_head
-from bench.accuracy import image_split, read_texts, text_split
+from bench.common import image_split, probe_accuracy, read_texts, text_split
 from models import cpu
 from models.export import ensure_variant
 from models.preprocess import decode_image, tokenize
@@ -34,12 +33,6 @@ from service.settings import (
     Settings,
     get_backbone,
 )
-
-
-def accuracy(x_train, y_train, x_val, y_val) -> float:
-    head = train_head(x_train, list(y_train))
-    predicted = np.array(head.labels)[predict_proba(x_val, head.weights, head.bias).argmax(axis=1)]
-    return float((predicted == np.array(y_val)).mean())
 
 
 def throughput(embed, rows, seconds: float = 5) -> float:
@@ -82,14 +75,14 @@ def compare(
         if reference is None:
             reference = x_val
         cosine = float((x_val * reference).sum(axis=1).mean())
-        acc = accuracy(x_train, y_train, x_val, y_val)
+        acc = probe_accuracy(x_train, y_train, x_val, y_val)
         speed = throughput(embed, val[:32])
         print(
             f"{variant:>8} {acc:12.3f} {speed:18.1f} {path.stat().st_size / 1e6:8.1f} {cosine:11.4f}"
         )
         if variant == "int8" and avx2_only:
             x_train, x_val = (on_avx2_only(backbone, path, rows) for rows in (train, val))
-            acc = accuracy(x_train, y_train, x_val, y_val)
+            acc = probe_accuracy(x_train, y_train, x_val, y_val)
             cosine = float((x_val * reference).sum(axis=1).mean())
             print(
                 f"{'int8 on AVX2 only (emulated)':>8} {acc:12.3f} {'-':>18} {'':8} {cosine:11.4f}"

@@ -56,6 +56,7 @@ from tqdm import tqdm
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.store import Store
+from bench.common import crops, tree_memory
 from deploy.local_server import BENTOML, free_port, start_server, stop_server, wait_until_up
 from models.export import ensure_variant
 from models.preprocess import decode_image
@@ -66,7 +67,6 @@ from service.settings import (
     get_backbone,
     usable_cores,
 )
-from tests.inputs import crops
 
 BACKBONE = "efficientnet_lite0"
 
@@ -145,11 +145,6 @@ def seed_heads(
         heads.append((head.id, key))
     store.close()
     return heads
-
-
-def tree_rss(pid: int) -> int:
-    process = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [process, *process.children(recursive=True)])
 
 
 def server_roles(pid: int) -> dict[str, list[psutil.Process]]:
@@ -561,7 +556,7 @@ def main() -> None:
             print(f"round {round_ + 1}: quiet p99 {p99_ms(quiet):.1f} ms (p50 {statistics.median(s for _, s in quiet) * 1000:.1f}) at {rate:.0f} req/s; p99 {p99_ms(during):.1f} ms over {len(during)} predicts while a head of {args.training_images} images trained ({end - start:.1f} s, {status}): {training_ratios[-1]:.2f}")  # fmt: skip
         cold, warm_ms = cold_head_latency(server.base_url, heads[-50:], images[0])
         lifecycle = head_lifecycle(server.base_url, heads[-51][1], Backbone(spec, path))
-        rss = tree_rss(server.process.pid)
+        rss = tree_memory(server.process.pid)[0]
     finally:
         stop_server(server)
 
@@ -620,7 +615,7 @@ def run_peer(scratch: Path, tenant_counts, args, images) -> dict[int, dict]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(f"{base}/stats")
-        base_rss = tree_rss(process.pid)
+        base_rss = tree_memory(process.pid)[0]
 
         encoded = base64.b64encode(images[0]).decode()
         for i in range(args.peer_models):  # fill the LRU to measure what M models cost
@@ -628,7 +623,7 @@ def run_peer(scratch: Path, tenant_counts, args, images) -> dict[int, dict]:
                 f"{base}/predict/tenant-{i}", json={"inputs": [{"image": encoded}]}, timeout=120
             )
         loaded = httpx.get(f"{base}/stats").json()["loaded"]
-        rss_per_model = (tree_rss(process.pid) - base_rss) / max(1, loaded)
+        rss_per_model = (tree_memory(process.pid)[0] - base_rss) / max(1, loaded)
         results = {}
         print(
             f"{'tenants':>7} {'images/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6} {'model loads':>11}"

@@ -23,18 +23,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts, text_split
+from bench.common import YELP, read_texts, text_split
 from deploy.local_server import BENTOML, start_server, stop_server
 from service.settings import Settings
 
-YELP = (
-    ROOT.parent
-    / "shared"
-    / "data"
-    / "text"
-    / "uci_sentiment_labelled_sentences"
-    / "yelp_labelled.txt"
-)
 BACKBONES = ("minilm_l6", "mpnet_base_v2")
 
 

@@ -26,7 +26,7 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.accuracy import read_texts
+from bench.common import YELP, read_texts
 from deploy.local_server import (
     BENTOML,
     alive,
@@ -38,7 +38,6 @@ from deploy.local_server import (
 from models import cpu
 from service.settings import Settings
 
-YELP = ROOT.parent / "shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt"
 MIB = 2**20
 
 

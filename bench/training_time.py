@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from adapters.heads import train_head
 from adapters.transferability import choose_backbone, logme
-from bench.accuracy import image_split, read_texts
+from bench.common import image_split, read_texts
 from models.export import ensure_onnx
 from models.preprocess import decode_image
 from models.runtime import Backbone

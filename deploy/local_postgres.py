@@ -58,13 +58,14 @@ def postgres(database: str = "graft") -> Iterator[str]:
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
     port = free_port()
-    run = dict(check=True, capture_output=True, text=True)
     try:
         subprocess.run(
             _as_server_user(
                 [_program("initdb"), "-D", str(data), "-U", user, "--auth=trust", "-E", "UTF8"]
             ),
-            **run,
+            check=True,
+            capture_output=True,
+            text=True,
         )
         options = f"-c listen_addresses=127.0.0.1 -p {port} -k {folder}"
         subprocess.run(
@@ -72,7 +73,9 @@ def postgres(database: str = "graft") -> Iterator[str]:
                 [_program("pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
                  "-w", "start"]
             ),
-            **run,
+            check=True,
+            capture_output=True,
+            text=True,
         )  # fmt: skip
         try:
             subprocess.run(
@@ -80,7 +83,9 @@ def postgres(database: str = "graft") -> Iterator[str]:
                     [_program("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user,
                      database]
                 ),
-                **run,
+                check=True,
+            capture_output=True,
+            text=True,
             )  # fmt: skip
             yield f"postgresql+psycopg://{user}@127.0.0.1:{port}/{database}"
         finally:

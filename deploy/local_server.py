@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +78,7 @@ def start_server(
     command: list[str],
     data_dir: Path,
     backbone_dir: Path,
-    env: dict[str, str | None] | None = None,
+    env: Mapping[str, str | None] | None = None,
     *,
     admin_key: str | None = None,
     port: int | None = None,

@@ -250,7 +250,8 @@ def predict(
         print(answer.model_dump_json(indent=2))
         return
     table = Table("input", "label", "score", "unknown", *(["top k"] if top_k > 1 else []))
-    for source, row in zip(files or text, answer.predictions, strict=True):
+    sources: list[Path] | list[str] = files or text or []
+    for source, row in zip(sources, answer.predictions, strict=True):
         ranked = ", ".join(f"{s.label} {s.score:.3f}" for s in row.top_k)
         table.add_row(
             str(source),

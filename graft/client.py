@@ -22,7 +22,7 @@ import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
 import httpx
 
@@ -102,7 +102,7 @@ class Examples:
             raise ValueError(f"{root} is not a folder")
         items: list[tuple[str, bytes | str]] = []
         sources: list[str] = []
-        suffixes = set()
+        suffixes: set[Modality] = set()
         for label_dir in sorted(p for p in root.iterdir() if p.is_dir()):
             if label_dir.name.startswith("."):
                 continue
@@ -207,7 +207,8 @@ class Client:
             request = self.http.build_request(method, path, **kwargs)
             if on_upload is not None:
                 total = int(request.headers.get("content-length", 0))
-                request.stream = _Counted(request.stream, total, on_upload)
+                # A synchronous client's request: its body is a sync stream.
+                request.stream = _Counted(cast(Iterable[bytes], request.stream), total, on_upload)
             response = self.http.send(request)
             if response.status_code not in (429, 503) or attempt == self.retries:
                 break
@@ -271,9 +272,9 @@ class Client:
         spec = {"name": name, "backbone": backbone, "fine_tune": fine_tune}
         if examples.modality == "image" and not label_descriptions:
             archive = ("examples.zip", examples.as_zip(), "application/zip")
-            kwargs = {"data": spec, "files": {"archive": archive}}
+            kwargs: dict[str, Any] = {"data": spec, "files": {"archive": archive}}
         else:
-            body = {**spec, "examples": examples.as_json()}
+            body: dict[str, Any] = {**spec, "examples": examples.as_json()}
             if label_descriptions:
                 body["label_descriptions"] = label_descriptions
             kwargs = {"json": body}
@@ -361,7 +362,10 @@ class Client:
         for start in range(0, len(images or texts), PREDICT_CHUNK):
             if images:
                 files = [("image", _image_bytes(x)) for x in images[start : start + PREDICT_CHUNK]]
-                kwargs = {"files": files, "params": {k: str(v).lower() for k, v in options.items()}}
+                kwargs: dict[str, Any] = {
+                    "files": files,
+                    "params": {k: str(v).lower() for k, v in options.items()},
+                }
             else:
                 inputs = [{"text": t} for t in texts[start : start + PREDICT_CHUNK]]
                 kwargs = {"json": {"inputs": inputs, **options}}
@@ -389,7 +393,10 @@ class Client:
 def _examples(examples: Examples | None, from_dir: str | os.PathLike | None) -> Examples:
     if (examples is None) == (from_dir is None):
         raise ValueError("give examples or from_dir (one of them)")
-    return examples if examples is not None else Examples.from_dir(from_dir)
+    if examples is not None:
+        return examples
+    assert from_dir is not None
+    return Examples.from_dir(from_dir)
 
 
 def _b64(data: bytes | str) -> str:

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ def describe() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown CPU"
-    fields = {}
+    fields: dict[str, str] = {}
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         fields.setdefault(key.strip(), value.strip())
@@ -60,7 +61,8 @@ def embed_as(
         raise RuntimeError("qemu-x86_64 is missing: apt-get install qemu-user")
     arguments = []
     for i, (path, feeds) in enumerate(models):
-        np.savez(scratch / f"feeds-{i}.npz", **feeds)
+        arrays: dict[str, Any] = dict(feeds)  # by input name (numpy's stub types no such keys)
+        np.savez(scratch / f"feeds-{i}.npz", **arrays)
         arguments += [str(path), str(scratch / f"feeds-{i}.npz"), str(scratch / f"out-{i}.npy")]
     done = subprocess.run(
         [qemu, "-cpu", cpu_model, sys.executable, "-c", _EMBED, *arguments],

@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from models.registry import BackboneFileError, BackboneSpec, ImagePreprocessing
 
@@ -158,8 +159,9 @@ def export_onnx(spec: BackboneSpec, path: Path) -> None:
 def _wrap_declared_onnx(spec: BackboneSpec, path: Path) -> None:
     from models.onnx_backbone import wrap_onnx
 
+    assert spec.onnx_file is not None, "an onnx entry declares its file"
     pre = spec.preprocessing
-    image = {}
+    image: dict[str, Any] = {}
     if isinstance(pre, ImagePreprocessing):
         image = {"image_size": pre.image_size, "mean": pre.mean, "std": pre.std}
     try:
@@ -181,7 +183,7 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     if spec.modality == "image":
-        side = spec.preprocessing.image_size
+        side = spec.image_preprocessing.image_size
         feeds = {"image": np.zeros((2, side, side, 3), np.uint8)}
     else:
         feeds = {name: np.ones((2, 8), np.int64) for name in spec.onnx_inputs}
@@ -196,6 +198,7 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
 def _export_module(spec: BackboneSpec, path: Path) -> None:
     import torch
 
+    assert spec.build_module is not None, "a backbone that is not an onnx entry builds one"
     module = spec.build_module()
     if isinstance(spec.preprocessing, ImagePreprocessing):
         side = spec.preprocessing.image_size

@@ -4,6 +4,7 @@ the modules that build and export are imported only when a backbone is exported)
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import cache, partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,12 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def build_spec(backbone_id: str, entry, resolve) -> BackboneSpec:
-    build = {TimmEntry: _timm, TransformersEntry: _transformers, OnnxEntry: _onnx}[type(entry)]
+    builders: dict[type, Callable[..., BackboneSpec]] = {
+        TimmEntry: _timm,
+        TransformersEntry: _transformers,
+        OnnxEntry: _onnx,
+    }
+    build = builders[type(entry)]
     return build(backbone_id, entry, resolve)
 
 
@@ -144,10 +150,14 @@ def pad_id(folder: Path) -> int:
 
 def _onnx(backbone_id: str, entry: OnnxEntry, resolve) -> BackboneSpec:
     model = _path_of(resolve, entry.model)
+    # OnnxEntry's validator holds each modality's section present.
+    preprocessing: ImagePreprocessing | TextPreprocessing
     if entry.modality == "image":
+        assert entry.preprocessing is not None
         preprocessing = _image_pre(entry.preprocessing)
     else:
         text = entry.text
+        assert text is not None
         preprocessing = TextPreprocessing(
             tokenizer_file=_path_of(resolve, text.tokenizer),
             max_tokens=text.max_tokens,

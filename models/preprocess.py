@@ -112,10 +112,9 @@ def augmented_views(
     """`count` random views of an image already accepted (decode_image): a random resized
     crop (30-100% of the area, aspect 3/4 to 4/3) and a horizontal flip at random, each
     resized to `image_size` squared, uint8 NHWC. What fine-tuning trains an image top on."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", (pre.resize_size, pre.resize_size))  # JPEG: decode at a smaller scale
-    image = _to_rgb(ImageOps.exif_transpose(image))
-    pixels = np.asarray(image)
+    opened = Image.open(io.BytesIO(data))
+    opened.draft("RGB", (pre.resize_size, pre.resize_size))  # JPEG: decode at a smaller scale
+    pixels = np.asarray(_to_rgb(ImageOps.exif_transpose(opened)))
     height, width = pixels.shape[:2]
     views = np.empty((count, pre.image_size, pre.image_size, 3), np.uint8)
     for i in range(count):
@@ -213,7 +212,7 @@ def token_ids(texts: list[str], tokenizer) -> list[np.ndarray]:
 
 def text_rows(spec: BackboneSpec, texts: list[str]) -> list[np.ndarray]:
     """Checked texts to a text backbone's token-id rows."""
-    pre = spec.preprocessing
+    pre = spec.text_preprocessing
     return token_ids(texts, load_tokenizer(pre.tokenizer_file(), pre.max_tokens))
 
 

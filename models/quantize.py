@@ -81,7 +81,7 @@ def quantize(spec: BackboneSpec, fp32_path: Path, out_path: Path) -> None:
 
     class Photos(CalibrationDataReader):
         def __init__(self) -> None:
-            images = calibration_images(spec.preprocessing)
+            images = calibration_images(spec.image_preprocessing)
             self._batches = iter([{"image": images[i : i + 8]} for i in range(0, len(images), 8)])
 
         def get_next(self):

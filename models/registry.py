@@ -17,6 +17,7 @@ A bad entry fails at start (`BackboneFileError`) with the file, the entry and wh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import os
@@ -90,6 +91,20 @@ class BackboneSpec:
     # Raises BackboneFileError when the entry's files are missing (checked at start).
     check_sources: Callable[[], None] = lambda: None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_preprocessing(self) -> ImagePreprocessing:
+        """An image backbone's preprocessing (TypeError for a text backbone)."""
+        if not isinstance(self.preprocessing, ImagePreprocessing):
+            raise TypeError(f"backbone {self.id} takes texts")
+        return self.preprocessing
+
+    @property
+    def text_preprocessing(self) -> TextPreprocessing:
+        """A text backbone's preprocessing (TypeError for an image backbone)."""
+        if not isinstance(self.preprocessing, TextPreprocessing):
+            raise TypeError(f"backbone {self.id} takes images")
+        return self.preprocessing
 
     @property
     def onnx_inputs(self) -> tuple[str, ...]:
@@ -338,7 +353,7 @@ class _Resolver:
                 f"backbone {self.backbone_id!r}: package {source.distribution!r} is not"
                 " installed (make install)"
             ) from None
-        return Path(dist.locate_file(source.path))
+        return Path(str(dist.locate_file(source.path)))
 
     def describe(self, source: Source) -> str:
         if isinstance(source, PartsSource):
@@ -370,7 +385,7 @@ class _Resolver:
             with open(archive, "wb") as out:
                 for part in source.parts:
                     with open(self.file(part), "rb") as piece:
-                        for chunk in iter(lambda piece=piece: piece.read(1 << 20), b""):
+                        for chunk in iter(functools.partial(piece.read, 1 << 20), b""):
                             digest.update(chunk)
                             out.write(chunk)
             if digest.hexdigest() != source.sha256:
@@ -401,6 +416,6 @@ def _content_sha256(path: Path) -> str:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")
         with open(file, "rb") as f:
-            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+            for chunk in iter(functools.partial(f.read, 1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnxruntime as ort
@@ -44,6 +46,8 @@ Top = tuple[str, list[np.ndarray]]
 # Rows of a batch that go through one fine-tuned head's top: their positions in the
 # batch, and the head's LoRA factors (models/split.py), as stored (fp16).
 TopGroup = tuple[np.ndarray, list[np.ndarray]]
+# A batch's inputs for the rows of a slice of it.
+Feeds = Callable[[slice], dict[str, np.ndarray]]
 
 
 class Backbone:
@@ -73,7 +77,10 @@ class Backbone:
             # the cores that decode and HTTP need: +23% predict throughput on 2 cores.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = available_providers(device)
-        self.session = self.trunk = self.top = None
+        # ONNX Runtime's sessions (untyped): the whole graph, or the trunk and the top.
+        self.session: Any = None
+        self.trunk: Any = None
+        self.top: Any = None
         if split is None:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         else:
@@ -137,7 +144,7 @@ class Backbone:
         return self._run_split(len(ids), lambda s: pad_tokens(ids[s], self.pad_id), top_feeds, tops)
 
     def _run_split(
-        self, n: int, feeds, top_feeds, tops: list[TopGroup] | None = None
+        self, n: int, feeds: Feeds, top_feeds: Callable, tops: list[TopGroup] | None = None
     ) -> np.ndarray:
         """The trunk once per chunk of rows, then the top once per group of them: the rows
         of no fine-tuned head with no factors, each head's rows with its factors."""
@@ -154,6 +161,7 @@ class Backbone:
                 rows = np.flatnonzero(group[chunk] == g)
                 factors = self._no_factors
                 if g >= 0:
+                    assert tops is not None
                     factors = {
                         i.name: np.asarray(f, np.float32)
                         for i, f in zip(self._factor_inputs, tops[g][1], strict=True)
@@ -172,14 +180,14 @@ class Backbone:
         """What the runner calls: decoded images or token-id rows (with the groups of rows
         that go through fine-tuned heads' tops)."""
         if self.spec.modality == "image":
-            return self.embed_images(rows, tops)
-        return self.embed_tokens(rows, tops)
+            return self.embed_images(cast(np.ndarray, rows), tops)
+        return self.embed_tokens(cast(list[np.ndarray], rows), tops)
 
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
         """The fastest of a few passes over a typical batch, per row: a 224-ish image, or
         a sentence of about 30 tokens."""
         if self.spec.modality == "image":
-            side = self.spec.preprocessing.image_size
+            side = self.spec.image_preprocessing.image_size
             batch: np.ndarray | list[np.ndarray] = np.zeros((rows, side, side, 3), np.uint8)
         else:
             sentence = "a typical request: a sentence or two of plain English " * 3
@@ -191,7 +199,7 @@ class Backbone:
             best = min(best, time.perf_counter() - start)
         return 1000 * best / rows
 
-    def _run_in_chunks(self, n: int, feeds) -> np.ndarray:
+    def _run_in_chunks(self, n: int, feeds: Feeds) -> np.ndarray:
         out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
         for start in range(0, n, self.max_batch_size):
             chunk = slice(start, min(n, start + self.max_batch_size))

@@ -14,7 +14,8 @@ The factors are inputs of the top, not weights: one top (a torch module here, an
 graph when served) serves every fine-tuned head of a backbone, fed each head's factors
 with its rows. `bench/finetune_text.py` measured the choice of 4 layers and rank 8 on
 MPNet (UCI sentiment, 8 per label: 0.856 frozen, 0.898 fine-tuned);
-`bench/finetune_image.py` the image top on lite0 (BENCHMARKS.md).
+`bench/finetune_image.py` the image top on lite0 (BENCHMARKS.md; both scripts removed
+after 03efd04).
 
 Supported: the BERT family (BERT, RoBERTa, MiniLM: `encoder.layer`), MPNet (`encoder.layer`
 plus a relative position bias computed from the sequence length), and timm's EfficientNet
@@ -88,7 +89,7 @@ class TextTop(torch.nn.Module):
 
     def factor_shapes(self, rank: int = RANK) -> list[tuple[int, ...]]:
         """Shapes of one head's factors, in the order `forward` takes them: A, B per map."""
-        shapes = []
+        shapes: list[tuple[int, ...]] = []
         for linear in self.linears:
             shapes += [(rank, linear.in_features), (linear.out_features, rank)]
         return shapes

@@ -40,7 +40,7 @@ def load_timm_model(
     original logits, used to check ImageNet weights)."""
     import timm
 
-    model = timm.create_model(architecture, pretrained=False, **(model_args or {}))
+    model: Any = timm.create_model(architecture, pretrained=False, **(model_args or {}))
     source = read_state_dict(weights)
     if len(source) < len(model.state_dict()):
         # Weights saved without their classifier (a feature extractor's): none to load.
@@ -80,6 +80,9 @@ def image_embedding_module(
     import torch
 
     class ImageEmbedding(torch.nn.Module):
+        mean: torch.Tensor
+        std: torch.Tensor
+
         def __init__(self) -> None:
             super().__init__()
             self.backbone = load_timm_model(

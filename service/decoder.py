@@ -89,6 +89,7 @@ class TrainingDecoder:
         process that died is started again, once."""
         for attempt in (1, 2):
             conn = self._started()
+            assert self._process is not None  # started with its link
             try:
                 send(conn, message)
                 send_handle(conn, fd, self._process.pid)

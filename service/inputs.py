@@ -12,7 +12,7 @@ import binascii
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 
@@ -54,12 +54,12 @@ def to_rows(
     a token-id array per text. Errors name the input's position."""
     pre = spec.preprocessing
     if isinstance(pre, ImagePreprocessing):
-        images = [(position, raw.data) for position, raw in items]
+        images = [(position, as_bytes(raw)) for position, raw in items]
         return decode_images(images, pre, settings.max_image_pixels)
     texts = []
     for position, raw in items:
         try:
-            texts.append(check_text(raw.data, settings))
+            texts.append(check_text(cast(str, raw.data), settings))  # a text's is a str
         except InvalidInput as exc:
             raise InvalidInput(exc.code, f"input {position}: {exc.message}") from None
     return text_rows(spec, texts)

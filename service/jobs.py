@@ -158,7 +158,12 @@ class TrainingJobs:
             self.store.release_job(job_id=job.id)
             return
         examples = [
-            (label, RawInput(kind, data.decode("utf-8") if kind == "text" else data))
+            (
+                label,
+                RawInput("text", data.decode("utf-8"))
+                if kind == "text"
+                else RawInput("image", data),
+            )
             for label, kind, data in self.store.job_examples(job_id=job.id)
         ]
         raws = [raw for _, raw in examples]

@@ -12,7 +12,7 @@ import pickle
 import socket
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 
 
-def send(conn: Connection, message: tuple) -> None:
+def send(conn: Connection, message: object) -> None:
     # Arrays go out of band, as their own raw messages: pickling them in band copies
     # them again (about 1 ms for 8 images).
     buffers: list[pickle.PickleBuffer] = []
@@ -30,7 +30,7 @@ def send(conn: Connection, message: tuple) -> None:
         conn.send_bytes(buffer.raw())
 
 
-def recv(conn: Connection) -> tuple:
+def recv(conn: Connection) -> Any:
     """The message `send` sent; its arrays are read-only views of the received bytes."""
     data = conn.recv_bytes()
     buffers = [conn.recv_bytes() for _ in range(int.from_bytes(data[:4], "little"))]
@@ -65,8 +65,8 @@ Address = Path | str | tuple[str, int]
 
 def link_address(settings: Settings) -> tuple[Address, bytes | None]:
     """The runner link's address, and the key that TCP needs (None on a Unix socket)."""
-    if settings.runner_link_address is None:
-        return settings.runner_socket, None
+    if settings.runner_link_address is None or settings.runner_key is None:
+        return settings.runner_socket, None  # (settings refuse a TCP link without a key)
     return settings.runner_link_address, settings.runner_key.encode()
 
 

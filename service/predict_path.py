@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from graft.schemas import PredictOptions
@@ -31,7 +32,11 @@ class PredictPath:
     def __init__(self, app: ASGIApp, api: FastAPI, max_body_bytes: int) -> None:
         self.app = app
         self.api = api
-        self.route = next(route for route in router.routes if route.name == "predict")
+        self.route = next(
+            route
+            for route in router.routes
+            if isinstance(route, APIRoute) and route.name == "predict"
+        )
         self.answer = RequestMetrics(
             BodySizeLimit(self._predict, max_bytes=max_body_bytes), api.state.route_metrics
         )

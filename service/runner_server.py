@@ -15,6 +15,7 @@ hand-off between processes, issue 10).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -134,7 +135,7 @@ class RunnerServer:
                 except (RuntimeError, ValueError) as exc:  # stopping, or not fine-tunable
                     answers.put((request_id, None, str(exc)))
                     continue
-                future.add_done_callback(lambda f, request_id=request_id: answer(request_id, f))
+                future.add_done_callback(functools.partial(answer, request_id))
         except (EOFError, OSError):
             pass  # the worker went away
         finally:
@@ -151,8 +152,8 @@ class RunnerServer:
 
 
 def serve_forever(path: Path, embedders: Mapping[str, Callable[[Rows], np.ndarray]]) -> None:
-    """A bare runner over the given embed functions, until killed (bench/handoff.py runs
-    one in a process of its own to time the link alone)."""
+    """A bare runner over the given embed functions, until killed (tests/test_runner.py
+    runs one in a process of its own, and kills it)."""
     batchers = {
         name: Batcher(embed, name=name, max_batch_size=64, max_latency_ms=0, training_slice_ms=20)
         for name, embed in embedders.items()

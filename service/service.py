@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+from typing import Any
 
 # A self-hosted service phones nowhere; set before bentoml is imported.
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
@@ -120,7 +121,8 @@ class BackboneRunner:
 @bentoml.asgi_app(app, path="/v1")
 class Graft:
     # BentoML starts the runner as a process of its own; its `stats` API is called through
-    # BentoML, the hot path goes over the runner's socket (bench/handoff.py says why).
+    # BentoML, the hot path goes over the runner's socket (BENCHMARKS.md says why: the
+    # hand-off between processes, bench/handoff.py, removed after 03efd04).
     backbone_runner = bentoml.depends(BackboneRunner, url=settings.runner_url)
 
     def __init__(self) -> None:
@@ -156,8 +158,10 @@ class Graft:
         self.graft.close()
 
 
+# bentoml.service made Graft a Service, whose type its hints do not carry.
+graft_service: Any = Graft
 # Outermost first: predicts are answered before the mount (service/predict_path.py).
-Graft.add_asgi_middleware(PredictPath, api=app, max_body_bytes=settings.max_body_bytes)
-Graft.add_asgi_middleware(JsonNotFoundUnderV1)
+graft_service.add_asgi_middleware(PredictPath, api=app, max_body_bytes=settings.max_body_bytes)
+graft_service.add_asgi_middleware(JsonNotFoundUnderV1)
 # The web console at / (service/console.py); /v1 requests go straight past it.
-Graft.add_asgi_middleware(Console)
+graft_service.add_asgi_middleware(Console)

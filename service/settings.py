@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.quantize import Variant
@@ -32,6 +32,11 @@ DEFAULT_BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "minilm_l6", "mpnet_b
 MAX_SOCKET_PATH = 107
 
 
+def _host_and_folder(data_dir: Path) -> str:
+    digest = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:8]
+    return f"{socket.gethostname()}-{digest}"
+
+
 def usable_cores() -> int:
     """The cores this process may run on (a container's cpuset), not the host's."""
     return len(os.sched_getaffinity(0))
@@ -42,14 +47,17 @@ class Settings(BaseSettings):
         env_prefix="GRAFT_", extra="ignore", secrets_dir=os.environ.get("GRAFT_SECRETS_DIR")
     )
 
+    # A default below that depends on another setting is computed from it: `data` holds
+    # the settings declared above it, already validated.
     data_dir: Path = Field(Path(".graft"), description="SQLite database and state")
-    database_url: str | None = Field(
-        None,
+    database_url: str = Field(
+        default_factory=lambda data: f"sqlite:///{data['data_dir'] / 'graft.sqlite3'}",
         description="SQLAlchemy URL of the store: default a SQLite file in the data directory;"
         " postgresql+psycopg://user:password@host/db for a fleet of replicas",
     )
-    backbone_dir: Path | None = Field(
-        None, description="cache of exported ONNX backbones; default <data_dir>/backbones"
+    backbone_dir: Path = Field(
+        default_factory=lambda data: data["data_dir"] / "backbones",
+        description="cache of exported ONNX backbones; default <data_dir>/backbones",
     )
     admin_key: str | None = Field(
         None, description="admin bearer key; when unset, read from <data_dir>/admin.key"
@@ -59,10 +67,9 @@ class Settings(BaseSettings):
         description="a TOML file declaring backbones beside the built-in ones"
         " (models/backbones.toml; README, Backbones)",
     )
-    backbones: str | None = Field(
-        None,
-        description="ids of the backbones this server loads, comma-separated; default:"
-        f" {','.join(DEFAULT_BACKBONES)}",
+    backbones: str = Field(
+        ",".join(DEFAULT_BACKBONES),
+        description="ids of the backbones this server loads, comma-separated",
     )
     device: Literal["cpu", "cuda", "auto"] = "cpu"
     variant: Variant = Field(
@@ -89,8 +96,9 @@ class Settings(BaseSettings):
         le=256,
         description="API worker processes (HTTP, decoding, heads, training); default: the cores",
     )
-    runner_socket: Path | None = Field(
-        None, description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock"
+    runner_socket: Path = Field(
+        default_factory=lambda data: data["data_dir"] / "run" / "runner.sock",
+        description="the backbone runner's Unix socket; default <data_dir>/run/runner.sock",
     )
     runner_link: str | None = Field(
         None,
@@ -105,8 +113,10 @@ class Settings(BaseSettings):
         description="the runner service's HTTP URL when it runs on its own (`bentoml serve"
         " service.service:BackboneRunner`); this server then starts none",
     )
-    backbone_lanes: int | None = Field(
-        None,
+    backbone_lanes: int = Field(
+        # On the CPU, one single-threaded pass per core costs 10-15% less CPU per row than
+        # one pass over every core (its threads wake each other); a GPU is one.
+        default_factory=lambda data: 1 if data.get("device") == "cuda" else usable_cores(),
         ge=1,
         le=256,
         description="backbone passes the runner runs side by side, per backbone; default:"
@@ -115,8 +125,14 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         0, ge=0, description="ONNX Runtime threads per backbone pass; 0 = the cores ÷ lanes"
     )
-    backbone_batch_size: int | None = Field(
-        None, ge=1, le=1024, description="max rows per backbone pass; default 4, 256 on cuda"
+    backbone_batch_size: int = Field(
+        # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md). On the CPU
+        # a one-thread pass costs 5-10% less per row at 1-4 rows than at 8-32 (the
+        # activations stay in cache), and the lanes run such passes side by side.
+        default_factory=lambda data: 256 if data.get("device") == "cuda" else 4,
+        ge=1,
+        le=1024,
+        description="max rows per backbone pass; default 4, 256 on cuda",
     )
     batch_max_latency_ms: float = Field(
         5.0, ge=0, le=1000, description="longest a row waits for its batch to fill"
@@ -139,8 +155,8 @@ class Settings(BaseSettings):
 
     # Training
     training_workers: int = Field(1, ge=1, le=16)
-    replica_id: str | None = Field(
-        None,
+    replica_id: str = Field(
+        default_factory=lambda data: _host_and_folder(data["data_dir"]),
         description="this replica's name in training-job leases, unique in a fleet; default"
         " the host name and a hash of the data directory",
     )
@@ -176,19 +192,31 @@ class Settings(BaseSettings):
     )
     rate_limit_burst: int = Field(400, ge=1, description="requests a tenant may send at once")
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, data_dir: Path) -> Path:
+        return data_dir.expanduser().resolve()
+
+    @field_validator("device")
+    @classmethod
+    def _resolve_device(cls, device: str) -> str:
+        # Resolved once, here: the batch size, the lanes and the runner's GPU request all
+        # follow the device actually used.
+        if device != "auto":
+            return device
+        import onnxruntime
+
+        return "cuda" if "CUDAExecutionProvider" in onnxruntime.get_available_providers() else "cpu"
+
     @model_validator(mode="after")
-    def _resolve_paths(self) -> Settings:
-        self.data_dir = self.data_dir.expanduser().resolve()
-        if self.backbone_dir is None:
-            self.backbone_dir = self.data_dir / "backbones"
+    def _check(self) -> Settings:
+        self.backbone_dir = self.backbone_dir.expanduser().resolve()
         if self.backbones_file is not None:
             self.backbones_file = self.backbones_file.expanduser().resolve()
-        ids = list(dict.fromkeys(i.strip() for i in (self.backbones or "").split(",") if i.strip()))
-        if self.backbones is not None and not ids:
+        ids = list(dict.fromkeys(i.strip() for i in self.backbones.split(",") if i.strip()))
+        if not ids:
             raise ValueError("GRAFT_BACKBONES names no backbone")
-        ids = ids or list(DEFAULT_BACKBONES)
         self.backbones = ",".join(ids)
-        self.backbone_dir = self.backbone_dir.expanduser().resolve()
         # A bad backbones file, an unknown id or a missing weights file fails here, at
         # start, naming the entry.
         try:
@@ -200,31 +228,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"GRAFT_BACKBONES: unknown backbones {unknown}; known: {', '.join(catalog)}"
             )
-        if self.replica_id is None:
-            digest = hashlib.sha256(os.fsencode(self.data_dir)).hexdigest()[:8]
-            self.replica_id = f"{socket.gethostname()}-{digest}"
-        if self.database_url is None:
-            self.database_url = f"sqlite:///{self.data_dir / 'graft.sqlite3'}"
-        if self.device == "auto":
-            # Resolved once, here: the batch size, the lanes and the runner's GPU request
-            # all follow the device actually used.
-            import onnxruntime
-
-            cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
-            self.device = "cuda" if cuda else "cpu"
-        if self.backbone_batch_size is None:
-            # A GPU's throughput keeps growing to a few hundred rows (BENCHMARKS.md). On the
-            # CPU a one-thread pass costs 5-10% less per row at 1-4 rows than at 8-32 (the
-            # activations stay in cache), and the lanes run such passes side by side.
-            self.backbone_batch_size = 256 if self.device == "cuda" else 4
-        if self.backbone_lanes is None:
-            # On the CPU, one single-threaded pass per core costs 10-15% less CPU per row
-            # than one pass over every core (its threads wake each other); a GPU is one.
-            self.backbone_lanes = 1 if self.device == "cuda" else usable_cores()
         if self.intra_op_threads == 0:
             self.intra_op_threads = max(1, usable_cores() // self.backbone_lanes)
-        if self.runner_socket is None:
-            self.runner_socket = self.run_dir / "runner.sock"
         if len(os.fsencode(self.runner_socket)) > MAX_SOCKET_PATH:
             raise ValueError(
                 f"the runner socket path {self.runner_socket} is over {MAX_SOCKET_PATH} bytes"

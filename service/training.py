@@ -112,7 +112,8 @@ class Trainer:
                 to_embed.append(h)
         pre = spec.preprocessing
         if isinstance(pre, ImagePreprocessing):
-            images = [(position, raw.data) for position, raw in to_decode]
+            images = [(position, as_bytes(raw)) for position, raw in to_decode]
+            rows: np.ndarray | list[np.ndarray]
             rows = self._images.decode(images, pre, self.settings.max_image_pixels)
         else:
             rows = to_rows(spec, to_decode, self.settings)
@@ -161,16 +162,13 @@ class Trainer:
                 training_set.labels,
                 label_embeddings=label_embeddings[chosen],
             )
-        x, target, names, factors = (
-            training_set.x,
-            training_set.target,
-            label_embeddings[chosen],
-            None,
-        )
+        x, target, names = training_set.x, training_set.target, label_embeddings[chosen]
+        factors: list[np.ndarray] | None = None
         if head.fine_tune != "off":
             spec = self.loaded[chosen]
             tuned = self._fine_tune(head, spec, training_set, new_inputs, progress)
             if tuned.head is not None:
+                assert tuned.x is not None and tuned.target is not None  # with a head
                 trained, x, target, names = tuned.head, tuned.x, tuned.target, tuned.names
                 factors = tuned.factors
             trained.metrics["fine_tuning"] = tuned.report

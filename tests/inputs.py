@@ -3,35 +3,13 @@
 from __future__ import annotations
 
 import base64
-import io
 import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-from sklearn.datasets import load_sample_image
 
+from bench.common import crops  # noqa: F401 (the tests' photos too)
 from models.registry import ImagePreprocessing
-
-
-def crops(name: str, n: int, *, seed: int, fmt: str = "JPEG") -> list[bytes]:
-    """Random crops (random size, position and flip) of one of scikit-learn's sample photos
-    (`china.jpg`: a temple; `flower.jpg`: a flower), encoded as `fmt`."""
-    photo = load_sample_image(name)
-    rng = np.random.default_rng(seed)
-    height, width = photo.shape[:2]
-    out = []
-    for _ in range(n):
-        side = int(rng.integers(180, min(height, width)))
-        top = int(rng.integers(0, height - side + 1))
-        left = int(rng.integers(0, width - side + 1))
-        patch = photo[top : top + side, left : left + side]
-        if rng.random() < 0.5:
-            patch = patch[:, ::-1]
-        buffer = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(patch)).save(buffer, fmt)
-        out.append(buffer.getvalue())
-    return out
 
 
 def b64(data: bytes) -> str:

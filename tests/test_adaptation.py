@@ -1,7 +1,8 @@
 """Adaptation of a head to unlabelled target rows (adapters/adaptation.py), on synthetic
 domains whose shift is known: an offset shared by every class (centring undoes it), a
 change of label proportions only (centring would do harm), and no shift at all. The real
-shifts (PACS, UCI, X-rays) are measured by bench/domain_shift.py."""
+shifts (PACS, UCI, X-rays) are measured in BENCHMARKS.md (bench/domain_shift.py,
+removed after 03efd04)."""
 
 from __future__ import annotations
 

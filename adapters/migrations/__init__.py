@@ -31,7 +31,9 @@ def _config() -> Config:
 
 
 def latest_revision() -> str:
-    return ScriptDirectory.from_config(_config()).get_current_head()
+    head = ScriptDirectory.from_config(_config()).get_current_head()
+    assert head is not None, "the revisions have one head"
+    return head
 
 
 def upgrade(writer: sa.Engine) -> None:

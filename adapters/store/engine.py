@@ -4,6 +4,7 @@ transactions its parts use."""
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -90,11 +91,11 @@ class Database:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _tx(self) -> sa.engine.base.Connection:
+    def _tx(self) -> AbstractContextManager[sa.Connection]:
         """`with store._tx() as db:` one write transaction, rolled back on error."""
         return self._writer.begin()
 
-    def _read(self) -> sa.engine.base.Connection:
+    def _read(self) -> AbstractContextManager[sa.Connection]:
         """`with store._read() as db:` one read transaction (a consistent view on SQLite)."""
         return self.engine.begin()
 
@@ -107,7 +108,7 @@ class Database:
     def change_count(self) -> int:
         """How many such writes there have been: one tiny read, polled by every process."""
         with self._read() as db:
-            return db.scalar(_CHANGE_COUNT)
+            return db.scalar(_CHANGE_COUNT) or 0
 
     def _insert_ignoring_duplicates(self, table: sa.Table):
         dialect = postgresql if self._postgres else sqlite

@@ -74,7 +74,7 @@ class Heads(Database):
                     .select_from(heads)
                     .where(heads.c.tenant_id == tenant_id)
                 )
-                if count >= max_heads:
+                if (count or 0) >= max_heads:
                     return None
             db.execute(
                 heads.insert().values(

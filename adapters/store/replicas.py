@@ -23,4 +23,4 @@ class Replicas(Database):
         """Replicas whose heartbeat is at most `within_s` old (this one at least)."""
         query = sa.select(sa.func.count()).where(replicas.c.seen_at > time.time() - within_s)
         with self._read() as db:
-            return max(1, db.scalar(query.select_from(replicas)))
+            return max(1, db.scalar(query.select_from(replicas)) or 0)

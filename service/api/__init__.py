@@ -5,6 +5,8 @@ stats, backbones, heads, predict). Routes parse, authenticate, call the applicat
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
@@ -36,12 +38,13 @@ def create_app(max_body_bytes: int) -> FastAPI:
 
     generate = app.openapi
 
-    def openapi() -> dict:
+    def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            complete(generate())
+            complete(generate())  # generate() keeps what it made in app.openapi_schema
+        assert app.openapi_schema is not None
         return app.openapi_schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way
 
     @app.get("/metrics", include_in_schema=False)
     def metrics() -> Response:
@@ -60,7 +63,7 @@ def create_app(max_body_bytes: int) -> FastAPI:
         include_in_schema=False,
     )
     def no_such_route(path: str, request: Request) -> None:
-        allowed = {m for r in routes if r.path_regex.match(f"/{path}") for m in r.methods}
+        allowed = {m for r in routes if r.path_regex.match(f"/{path}") for m in r.methods or ()}
         if allowed:
             raise MethodNotAllowed(
                 f"{request.method} is not a method of /v1/{path}; it takes"

@@ -3,7 +3,7 @@ take several media types name a reader for each, and `read_body` picks it."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from fastapi import Request
@@ -22,7 +22,9 @@ def media_type(request: Request) -> str:
     return value or JSON
 
 
-async def read_body(request: Request, readers: dict[str, Callable[[Request], Awaitable[T]]]) -> T:
+async def read_body(
+    request: Request, readers: Mapping[str, Callable[[Request], Awaitable[T]]]
+) -> T:
     """What the reader of the body's media type makes of it; 415 naming those accepted
     for any other."""
     media = media_type(request)
@@ -39,5 +41,6 @@ async def archive_form(request: Request, *, max_fields: int) -> tuple[bytes, dic
     archive = form.get("archive")
     if not isinstance(archive, UploadFile):
         raise Unprocessable("multipart form needs a zip file 'archive'")
-    fields = {name: value for name, value in form.items() if name != "archive"}
-    return await archive.read(), fields  # type: ignore[misc]
+    # The form's only file is the archive (max_files=1): its other fields are strings.
+    fields = {name: value for name, value in form.items() if isinstance(value, str)}
+    return await archive.read(), fields
