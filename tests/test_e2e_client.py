@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from tests.inputs import (
     label_folders,
     text_folders,
 )
-from tests.server import free_port
+from tests.server import ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -172,3 +173,64 @@ def test_command_from_tenant_to_export(polling_server, tmp_path) -> None:
         polling_server, key, "--url", f"http://127.0.0.1:{free_port()}", "heads", "list"
     )
     assert nobody.returncode == 1 and "cannot reach the server" in nobody.stderr
+
+
+CLIENT_ONLY = """
+import sys
+from graft import Client, GraftError
+with Client(sys.argv[1], sys.argv[2]) as graft:
+    backbones = [b.id for b in graft.backbones()]
+    try:
+        graft.head("no-such-head")
+    except GraftError as exc:
+        refused = exc.code
+heavy = {"torch", "onnxruntime", "sklearn", "bentoml", "numpy", "service", "adapters", "models"}
+print(sorted(backbones), refused, sorted(heavy & set(sys.modules)))
+"""
+
+
+def test_the_client_installs_and_runs_without_the_servers_dependencies(
+    polling_server, tenant_key, tmp_path
+) -> None:
+    """`pip install .` into a new virtual environment is the client alone: none of the
+    server's dependencies come with it, and it talks to a real server."""
+    # What the distribution is built from, copied: a build leaves files in its source.
+    source = tmp_path / "source"
+    for name in ("pyproject.toml", "README.md"):
+        source.mkdir(exist_ok=True)
+        shutil.copy(ROOT / name, source / name)
+    caches = shutil.ignore_patterns("__pycache__")
+    for package in ("graft", "service", "adapters", "models"):
+        shutil.copytree(ROOT / package, source / package, ignore=caches)
+    venv = tmp_path / "client-only"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    installed = subprocess.run(
+        [python, "-m", "pip", "install", "--quiet", str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    frozen = subprocess.run(
+        [python, "-m", "pip", "freeze"], capture_output=True, text=True, check=True
+    ).stdout
+    packages = {line.split("==")[0].lower() for line in frozen.split()}
+    assert "graft" in packages and "httpx" in packages, packages
+    assert not packages & {"torch", "onnxruntime", "scikit-learn", "bentoml", "numpy"}, packages
+    # Outside the checkout, so that only the installed client can be imported.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    used = subprocess.run(
+        [python, "-c", CLIENT_ONLY, polling_server.base_url, tenant_key],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert used.returncode == 0, used.stderr[-3000:]
+    assert used.stdout.split("\n")[0] == "['efficientnet_lite0', 'minilm_l6'] head_not_found []"
+    command = subprocess.run(
+        [str(venv / "bin" / "graft"), "--help"], cwd=tmp_path, env=env, capture_output=True
+    )
+    assert command.returncode == 0 and b"heads" in command.stdout

@@ -7,15 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adapters.finetune import (
-    TextExamples,
-    compare,
-    embed,
-    fine_tuned_head,
-    frozen_significantly_better,
-    hidden_states,
-    tune,
-)
+from adapters.finetune import TextExamples, embed, hidden_states, tune
+from adapters.finetune_compare import compare, fine_tuned_head, frozen_significantly_better
 from adapters.heads import predict_proba
 from models.preprocess import load_tokenizer, token_ids
 from service.settings import get_backbone

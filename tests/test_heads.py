@@ -6,16 +6,8 @@ from sklearn.datasets import load_digits, load_iris
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
-from adapters.heads import (
-    C_GRID,
-    SOLVER,
-    accuracy_margin,
-    expected_calibration_error,
-    predict_proba,
-    reliability_bins,
-    top_k,
-    train_head,
-)
+from adapters.calibration import accuracy_margin, expected_calibration_error, reliability_bins
+from adapters.heads import C_GRID, SOLVER, predict_proba, top_k, train_head
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:

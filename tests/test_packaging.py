@@ -19,9 +19,11 @@ BENTOML = str(Path(sys.executable).parent / "bentoml")
 
 
 def test_bentofile_installs_what_pyproject_declares() -> None:
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    """The bento installs the server: the client's packages and the `server` extra."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     bentofile = yaml.safe_load((ROOT / "bentofile.yaml").read_text())
-    assert bentofile["python"]["packages"] == pyproject["project"]["dependencies"]
+    declared = project["dependencies"] + project["optional-dependencies"]["server"]
+    assert sorted(bentofile["python"]["packages"]) == sorted(declared)
 
 
 def test_weight_packages_are_installed_alike_everywhere() -> None:
