@@ -36,8 +36,13 @@ TEXT = "minilm_l6"
 def fleet(backbone_dir, suite_database):
     if suite_database != "postgresql":
         pytest.skip("the fleet runs in the PostgreSQL pass (pytest --database postgresql)")
-    # The text backbone only; a head's request waits for its training (tests/server.py).
-    env = {"GRAFT_BACKBONES": TEXT, "GRAFT_SYNC_TRAINING_TIMEOUT_S": "240"}
+    # The text backbone only; a head's request waits for its training (tests/server.py);
+    # a dead replica's job is free after 10 s, not 30.
+    env = {
+        "GRAFT_BACKBONES": TEXT,
+        "GRAFT_SYNC_TRAINING_TIMEOUT_S": "240",
+        "GRAFT_JOB_LEASE_S": "10",
+    }
     with local_fleet(3, backbone_dir=backbone_dir, env=env) as running:
         yield running
 
@@ -72,15 +77,25 @@ def test_what_one_replica_writes_the_others_serve_at_once(fleet) -> None:
     rng = random.Random(1)
     a, b, c = (replica.client(key) for replica in fleet.replicas)
     with a, b, c:
+        # Fine-tuned: the other replicas serve its top, read from the store.
+        tuned = a.post(
+            "/v1/heads",
+            json={"name": "t", "backbone": TEXT, "examples": _examples(rng, 4), "fine_tune": "on"},
+        )
+        assert tuned.status_code == 201, tuned.text
+        assert tuned.json()["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
+        # Answered two polls after its commit: every replica has it already.
+        assert _served_version(b, tuned.json()["id"]) == 1
+        assert _served_version(c, tuned.json()["id"]) == 1
+
+        # Every later write, on a frozen head (each version of a fine-tuned one would
+        # fine-tune again, with PyTorch on every replica of 2 cores).
         created = a.post(
             "/v1/heads",
-            # Fine-tuned: the other replicas serve its top, read from the store.
-            json={"name": "h", "backbone": TEXT, "examples": _examples(rng, 4), "fine_tune": "on"},
+            json={"name": "h", "backbone": TEXT, "examples": _examples(rng, 4), **FROZEN},
         )
         assert created.status_code == 201, created.text
-        assert created.json()["metrics"]["fine_tuning"]["chosen"] == "fine_tuned"
         head_id = created.json()["id"]
-        # Answered two polls after its commit: every replica has it already.
         assert _served_version(b, head_id) == 1 and _served_version(c, head_id) == 1
 
         retrained = a.post(f"/v1/heads/{head_id}/examples", json={"examples": _examples(rng, 2)})
