@@ -12,7 +12,6 @@ from tests.server import BENTOML, start_test_server, stop_server
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.postgresql  # counts the stored heads per backbone
 def test_a_server_loads_only_the_backbones_it_is_given(tmp_path, backbone_dir) -> None:
     data_dir = tmp_path / "data"
     # The server's own default set (the variable unset).

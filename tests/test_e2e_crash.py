@@ -147,7 +147,7 @@ def _check_database(data_dir) -> None:
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     tmp_path, backbone_dir, long_run
 ) -> None:
-    kills = 20 if long_run else 3
+    kills = 20 if long_run else 2
     rng = random.Random(4)
     data_dir = tmp_path / "data"
     server = start_test_server(BENTOML, data_dir, backbone_dir)

@@ -50,12 +50,21 @@ def test_keys_are_stored_hashed_and_checked(store) -> None:
         raw = db.exec_driver_sql("SELECT * FROM tenants").all()
     secret = key.split("_", 2)[2]  # graft_<tenant id>_<secret>; the secret may hold "_"
     assert secret not in repr(raw)
+    # A rotated key replaces the old one at once; an unknown tenant has none to rotate.
+    new_key = store.rotate_key(tenant_id=tenant.id)
+    assert store.authenticate(api_key=key) is None and store.authenticate(api_key=new_key) == tenant
+    assert store.rotate_key(tenant_id="no-such-tenant") is None
+    assert store.list_tenants() == [tenant]
 
 
 def test_heads_are_scoped_to_their_tenant(store) -> None:
     a, _ = store.create_tenant(name="a")
     b, _ = store.create_tenant(name="b")
     head = store.create_head(tenant_id=a.id, name="h", backbone="bb")
+    store.create_head(tenant_id=b.id, name="h", backbone="bb")
+    store.create_head(tenant_id=b.id, name="i", backbone="other")
+    # The operator's count at start covers every tenant's heads.
+    assert store.heads_per_backbone() == {"bb": 2, "other": 1}
     assert store.get_head(tenant_id=b.id, head_id=head.id) is None
     assert store.delete_head(tenant_id=b.id, head_id=head.id) is False
     assert _save(store, b.id, head.id, ["x", "y"]) is None
