@@ -54,7 +54,7 @@ def _fuzz(operation, strategy, base_url: str, headers: dict, examples: int) -> i
 
 
 def test_fuzz_every_operation(server, long_run) -> None:
-    examples = 100 if long_run else 8
+    examples = 100 if long_run else 5
     tenant = server.new_tenant("fuzzed")
     with tenant:
         head = tenant.post(

@@ -10,8 +10,7 @@ from graft import Client, GraftError
 from tests.inputs import assert_error, text_examples
 from tests.server import BENTOML, start_test_server, stop_server
 
-# Each test here reads or writes the store: run again on PostgreSQL (make test).
-pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
+pytestmark = pytest.mark.e2e
 
 LIMITS = {
     "GRAFT_MAX_HEADS_PER_TENANT": "2",
@@ -74,6 +73,7 @@ def test_client_waits_out_429s_for_their_retry_after(limited) -> None:
         assert time.monotonic() - start >= 0.9
 
 
+@pytest.mark.postgresql  # counted in the store
 def test_heads_per_tenant(limited) -> None:
     with limited.new_tenant("collector") as tenant:
         first = _head(tenant, text_examples(2))
@@ -89,6 +89,7 @@ def test_heads_per_tenant(limited) -> None:
         _head(tenant, text_examples(2, offset=4))  # room again
 
 
+@pytest.mark.postgresql  # counted in the store
 def test_examples_per_head(limited) -> None:
     with limited.new_tenant("hoarder") as tenant:
         assert_error(
@@ -115,6 +116,7 @@ def test_examples_per_head(limited) -> None:
         assert grown.status_code == 200 and grown.json()["metrics"]["n_examples"] == 10
 
 
+@pytest.mark.postgresql  # counted in the store
 def test_unlabelled_examples_per_head(limited) -> None:
     with limited.new_tenant("gatherer") as tenant:
         head = _head(tenant, text_examples(2))
@@ -131,6 +133,7 @@ def test_unlabelled_examples_per_head(limited) -> None:
         assert again.status_code == 200 and again.json()["metrics"]["domain"]["n_unlabeled"] == 12
 
 
+@pytest.mark.postgresql  # the key is the store's
 def test_a_rotated_key_is_revoked_at_once(limited) -> None:
     with limited.admin() as admin:
         created = admin.post("/v1/tenants", json={"name": "rotating"}).json()

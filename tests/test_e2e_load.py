@@ -147,8 +147,8 @@ def _setup_tenants(server, n_text: int, n_image: int) -> list[tuple]:
 
 
 def test_many_tenants_under_load(tmp_path, backbone_dir, long_run) -> None:
-    seconds, warm_up_s = (180, 60) if long_run else (16, 6)
-    n_text, n_image = (60, 12) if long_run else (8, 2)
+    seconds, warm_up_s = (180, 60) if long_run else (12, 5)
+    n_text, n_image = (60, 12) if long_run else (6, 2)
     server = start_test_server(BENTOML, tmp_path / "data", backbone_dir)
     try:
         tenants = _setup_tenants(server, n_text, n_image)
