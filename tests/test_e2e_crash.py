@@ -19,8 +19,7 @@ from tests.inputs import COOKING, SPORTS, b64, crops, image_examples
 from tests.postgres import database_for
 from tests.server import BENTOML, kill_server, start_test_server, stop_server
 
-# Each test here reads or writes the store: run again on PostgreSQL (make test).
-pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
+pytestmark = pytest.mark.e2e
 
 TEXT = "minilm_l6"
 DIM = get_backbone(TEXT).embedding_dim
@@ -144,6 +143,7 @@ def _check_database(data_dir) -> None:
         engine.dispose()
 
 
+@pytest.mark.postgresql  # what a kill leaves in the store
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(
     tmp_path, backbone_dir, long_run
 ) -> None:
@@ -240,6 +240,7 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path, backbone_dir) -> None:
     assert "Traceback" not in server.log()
 
 
+@pytest.mark.postgresql  # what a kill leaves in the store
 def test_examples_answered_202_survive_a_kill_and_their_head_is_trained(
     tmp_path, backbone_dir
 ) -> None:

@@ -148,7 +148,7 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
 
 def test_auto_compares_and_too_few_examples_keep_the_head_frozen(server) -> None:
     with server.new_tenant("fine-tune-auto") as client:
-        head = _create(client, "auto", None)
+        head = _create(client, "auto", None, per_label=3)
         report = head["metrics"]["fine_tuning"]
         assert head["fine_tune"] == "auto" and report["requested"] == "auto"
         assert set(report["candidates"]) == {"frozen", "fine_tuned"}
