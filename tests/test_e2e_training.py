@@ -8,8 +8,9 @@ from tests.conftest import TEST_LIMITS
 from tests.inputs import b64, crops, image_examples
 from tests.server import BENTOML, poll_until_trained, start_test_server, stop_server
 
-# Each test here reads or writes the store: run again on PostgreSQL (make test).
-pytestmark = [pytest.mark.e2e, pytest.mark.postgresql]
+# The SQLite pass only: on PostgreSQL, the crash tests restart servers on a store of
+# acknowledged heads and jobs (tests/test_e2e_crash.py).
+pytestmark = pytest.mark.e2e
 
 
 def test_202_then_poll_and_heads_survive_a_restart(tmp_path, backbone_dir) -> None:
