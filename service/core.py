@@ -1,7 +1,7 @@
 """The application in an API worker: the store, the head cache, the link to the backbone
 runner and the training jobs, behind plain methods.
 
-Routes (`service/api.py`) only parse, authenticate and call these; nothing here knows
+Routes (`service/api/`) only parse, authenticate and call these; nothing here knows
 about HTTP beyond raising the typed errors of `service/errors.py`. The predict path reads
 in one direction: head lookup -> decode (`service/inputs.py`) -> runner -> head.
 """
