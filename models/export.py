@@ -21,7 +21,10 @@ OPSET = 17
 # Bump when the exported graph changes for the same weights (wrapper, opset, names).
 # 2: image graphs carry their input-size arithmetic as constants (`fold_fixed_size`).
 # 3: keyed by the weights and the declaration (backbones files), not the weights alone.
-EXPORT_REVISION = 3
+# 4: a second output, `depths` (models/depths.py), with their widths in the metadata.
+EXPORT_REVISION = 4
+# Where a graph's metadata holds the widths of its `depths` (a JSON list).
+DEPTH_WIDTHS_KEY = "graft.depth_widths"
 
 
 def cached_onnx_path(spec: BackboneSpec, cache_dir: Path) -> Path:
@@ -115,19 +118,27 @@ def _check_split(spec: BackboneSpec, whole: Path, trunk: Path, top: Path) -> Non
         mask[1, 5:] = 0
         feeds = {"input_ids": ids, "attention_mask": mask}
         extra = {"attention_mask": mask}
-    expected = session(whole).run(["embedding"], feeds)[0]
+
+    def outputs(session: ort.InferenceSession, feeds: dict) -> tuple[np.ndarray, np.ndarray]:
+        """The first output, and the depths (none: zero columns)."""
+        first, *depths = session.run(None, feeds)
+        return first, depths[0] if depths else np.zeros((len(first), 0), np.float32)
+
+    expected = outputs(session(whole), feeds)
     top_session = session(top)
     factors = {
         i.name: np.zeros(i.shape, np.float32)
         for i in top_session.get_inputs()
         if i.name.startswith("lora_")
     }
-    hidden = session(trunk).run(["hidden"], feeds)[0]
-    got = top_session.run(["embedding"], {"hidden": hidden, **extra, **factors})[0]
-    if not np.allclose(got, expected, atol=1e-3):
-        raise ValueError(
-            f"the trunk and top differ from the whole graph by {np.abs(got - expected).max():.2g}"
-        )
+    hidden, trunk_depths = outputs(session(trunk), feeds)
+    embedding, top_depths = outputs(top_session, {"hidden": hidden, **extra, **factors})
+    for name, got, want in [
+        ("embeddings", embedding, expected[0]),
+        ("depths", np.hstack([trunk_depths, top_depths]), expected[1]),
+    ]:
+        if got.shape != want.shape or not np.allclose(got, want, atol=1e-3):
+            raise ValueError(f"the trunk and top's {name} differ from the whole graph's")
 
 
 def ensure_variant(spec: BackboneSpec, cache_dir: Path, variant: str) -> Path:
@@ -193,38 +204,65 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
             f"backbone {spec.id!r}: declared embedding_dim {spec.embedding_dim}, but the"
             f" model gives embeddings of shape {shape[1:]}"
         )
+    widths = depth_widths(session)
+    if widths:
+        depths = session.run(["depths"], feeds)[0]
+        assert depths.shape == (2, sum(widths)), f"depths {depths.shape}, widths {widths}"
+
+
+def depth_widths(session: Any) -> list[int]:
+    """The widths of the `depths` an ONNX Runtime session's graph gives ([]: none)."""
+    import json
+
+    raw = session.get_modelmeta().custom_metadata_map.get(DEPTH_WIDTHS_KEY)
+    return json.loads(raw) if raw else []
 
 
 def _export_module(spec: BackboneSpec, path: Path) -> None:
     import torch
 
     assert spec.build_module is not None, "a backbone that is not an onnx entry builds one"
+    from models.depths import Outputs
+
     module = spec.build_module()
     if isinstance(spec.preprocessing, ImagePreprocessing):
         side = spec.preprocessing.image_size
         dummy: tuple = (torch.zeros(2, side, side, 3, dtype=torch.uint8),)
-        dynamic_axes = {"image": {0: "batch"}, "embedding": {0: "batch"}}
+        dynamic_axes = {"image": {0: "batch"}}
     else:
         ids = torch.ones(2, 8, dtype=torch.int64)
         dummy = (ids, torch.ones_like(ids))
         dynamic_axes = {
             "input_ids": {0: "batch", 1: "tokens"},
             "attention_mask": {0: "batch", 1: "tokens"},
-            "embedding": {0: "batch"},
         }
+    widths = module.depth_widths()
+    outputs = ["embedding", "depths"] if widths else ["embedding"]
     with torch.inference_mode():
         torch.onnx.export(
-            module,
+            Outputs(module, "embed_with_depths") if widths else module,
             dummy,
             str(path),
             input_names=list(spec.onnx_inputs),
-            output_names=["embedding"],
-            dynamic_axes=dynamic_axes,
+            output_names=outputs,
+            dynamic_axes={**dynamic_axes, **{name: {0: "batch"} for name in outputs}},
             opset_version=OPSET,
             dynamo=False,
         )
     if isinstance(spec.preprocessing, ImagePreprocessing):
         fold_fixed_size(path)
+    write_depth_widths(path, widths)
+
+
+def write_depth_widths(path: Path, widths: list[int]) -> None:
+    """Records the widths of the graph's `depths` in its metadata ([]: it has none)."""
+    import json
+
+    import onnx
+
+    model = onnx.load(str(path))
+    model.metadata_props.add(key=DEPTH_WIDTHS_KEY, value=json.dumps([int(w) for w in widths]))
+    onnx.save(model, str(path))
 
 
 def fold_fixed_size(path: Path) -> None:

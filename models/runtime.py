@@ -10,6 +10,7 @@ from typing import Any, cast
 import numpy as np
 import onnxruntime as ort
 
+from models.export import depth_widths
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import BackboneSpec, TextPreprocessing
 
@@ -90,15 +91,23 @@ class Backbone:
             self._no_factors = {i.name: np.zeros(i.shape, np.float32) for i in self._factor_inputs}
         # On a GPU, every new batch size costs a cuDNN search: a few sizes serve them all.
         self.on_gpu = "CUDAExecutionProvider" in (self.session or self.trunk).get_providers()
+        # The widths of the depths (models/depths.py) each row may carry after its
+        # embedding: the whole graph's, or the trunk's followed by the top's.
+        sessions = [s for s in (self.session, self.trunk, self.top) if s is not None]
+        self._session_widths = {id(s): depth_widths(s) for s in sessions}
+        self.depth_widths = [w for s in sessions for w in self._session_widths[id(s)]]
         self.tokenizer = None
         if isinstance(spec.preprocessing, TextPreprocessing):
             pre = spec.preprocessing
             self.tokenizer = load_tokenizer(pre.tokenizer_file(), pre.max_tokens)
             self.pad_id = pre.pad_id()
 
-    def embed_images(self, images: np.ndarray, tops: list[TopGroup] | None = None) -> np.ndarray:
+    def embed_images(
+        self, images: np.ndarray, tops: list[TopGroup] | None = None, depths: bool = False
+    ) -> np.ndarray:
         """uint8 NHWC batch (already resized and cropped) to L2-normalised embeddings; the
-        rows of `tops` through their fine-tuned heads' tops."""
+        rows of `tops` through their fine-tuned heads' tops; with `depths`, each row
+        followed by its depths (`feature_dim` columns in all)."""
 
         def feeds(s: slice) -> dict[str, np.ndarray]:
             chunk = images[s]
@@ -108,15 +117,20 @@ class Backbone:
 
         if self.top is None:
             self._refuse_tops(tops)
-            return self._run_in_chunks(len(images), feeds)
+            return self._run_in_chunks(len(images), feeds, depths)
 
         def top_feeds(feeds: dict, hidden: np.ndarray, rows: np.ndarray) -> dict:
             return {"hidden": pad_to_power_of_two(hidden) if self.on_gpu else hidden}
 
-        return self._run_split(len(images), feeds, top_feeds, tops)
+        return self._run_split(len(images), feeds, top_feeds, tops, depths)
 
-    def embed_texts(self, texts: list[str]) -> np.ndarray:
-        return self.embed_tokens(token_ids(texts, self.tokenizer))
+    def embed_texts(self, texts: list[str], depths: bool = False) -> np.ndarray:
+        return self.embed_tokens(token_ids(texts, self.tokenizer), depths=depths)
+
+    @property
+    def feature_dim(self) -> int:
+        """Columns of a row with its depths: the embedding's, then each depth's."""
+        return self.spec.embedding_dim + sum(self.depth_widths)
 
     @property
     def fine_tunable(self) -> bool:
@@ -129,34 +143,53 @@ class Backbone:
         if [tuple(f.shape) for f in top[1]] != expected:
             raise ValueError(f"head {top[0]}: its factors do not fit backbone {self.spec.id}'s top")
 
-    def embed_tokens(self, ids: list[np.ndarray], tops: list[TopGroup] | None = None) -> np.ndarray:
+    def embed_tokens(
+        self, ids: list[np.ndarray], tops: list[TopGroup] | None = None, depths: bool = False
+    ) -> np.ndarray:
         """Token-id rows (`models.preprocess.token_ids`) to L2-normalised embeddings; the
-        rows of `tops` through their fine-tuned heads' tops."""
+        rows of `tops` through their fine-tuned heads' tops; with `depths`, each row
+        followed by its depths."""
+
+        def feeds(rows: slice) -> dict[str, np.ndarray]:
+            return pad_tokens(ids[rows], self.pad_id)
+
         if self.top is None:
             self._refuse_tops(tops)
-            return self._run_in_chunks(len(ids), lambda s: pad_tokens(ids[s], self.pad_id))
+            return self._run_in_chunks(len(ids), feeds, depths)
 
         def top_feeds(feeds: dict, hidden: np.ndarray, rows: np.ndarray) -> dict:
             mask = feeds["attention_mask"][rows]
             tokens = int(mask.sum(axis=1).max())  # no padding beyond the group's longest
             return {"hidden": hidden[:, :tokens], "attention_mask": mask[:, :tokens]}
 
-        return self._run_split(len(ids), lambda s: pad_tokens(ids[s], self.pad_id), top_feeds, tops)
+        return self._run_split(len(ids), feeds, top_feeds, tops, depths)
 
     def _run_split(
-        self, n: int, feeds: Feeds, top_feeds: Callable, tops: list[TopGroup] | None = None
+        self,
+        n: int,
+        feeds: Feeds,
+        top_feeds: Callable,
+        tops: list[TopGroup] | None = None,
+        depths: bool = False,
     ) -> np.ndarray:
         """The trunk once per chunk of rows, then the top once per group of them: the rows
-        of no fine-tuned head with no factors, each head's rows with its factors."""
+        of no fine-tuned head with no factors, each head's rows with its factors. A row
+        with its depths is the top's embedding, the trunk's depths, the top's."""
         # Each row's group: -1 for the pretrained top, else its index in `tops`.
         group = np.full(n, -1)
         for g, (rows, _) in enumerate(tops or []):
             group[rows] = g
-        out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
+        dim = self.spec.embedding_dim
+        trunk_outputs = ["hidden", *self._depths_output(self.trunk, depths)]
+        top_outputs = ["embedding", *self._depths_output(self.top, depths)]
+        trunk_depths = slice(dim, dim + sum(self._session_widths[id(self.trunk)]))
+        out = np.empty((n, self.feature_dim if depths else dim), dtype=np.float32)
         for start in range(0, n, self.max_batch_size):
             chunk = slice(start, min(n, start + self.max_batch_size))
             chunk_feeds = feeds(chunk)
-            hidden = self.trunk.run(["hidden"], chunk_feeds)[0]
+            hidden, *pooled = self.trunk.run(trunk_outputs, chunk_feeds)
+            if pooled:
+                out[chunk, trunk_depths] = pooled[0][: chunk.stop - chunk.start]
             for g in np.unique(group[chunk]):
                 rows = np.flatnonzero(group[chunk] == g)
                 factors = self._no_factors
@@ -167,21 +200,31 @@ class Backbone:
                         for i, f in zip(self._factor_inputs, tops[g][1], strict=True)
                     }
                 feeds_top = {**top_feeds(chunk_feeds, hidden[rows], rows), **factors}
-                out[start + rows] = self.top.run(["embedding"], feeds_top)[0][: len(rows)]
+                embedding, *pooled = self.top.run(top_outputs, feeds_top)
+                out[start + rows, :dim] = embedding[: len(rows)]
+                if pooled:
+                    out[start + rows, trunk_depths.stop :] = pooled[0][: len(rows)]
         return out
+
+    def _depths_output(self, session: Any, depths: bool) -> list[str]:
+        """["depths"] where they are asked for and this graph gives any."""
+        return ["depths"] if depths and self._session_widths[id(session)] else []
 
     def _refuse_tops(self, tops: list[TopGroup] | None) -> None:
         if tops:
             raise ValueError(f"backbone {self.spec.id} is not served split: no fine-tuning")
 
     def embed_rows(
-        self, rows: np.ndarray | list[np.ndarray], tops: list[TopGroup] | None = None
+        self,
+        rows: np.ndarray | list[np.ndarray],
+        tops: list[TopGroup] | None = None,
+        depths: bool = False,
     ) -> np.ndarray:
         """What the runner calls: decoded images or token-id rows (with the groups of rows
         that go through fine-tuned heads' tops)."""
         if self.spec.modality == "image":
-            return self.embed_images(cast(np.ndarray, rows), tops)
-        return self.embed_tokens(cast(list[np.ndarray], rows), tops)
+            return self.embed_images(cast(np.ndarray, rows), tops, depths)
+        return self.embed_tokens(cast(list[np.ndarray], rows), tops, depths)
 
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
         """The fastest of a few passes over a typical batch, per row: a 224-ish image, or
@@ -199,13 +242,16 @@ class Backbone:
             best = min(best, time.perf_counter() - start)
         return 1000 * best / rows
 
-    def _run_in_chunks(self, n: int, feeds: Feeds) -> np.ndarray:
-        out = np.empty((n, self.spec.embedding_dim), dtype=np.float32)
+    def _run_in_chunks(self, n: int, feeds: Feeds, depths: bool = False) -> np.ndarray:
+        outputs = ["embedding", *self._depths_output(self.session, depths)]
+        out = np.empty((n, self.feature_dim if depths else self.spec.embedding_dim), np.float32)
         for start in range(0, n, self.max_batch_size):
             chunk = slice(start, min(n, start + self.max_batch_size))
-            out[chunk] = self.session.run(["embedding"], feeds(chunk))[0][
-                : chunk.stop - chunk.start
-            ]
+            rows = chunk.stop - chunk.start
+            embedding, *pooled = self.session.run(outputs, feeds(chunk))
+            out[chunk, : self.spec.embedding_dim] = embedding[:rows]
+            if pooled:
+                out[chunk, self.spec.embedding_dim :] = pooled[0][:rows]
         return out
 
 

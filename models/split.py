@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from models.depths import Outputs, pooled_image_depths, pooled_text_depths
+
 # Layers above the cut: the share of an encoder a fine-tuned head retrains.
 TOP_LAYERS = 4
 RANK = 8
@@ -63,10 +65,20 @@ class TextTrunk(torch.nn.Module):
         self.cut = cut
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_depths(input_ids, attention_mask)[0]
+
+    def depth_widths(self) -> list[int]:
+        """The widths of its depths (models/depths.py): each of its layers."""
+        return [int(self.model.config.hidden_size)] * self.cut
+
+    def forward_with_depths(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         embedded = self.model.embeddings(input_ids=input_ids)
-        return _run_layers(
+        outputs = _run_layers(
             self.model, self.model.encoder.layer[: self.cut], embedded, attention_mask
         )
+        return outputs[-1], pooled_text_depths(outputs, attention_mask)
 
 
 class TextTop(torch.nn.Module):
@@ -99,21 +111,41 @@ class TextTop(torch.nn.Module):
     ) -> torch.Tensor:
         from models.transformers_backbone import pooled
 
+        outputs = self._layers(hidden, attention_mask, factors)
+        return pooled(outputs[-1], attention_mask, self.pooling)
+
+    def depth_widths(self) -> list[int]:
+        """The widths of its depths (models/depths.py): each of its layers but the last."""
+        layers = len(self.model.encoder.layer) - self.cut
+        return [int(self.model.config.hidden_size)] * (layers - 1)
+
+    def forward_with_depths(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, *factors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a top of two layers or more (with `depth_widths`)."""
+        from models.transformers_backbone import pooled
+
+        outputs = self._layers(hidden, attention_mask, factors)
+        embedding = pooled(outputs[-1], attention_mask, self.pooling)
+        return embedding, pooled_text_depths(outputs[:-1], attention_mask)
+
+    def _layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor, factors: tuple
+    ) -> list[torch.Tensor]:
         for i, linear in enumerate(self.linears):
             linear.factors = (factors[2 * i], factors[2 * i + 1]) if factors else None
         try:
             layers = self.model.encoder.layer[self.cut :]
-            return pooled(
-                _run_layers(self.model, layers, hidden, attention_mask),
-                attention_mask,
-                self.pooling,
-            )
+            return _run_layers(self.model, layers, hidden, attention_mask)
         finally:
             for linear in self.linears:
                 linear.factors = None
 
 
-def _run_layers(model: Any, layers, hidden: torch.Tensor, attention_mask: torch.Tensor):
+def _run_layers(
+    model: Any, layers, hidden: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """Each layer's output, in order."""
     # Additive mask: 0 where a token is, a large negative number on padding (every
     # attention implementation of these encoders adds it to the scores).
     mask = attention_mask[:, None, None, :].to(hidden.dtype)
@@ -121,10 +153,12 @@ def _run_layers(model: Any, layers, hidden: torch.Tensor, attention_mask: torch.
     extra = {}
     if hasattr(model.encoder, "relative_attention_bias"):  # MPNet
         extra["position_bias"] = model.encoder.compute_position_bias(hidden)
+    outputs = []
     for layer in layers:
         out = layer(hidden, additive, **extra)
         hidden = out[0] if isinstance(out, tuple) else out
-    return hidden
+        outputs.append(hidden)
+    return outputs
 
 
 def split_text_encoder(
@@ -155,8 +189,10 @@ def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK)
     """The trunk and the top as ONNX graphs. The trunk takes the whole backbone's inputs
     (`input_ids` and `attention_mask`, or `image`) and gives `hidden`; the top takes
     `hidden` (and a text top `attention_mask`) and one head's factors (`lora_a_0`,
-    `lora_b_0`, … in `factor_shapes` order) and gives `embedding`."""
-    from models.export import OPSET, fold_fixed_size
+    `lora_b_0`, … in `factor_shapes` order) and gives `embedding`. Each gives the
+    `depths` (models/depths.py) of the layers or stages it holds, where it holds any:
+    the trunk's followed by the top's are the whole graph's."""
+    from models.export import OPSET, fold_fixed_size, write_depth_widths
 
     factors = [torch.zeros(shape) for shape in top.factor_shapes(rank)]
     names = [f"lora_{'ab'[i % 2]}_{i // 2}" for i in range(len(factors))]
@@ -170,33 +206,41 @@ def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK)
         axes = {0: "batch"}
         trunk_inputs = {"image": torch.zeros(2, side, side, 3, dtype=torch.uint8)}
         top_extra = {}
+    trunk_widths, top_widths = trunk.depth_widths(), top.depth_widths()
+    trunk_outputs = ["hidden", "depths"] if trunk_widths else ["hidden"]
+    top_outputs = ["embedding", "depths"] if top_widths else ["embedding"]
     with torch.inference_mode():
         torch.onnx.export(
-            trunk,
+            Outputs(trunk, "forward_with_depths") if trunk_widths else trunk,
             tuple(trunk_inputs.values()),
             str(trunk_path),
             input_names=list(trunk_inputs),
-            output_names=["hidden"],
-            dynamic_axes={name: axes for name in [*trunk_inputs, "hidden"]},
+            output_names=trunk_outputs,
+            dynamic_axes={
+                **{name: axes for name in [*trunk_inputs, "hidden"]},
+                **({"depths": {0: "batch"}} if trunk_widths else {}),
+            },
             opset_version=OPSET,
             dynamo=False,
         )
         hidden = trunk(*trunk_inputs.values())
         torch.onnx.export(
-            top,
+            Outputs(top, "forward_with_depths") if top_widths else top,
             (hidden, *top_extra.values(), *factors),
             str(top_path),
             input_names=["hidden", *top_extra, *names],
-            output_names=["embedding"],
+            output_names=top_outputs,
             dynamic_axes={
                 **{name: axes for name in ["hidden", *top_extra]},
-                "embedding": {0: "batch"},
+                **{name: {0: "batch"} for name in top_outputs},
             },
             opset_version=OPSET,
             dynamo=False,
         )
     if not isinstance(trunk, TextTrunk):
         fold_fixed_size(trunk_path)
+    write_depth_widths(trunk_path, trunk_widths)
+    write_depth_widths(top_path, top_widths)
 
 
 class LoRAConv1x1(torch.nn.Module):
@@ -228,9 +272,20 @@ class ImageTrunk(torch.nn.Module):
         self.cut = cut
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self._blocks(image)[0]
+
+    def depth_widths(self) -> list[int]:
+        """The widths of its depths (models/depths.py): the stages it ends."""
+        return _stage_widths(self.embedding.backbone, range(self.cut))
+
+    def forward_with_depths(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, stages = self._blocks(image)
+        return x, pooled_image_depths(stages)
+
+    def _blocks(self, image: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         net = self.embedding.backbone
-        x = (image.permute(0, 3, 1, 2).float() - self.embedding.mean) / self.embedding.std
-        return net.blocks[: self.cut](net.bn1(net.conv_stem(x)))
+        x = net.bn1(net.conv_stem(self.embedding.scaled(image)))
+        return _run_blocks(net, range(self.cut), x)
 
 
 class ImageTop(torch.nn.Module):
@@ -258,15 +313,60 @@ class ImageTop(torch.nn.Module):
     factor_shapes = TextTop.factor_shapes
 
     def forward(self, hidden: torch.Tensor, *factors: torch.Tensor) -> torch.Tensor:
+        return self._blocks(hidden, factors)[0]
+
+    def depth_widths(self) -> list[int]:
+        """The widths of its depths (models/depths.py): the stages it ends."""
+        net = self.embedding.backbone
+        return _stage_widths(net, range(self.cut, len(net.blocks)))
+
+    def forward_with_depths(
+        self, hidden: torch.Tensor, *factors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding, stages = self._blocks(hidden, factors)
+        return embedding, pooled_image_depths(stages)
+
+    def _blocks(self, hidden: torch.Tensor, factors: tuple) -> tuple[torch.Tensor, list]:
+        """The embedding, and the outputs of the stages the top ends."""
         net = self.embedding.backbone
         for i, linear in enumerate(self.linears):
             linear.factors = (factors[2 * i], factors[2 * i + 1]) if factors else None
         try:
-            x = net.bn2(net.conv_head(net.blocks[self.cut :](hidden)))
-            return torch.nn.functional.normalize(net.forward_head(x).flatten(1), dim=1)
+            x, stages = _run_blocks(net, range(self.cut, len(net.blocks)), hidden)
+            x = net.bn2(net.conv_head(x))
+            embedding = torch.nn.functional.normalize(net.forward_head(x).flatten(1), dim=1)
+            return embedding, stages
         finally:
             for linear in self.linears:
                 linear.factors = None
+
+
+def _stage_ends(net: Any) -> set[int]:
+    """The blocks whose outputs are the network's stages (timm's `feature_info`)."""
+    return {
+        int(info["module"].split(".")[1])
+        for info in net.feature_info
+        if info["module"].startswith("blocks.")
+    }
+
+
+def _stage_widths(net: Any, blocks: range) -> list[int]:
+    return [
+        int(info["num_chs"])
+        for info in net.feature_info
+        if info["module"].startswith("blocks.") and int(info["module"].split(".")[1]) in blocks
+    ]
+
+
+def _run_blocks(net: Any, blocks: range, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The blocks' output, and the outputs of the stages they end."""
+    ends = _stage_ends(net)
+    stages = []
+    for i in blocks:
+        x = net.blocks[i](x)
+        if i in ends:
+            stages.append(x)
+    return x, stages
 
 
 def _pointwise(module: torch.nn.Module) -> bool:

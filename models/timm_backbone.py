@@ -79,6 +79,8 @@ def image_embedding_module(
     """uint8 NHWC image batch in, L2-normalised pooled features out."""
     import torch
 
+    from models.depths import pooled_image_depths
+
     class ImageEmbedding(torch.nn.Module):
         mean: torch.Tensor
         std: torch.Tensor
@@ -93,9 +95,23 @@ def image_embedding_module(
             self.register_buffer("std", torch.tensor(pre.std).view(1, 3, 1, 1) * 255.0)
 
         def forward(self, image: torch.Tensor) -> torch.Tensor:
-            x = image.permute(0, 3, 1, 2).float()
-            x = (x - self.mean) / self.std
-            features = self.backbone(x).flatten(1)
+            features = self.backbone(self.scaled(image)).flatten(1)
             return torch.nn.functional.normalize(features, dim=1)
+
+        def scaled(self, image: torch.Tensor) -> torch.Tensor:
+            return (image.permute(0, 3, 1, 2).float() - self.mean) / self.std
+
+        def depth_widths(self) -> list[int]:
+            """Channels of each stage (models/depths.py); [] for a network timm cannot
+            return the stages of."""
+            if not hasattr(self.backbone, "forward_intermediates"):
+                return []
+            return [int(info["num_chs"]) for info in self.backbone.feature_info]
+
+        def embed_with_depths(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """The embedding and every stage's pooled output, in one pass."""
+            final, stages = self.backbone.forward_intermediates(self.scaled(image))
+            embedding = self.backbone.forward_head(final).flatten(1)
+            return torch.nn.functional.normalize(embedding, dim=1), pooled_image_depths(stages)
 
     return ImageEmbedding().eval()

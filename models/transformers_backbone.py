@@ -43,4 +43,24 @@ def sentence_embedding_module(model_dir: Path, pooling: str = "mean"):
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
             return pooled(hidden, attention_mask, pooling)
 
+        def depth_widths(self) -> list[int]:
+            """Each layer's width but the last's (models/depths.py)."""
+            config = self.encoder.config
+            return [int(config.hidden_size)] * (int(config.num_hidden_layers) - 1)
+
+        def embed_with_depths(
+            self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """The embedding and every layer's masked mean but the last's, in one pass."""
+            from models.depths import pooled_text_depths
+
+            out = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+            )
+            # hidden_states: the token embeddings, then each layer's output.
+            layers = list(out.hidden_states[1:-1])
+            return pooled(out[0], attention_mask, pooling), pooled_text_depths(
+                layers, attention_mask
+            )
+
     return SentenceEmbedding().eval()

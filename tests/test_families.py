@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from models.export import ensure_onnx, export_onnx
-from models.preprocess import tokenize
+from models.preprocess import token_ids, tokenize
 from models.registry import BackboneFileError, load_catalog
 from models.runtime import Backbone
 from tests.inputs import COOKING, SPORTS
@@ -269,6 +269,15 @@ def test_each_family_exports_faithfully(catalog: dict, exported: Path, backbone_
     assert got.shape == (3, spec.embedding_dim)
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
     np.testing.assert_allclose(got, expected, atol=2e-4)
+    # Every family gives its depths in the same pass (models/depths.py); an operator's
+    # ONNX file gives no stages: its embedding is its only depth.
+    rows = images if spec.modality == "image" else token_ids(texts, backbone.tokenizer)
+    with_depths = backbone.embed_rows(rows, depths=True)
+    np.testing.assert_allclose(with_depths[:, : spec.embedding_dim], got, atol=1e-6)
+    assert (backbone.depth_widths == []) == (spec.onnx_file is not None)
+    edges = np.cumsum([spec.embedding_dim, *backbone.depth_widths])
+    for start, stop in zip(edges[:-1], edges[1:], strict=True):
+        np.testing.assert_allclose(np.linalg.norm(with_depths[:, start:stop], axis=1), 1, atol=1e-4)
 
 
 def _reference_image(spec, images: np.ndarray) -> np.ndarray:
