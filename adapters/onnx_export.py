@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from adapters.store import Head
+from models.export import DEPTH_WIDTHS_KEY
 from models.registry import BackboneSpec
 
 # Below any cosine similarity: a head without a threshold never flags an input unknown.
@@ -64,13 +65,47 @@ def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=like.opset_import, ir_version=like.ir_version)
 
 
+def without_depths(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph without its `depths` output (models/depths.py) and what computes only
+    that: a head reads the embedding alone."""
+    graph = model.graph
+    kept = [o for o in graph.output if o.name != "depths"]
+    if len(kept) == len(graph.output):
+        return model
+    needed = {o.name for o in kept}
+    nodes = []
+    for node in reversed(graph.node):  # nodes are in topological order
+        if set(node.output) & needed:
+            nodes.append(node)
+            needed.update(_reads(node))
+    initializers = [i for i in graph.initializer if i.name in needed]
+    metadata = [p for p in model.metadata_props if p.key != DEPTH_WIDTHS_KEY]
+    del graph.output[:], graph.node[:], graph.initializer[:], model.metadata_props[:]
+    model.metadata_props.extend(metadata)
+    graph.output.extend(kept)
+    graph.node.extend(reversed(nodes))
+    graph.initializer.extend(initializers)
+    return model
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads, those its subgraphs (If, Loop) read included."""
+    names = {x for x in node.input if x}
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs]:
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names
+
+
 def fine_tuned_backbone(
     trunk_path: Path, top_path: Path, factors: list[np.ndarray]
 ) -> onnx.ModelProto:
     """A fine-tuned head's backbone as one graph: the shared trunk, then the top with the
     head's LoRA factors as constants (the inputs they are when served). The whole
     backbone's inputs (token ids and mask, or the image) in, `embedding` out, as its graph."""
-    trunk, top = onnx.load(str(trunk_path)), onnx.load(str(top_path))
+    trunk = without_depths(onnx.load(str(trunk_path)))
+    top = without_depths(onnx.load(str(top_path)))
     factor_inputs = [i for i in top.graph.input if i.name.startswith("lora_")]
     for value_info, factor in zip(factor_inputs, factors, strict=True):
         top.graph.input.remove(value_info)
@@ -108,6 +143,7 @@ def combined_model(
     `backbone`: the backbone's ONNX file, or a fine-tuned head's (`fine_tuned_backbone`)."""
     if isinstance(backbone, Path):
         backbone = onnx.load(str(backbone))
+    backbone = without_depths(backbone)
     merged = compose.merge_models(
         backbone,
         head_graph(head, backbone),

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from adapters.heads import predict_proba, train_head
@@ -31,6 +32,9 @@ def test_combined_model_equals_backbone_then_head(image_backbone) -> None:
     )  # fmt: skip
     model = combined_model(image_backbone.spec, image_backbone.onnx_path, head)
     session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    # The backbone's depths (models/depths.py) stay behind: a head reads its embedding.
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "similarity", "unknown"]
+    assert not any("depths" in n.output for n in onnx.load_from_string(model).graph.node)
     probabilities, similarity, unknown = session.run(
         ["probabilities", "similarity", "unknown"], {"image": images}
     )
