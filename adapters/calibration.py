@@ -1,6 +1,7 @@
 """How good a head's scores are, on held-out predictions: accuracy with its margin,
 macro-F1, per-label precision and recall, the confusion matrix, calibration (ECE and a
-reliability diagram's bins) and the temperature that calibrates them (Guo et al. 2017)."""
+reliability diagram's bins), the temperature that calibrates them (Guo et al. 2017), and
+the warnings a head's metrics come with."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import numpy as np
 
 # Equal-width bins of the top score for the ECE and the reliability diagram.
 ECE_BINS = 10
+# Every label needs this many examples before a cross-validated accuracy means anything.
+MIN_EXAMPLES_PER_LABEL_FOR_CV = 3
+# Below this many examples of its rarest label, a head's held-out metrics come with a warning.
+FEW_EXAMPLES_PER_LABEL = 10
 
 
 def held_out_metrics(y: np.ndarray, probabilities: np.ndarray, classes: list[str]) -> dict:
@@ -101,3 +106,27 @@ def accuracy_margin(accuracy: float, n: int) -> float:
     """Half the 95% interval of an accuracy measured on n rows (normal approximation,
     never narrower than one row's worth)."""
     return float(1.96 * np.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n))
+
+
+def metric_warnings(held_out: dict, n: int, min_count: int, majority: float) -> list[str]:
+    """What a user should know before trusting the head's metrics."""
+    if not held_out:
+        return [
+            f"no held-out metrics: a label has {min_count} example(s); each needs at least"
+            f" {MIN_EXAMPLES_PER_LABEL_FOR_CV}"
+        ]
+    warnings = []
+    accuracy = held_out["accuracy"]
+    margin = accuracy_margin(accuracy, n)
+    if min_count < FEW_EXAMPLES_PER_LABEL:
+        warnings.append(
+            f"metrics rest on few examples ({min_count} for the rarest label, {n} in all):"
+            f" the accuracy is {accuracy:.2f} ± {margin:.2f}"
+        )
+    if accuracy < majority + max(0.05, margin):
+        warnings.append(
+            f"held-out accuracy {accuracy:.2f} is not clearly above always answering the"
+            f" most common label ({majority:.2f}): add examples, or the backbone may not suit"
+            " the data"
+        )
+    return warnings

@@ -22,21 +22,19 @@ from typing import Any, Literal
 import numpy as np
 
 from adapters.calibration import (
-    accuracy_margin,
+    MIN_EXAMPLES_PER_LABEL_FOR_CV,
     expected_calibration_error,
     fit_temperature,
     held_out_metrics,
+    metric_warnings,
     nll,
     softmax,
 )
+from adapters.depth_choice import RowLayout, choose_depths
 
 # Regularisation grid searched by cross-validation (sklearn's C: inverse strength).
 C_GRID = (1.0, 10.0, 100.0)
-# Every label needs this many examples before a cross-validated accuracy means anything.
-MIN_EXAMPLES_PER_LABEL_FOR_CV = 3
 MAX_FOLDS = 5
-# Below this many examples of its rarest label, a head's held-out metrics come with a warning.
-FEW_EXAMPLES_PER_LABEL = 10
 # newton-cg fits these small, dense problems about 15x faster than the default lbfgs here
 # (300 x 1280 flowers embeddings: 0.02 s against 0.33 s per fit, same accuracy).
 SOLVER = "newton-cg"
@@ -76,6 +74,9 @@ class TrainedHead:
     prototypes: np.ndarray  # (embedding_dim, n_labels) float32, normalised class means
     unknown_threshold: float | None  # None: too few examples to set one
     metrics: dict[str, Any]
+    # The depths it reads beside the embedding (adapters/depth_choice.py): its weights
+    # apply to `RowLayout.columns(depths)` of a row; () for the embedding alone.
+    depths: tuple[int, ...] = ()
 
 
 def candidates(with_label_names: bool) -> list[HeadType]:
@@ -91,10 +92,14 @@ def train_head(
     labels: list[str],
     *,
     label_embeddings: dict[str, np.ndarray] | None = None,
+    layout: RowLayout | None = None,
     seed: int = 0,
 ) -> TrainedHead:
     """Picks the head type by stratified k-fold CV when every label has enough examples,
-    calibrates it on the held-out folds and sets its unknown threshold there."""
+    calibrates it on the held-out folds and sets its unknown threshold there. With a
+    `layout` whose rows carry depths (adapters/depth_choice.py), `embeddings` are those
+    rows (label embeddings too), and the head first chooses the depths it reads on the
+    same folds; its weights then apply to `layout.columns(head.depths)` of a row."""
     start = time.perf_counter()
     counts = Counter(labels)
     if len(counts) < 2:
@@ -106,6 +111,10 @@ def train_head(
         names = np.stack([label_embeddings[label] for label in classes])
     min_count = min(counts.values())
 
+    layout = layout or RowLayout(embeddings.shape[1])
+    rows, embeddings = embeddings, embeddings[:, : layout.embedding_dim]
+    depths: tuple[int, ...] = ()
+    depth_report = None
     chosen = HeadType(DEFAULT_TYPE.kind, DEFAULT_TYPE.c, label_names=names is not None)
     temperature = 1.0
     uncalibrated_ece = None
@@ -120,14 +129,18 @@ def train_head(
         splits = list(
             StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(embeddings, y)
         )
+        # Label names are rows of the same width, or there are no depths to choose.
+        if layout.depth_widths and (names is None or names.shape[1] == rows.shape[1]):
+            depths, depth_report = choose_depths(
+                rows, y, layout, lambda x: _scored(DEFAULT_TYPE, x, y, None, splits)[1:]
+            )
+    x = layout.features(rows, depths)
+    if names is not None:
+        names = layout.features(names, depths)
+    if min_count >= MIN_EXAMPLES_PER_LABEL_FOR_CV:
         best_loss = np.inf
         for head_type in candidates(names is not None):
-            logits = _out_of_fold_logits(head_type, embeddings, y, names, splits)
-            # Chosen by held-out log-loss at its best temperature: smoother than accuracy,
-            # so a choice among few examples is less of a coin toss (UCI 8 per label,
-            # with label names: 0.83 against 0.80 when chosen by accuracy).
-            loss = nll(logits / fit_temperature(logits, y), y)
-            accuracy = float(np.mean(logits.argmax(axis=1) == y))
+            logits, loss, accuracy = _scored(head_type, x, y, names, splits)
             compared.append(
                 {
                     **head_type.public(),
@@ -142,17 +155,21 @@ def train_head(
             _out_of_fold_similarity(embeddings, y, splits), splits
         )
 
-    weights, bias = _fit(chosen, embeddings, y, names)
+    weights, bias = _fit(chosen, x, y, names)
+    # Fitted on rows scaled to unit length (RowLayout.features): the scale folds into the
+    # weights, which then apply to the row's columns as they are.
+    weights = weights / np.sqrt(1 + len(depths))
     majority = max(counts.values()) / len(labels)
     metrics = {
         "n_examples": len(labels),
         "label_counts": {label: counts[label] for label in classes},
         **chosen.public(),
+        **({"depths": depth_report} if depth_report else {}),
         "cv_candidates": compared or None,
         **_held_out_fields(held_out, folds, uncalibrated_ece, unknown_threshold, unknown_kept),
         "temperature": round(temperature, 4),
         "majority_baseline": round(majority, 4),
-        "warnings": _warnings(held_out, len(labels), min_count, majority),
+        "warnings": metric_warnings(held_out, len(labels), min_count, majority),
         "train_seconds": round(time.perf_counter() - start, 3),
     }
     # softmax((x W + b) / T): the temperature is folded into the weights, so serving and
@@ -164,6 +181,7 @@ def train_head(
         prototypes=class_means(embeddings, y, len(classes)).T.astype(np.float32).copy(),
         unknown_threshold=unknown_threshold,
         metrics=metrics,
+        depths=depths,
     )
 
 
@@ -193,6 +211,16 @@ def _fit(
     model = LogisticRegression(C=head_type.c, solver=SOLVER, max_iter=1000)
     model.fit(x, y, sample_weight=sample_weight)
     return _assoftmax(model.coef_, model.intercept_)
+
+
+def _scored(head_type, x, y, names, splits) -> tuple[np.ndarray, float, float]:
+    """Out-of-fold logits, log-loss at their best temperature, and accuracy. Candidates
+    are chosen by that log-loss: smoother than accuracy, so a choice among few examples
+    is less of a coin toss (UCI 8 per label, with label names: 0.83 against 0.80 when
+    chosen by accuracy)."""
+    logits = _out_of_fold_logits(head_type, x, y, names, splits)
+    loss = nll(logits / fit_temperature(logits, y), y)
+    return logits, loss, float(np.mean(logits.argmax(axis=1) == y))
 
 
 def _out_of_fold_logits(head_type, x, y, names, splits) -> np.ndarray:
@@ -303,7 +331,7 @@ def with_held_out_evidence(
     metrics = {
         **trained.metrics,
         **_held_out_fields(held_out, len(splits), uncalibrated_ece, threshold, kept),
-        "warnings": _warnings(
+        "warnings": metric_warnings(
             held_out, len(y), min(counts.values()), trained.metrics["majority_baseline"]
         ),
     }
@@ -318,30 +346,6 @@ def with_held_out_evidence(
         unknown_threshold=threshold,
         metrics=metrics,
     )
-
-
-def _warnings(held_out: dict, n: int, min_count: int, majority: float) -> list[str]:
-    """What a user should know before trusting the head's metrics."""
-    if not held_out:
-        return [
-            f"no held-out metrics: a label has {min_count} example(s); each needs at least"
-            f" {MIN_EXAMPLES_PER_LABEL_FOR_CV}"
-        ]
-    warnings = []
-    accuracy = held_out["accuracy"]
-    margin = accuracy_margin(accuracy, n)
-    if min_count < FEW_EXAMPLES_PER_LABEL:
-        warnings.append(
-            f"metrics rest on few examples ({min_count} for the rarest label, {n} in all):"
-            f" the accuracy is {accuracy:.2f} ± {margin:.2f}"
-        )
-    if accuracy < majority + max(0.05, margin):
-        warnings.append(
-            f"held-out accuracy {accuracy:.2f} is not clearly above always answering the"
-            f" most common label ({majority:.2f}): add examples, or the backbone may not suit"
-            " the data"
-        )
-    return warnings
 
 
 def _assoftmax(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
