@@ -16,7 +16,12 @@ import psutil
 from PIL import Image
 from sklearn.datasets import load_sample_image
 
+from adapters.depth_choice import RowLayout
 from adapters.heads import predict_proba, train_head
+from models.export import ensure_onnx
+from models.preprocess import decode_image, token_ids
+from models.runtime import Backbone
+from service.settings import Settings, get_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
 # ../shared/data: real labelled sets for benchmarks (never for the test suite).
@@ -61,6 +66,27 @@ def text_split(rows, *, seed: int, train_per_label: int | None, val_per_label: i
         train += [items[i] for i in order[:n_train]]
         val += [items[i] for i in order[n_train:][:val_per_label]]
     return train, val
+
+
+def served(backbone_id: str) -> tuple[Backbone, RowLayout]:
+    """A built-in backbone's served graph (fp32, in-process), and where its rows' depths lie."""
+    spec = get_backbone(backbone_id)
+    assert spec is not None, backbone_id
+    backbone = Backbone(spec, ensure_onnx(spec, Settings().backbone_dir))
+    return backbone, RowLayout(spec.embedding_dim, tuple(backbone.depth_widths))
+
+
+def embedded_folder(backbone: Backbone, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """An ImageFolder's images as rows with their depths, and their labels."""
+    items = image_split(folder)
+    pre = backbone.spec.image_preprocessing
+    images = np.stack([decode_image(p.read_bytes(), pre, 10**8) for _, p in items])
+    return backbone.embed_rows(images, depths=True), np.array([label for label, _ in items])
+
+
+def embedded_texts(backbone: Backbone, texts: list[str]) -> np.ndarray:
+    """Texts as rows with their depths."""
+    return backbone.embed_rows(token_ids(texts, backbone.tokenizer), depths=True)
 
 
 def probe_accuracy(x_train, y_train, x_val, y_val, seed: int = 0) -> float:

@@ -27,11 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.depth_choice import RowLayout
 from adapters.heads import predict_proba, train_head
-from bench.common import DATA, image_split, read_texts
-from models.export import ensure_onnx
-from models.preprocess import decode_image, token_ids
-from models.runtime import Backbone
-from service.settings import Settings, get_backbone
+from bench.common import DATA, embedded_folder, embedded_texts, read_texts, served
 
 UCI = DATA / "text" / "uci_sentiment_labelled_sentences"
 TEXT_SETS = {
@@ -55,13 +51,6 @@ IMAGE_SETS = {  # name: (training folder, validation folders)
 PER_LABEL = 8
 DRAWS = 5
 VALIDATION = 1000
-
-
-def served(backbone_id: str) -> tuple[Backbone, RowLayout]:
-    spec = get_backbone(backbone_id)
-    assert spec is not None, backbone_id
-    backbone = Backbone(spec, ensure_onnx(spec, Settings().backbone_dir))
-    return backbone, RowLayout(spec.embedding_dim, tuple(backbone.depth_widths))
 
 
 def both_ways(layout: RowLayout, x_train, y_train, x_vals, y_vals) -> list[tuple]:
@@ -88,7 +77,7 @@ def bench_text(backbone_id: str) -> None:
         # One sample of the file is embedded; the draws train and validate within it.
         sample = rng.permutation(len(rows))[: VALIDATION + 100 * len(set(y))]
         texts = [rows[i][1] for i in sample]
-        x = backbone.embed_rows(token_ids(texts, backbone.tokenizer), depths=True)
+        x = embedded_texts(backbone, texts)
         y = y[sample]
         results = []
         for seed in range(DRAWS):
@@ -111,16 +100,9 @@ def bench_text(backbone_id: str) -> None:
 
 def bench_images(backbone_id: str) -> None:
     backbone, layout = served(backbone_id)
-    pre = backbone.spec.image_preprocessing
-
-    def embedded(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-        items = image_split(folder)
-        images = np.stack([decode_image(p.read_bytes(), pre, 10**8) for _, p in items])
-        return backbone.embed_rows(images, depths=True), np.array([label for label, _ in items])
-
     for name, (train, vals) in IMAGE_SETS.items():
-        x_train, y_train = embedded(train)
-        validations = [embedded(v) for v in vals]
+        x_train, y_train = embedded_folder(backbone, train)
+        validations = [embedded_folder(backbone, v) for v in vals]
         results = both_ways(
             layout, x_train, y_train, [v[0] for v in validations], [v[1] for v in validations]
         )
