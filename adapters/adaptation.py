@@ -99,7 +99,13 @@ def adapt(
     else:
         estimate_unadapted = estimate_accuracy(p_unadapted, shares)
         adapted = _centred_self_trained(
-            x, labels, target, target.mean(axis=0), label_embeddings, seed
+            x,
+            labels,
+            target,
+            target.mean(axis=0),
+            label_embeddings,
+            seed,
+            keep=unadapted.metrics.get("unknown_keep", UNKNOWN_KEEP),
         )
         estimate_adapted = _cross_fitted_estimate(
             x, labels, sample, target.mean(axis=0), label_embeddings, shares, rng, seed
@@ -174,16 +180,18 @@ def _centred_self_trained(
     target_mean: np.ndarray,
     label_embeddings: dict[str, np.ndarray] | None,
     seed: int,
+    keep: float = UNKNOWN_KEEP,
 ) -> TrainedHead:
     """Trained on centred features (plus confident pseudo-labelled target rows), served on
-    raw ones: logits = (x − μ_t)·W + b = x·W + (b − μ_t·W)."""
+    raw ones: logits = (x − μ_t)·W + b = x·W + (b − μ_t·W). Its unknown threshold keeps
+    `keep` of the labelled and pseudo-labelled rows."""
     source_mean = x.mean(axis=0)
     xs, xt = x - source_mean, target - target_mean
     # Label names are embedded like source examples, so they move with the source.
     names = None
     if label_embeddings:
         names = {label: v - source_mean for label, v in label_embeddings.items()}
-    head = train_head(xs, labels, label_embeddings=names, seed=seed)
+    head = train_head(xs, labels, label_embeddings=names, unknown_keep=keep, seed=seed)
     confident: np.ndarray = np.array([], dtype=int)
     pseudo: list[str] = []
     for _ in range(SELF_TRAINING_ROUNDS):
@@ -191,7 +199,11 @@ def _centred_self_trained(
         confident = np.argsort(-p.max(axis=1), kind="stable")[: int(len(xt) * CONFIDENT_SHARE)]
         pseudo = [head.labels[k] for k in p[confident].argmax(axis=1)]
         head = train_head(
-            np.vstack([xs, xt[confident]]), [*labels, *pseudo], label_embeddings=names, seed=seed
+            np.vstack([xs, xt[confident]]),
+            [*labels, *pseudo],
+            label_embeddings=names,
+            unknown_keep=keep,
+            seed=seed,
         )
     # Class means and the unknown threshold in the served (raw) space, over the labelled
     # and the confidently pseudo-labelled rows: the target's inputs are not unknown.
@@ -202,7 +214,7 @@ def _centred_self_trained(
     threshold = None
     if head.unknown_threshold is not None:
         similarity = (np.vstack([x, target]) @ means.T).max(axis=1)
-        threshold = float(np.quantile(similarity, 1 - UNKNOWN_KEEP))
+        threshold = float(np.quantile(similarity, 1 - keep))
     return replace(
         head,
         bias=(head.bias - target_mean @ head.weights).astype(np.float32),

@@ -18,6 +18,7 @@ import numpy as np
 from adapters.calibration import nll
 from adapters.finetune import ImageExamples, TextExamples
 from adapters.heads import (
+    UNKNOWN_KEEP,
     TrainedHead,
     class_means,
     predict_proba,
@@ -137,12 +138,15 @@ def fine_tuned_head(
     labels: list[str],
     comparison: Comparison,
     label_embeddings: dict[str, np.ndarray] | None = None,
+    unknown_keep: float = UNKNOWN_KEEP,
 ) -> TrainedHead:
     """The head on the winning top's embeddings of the examples (`tuned`), its metrics
     and calibration taken from the comparison's held-out folds: the top has seen every
     example, so the head's own cross-validation would flatter it. `label_embeddings`:
     text heads' label descriptions through the same top."""
-    trained = train_head(tuned, labels, label_embeddings=label_embeddings)
+    trained = train_head(
+        tuned, labels, label_embeddings=label_embeddings, unknown_keep=unknown_keep
+    )
     return with_held_out_evidence(
         trained, labels, comparison.oof_logits, comparison.oof_similarity, comparison.splits
     )

@@ -27,6 +27,7 @@ class TuningRequest:
     frozen: np.ndarray  # the labelled examples' frozen embeddings: the other candidate
     descriptions: dict[str, str]  # text heads: each label's description (default: itself)
     always: bool  # fine_tune "on": keep the tuned head whatever the folds say
+    unknown_keep: float  # the share of its rows the head's unknown threshold keeps
     trunk_onnx: Path | None  # image backbones: the trunk as served
     max_image_pixels: int
 
@@ -90,7 +91,9 @@ def fine_tune_head(
     if label_hidden is not None:
         label_vectors = finetune.embed(top, label_hidden, served)
         label_embeddings = dict(zip(names, label_vectors, strict=True))
-    trained = finetune_compare.fine_tuned_head(tuned, request.labels, comparison, label_embeddings)
+    trained = finetune_compare.fine_tuned_head(
+        tuned, request.labels, comparison, label_embeddings, request.unknown_keep
+    )
     report["top_bytes"] = sum(f.nbytes for f in factors)
     target = unlabelled.embed(served) if unlabelled.size else tuned[:0]
     return FineTuning(trained, factors, tuned, target, label_embeddings, report)

@@ -44,9 +44,9 @@ PROTOTYPE_SCALE = 10.0
 # Held-out log-losses closer than this are a tie, won by the earlier candidate (separable
 # data drives every candidate's loss to about 0).
 SAME_LOSS = 1e-3
-# The unknown threshold keeps this share of the held-out in-distribution rows (the API
-# document says so: HeadMetrics.unknown_threshold in graft/schemas.py).
-UNKNOWN_KEEP = 0.99
+# By default a head's unknown threshold keeps this share of its held-out rows (a head
+# may ask for another: `unknown_keep`). Heads created before it was settable kept 0.99.
+UNKNOWN_KEEP = 0.95
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ def train_head(
     *,
     label_embeddings: dict[str, np.ndarray] | None = None,
     layout: RowLayout | None = None,
+    unknown_keep: float = UNKNOWN_KEEP,
     seed: int = 0,
 ) -> TrainedHead:
     """Picks the head type by stratified k-fold CV when every label has enough examples,
@@ -152,7 +153,7 @@ def train_head(
                 best_loss, chosen, oof_logits = loss, head_type, logits
         held_out, uncalibrated_ece, temperature = _calibrated(oof_logits, y, splits, classes)
         unknown_threshold, unknown_kept = _unknown_threshold(
-            _out_of_fold_similarity(embeddings, y, splits), splits
+            _out_of_fold_similarity(embeddings, y, splits), splits, unknown_keep
         )
 
     weights, bias = _fit(chosen, x, y, names)
@@ -167,6 +168,7 @@ def train_head(
         **({"depths": depth_report} if depth_report else {}),
         "cv_candidates": compared or None,
         **_held_out_fields(held_out, folds, uncalibrated_ece, unknown_threshold, unknown_kept),
+        "unknown_keep": unknown_keep,
         "temperature": round(temperature, 4),
         "majority_baseline": round(majority, 4),
         "warnings": metric_warnings(held_out, len(labels), min_count, majority),
@@ -302,14 +304,14 @@ def _held_out_fields(
     }
 
 
-def _unknown_threshold(similarity: np.ndarray, splits: list) -> tuple[float, float]:
-    """The threshold keeping UNKNOWN_KEEP of held-out similarities, and the share that a
+def _unknown_threshold(similarity: np.ndarray, splits: list, keep: float) -> tuple[float, float]:
+    """The threshold keeping `keep` of held-out similarities, and the share that a
     threshold set on the other folds keeps of each fold."""
     kept = [
-        np.mean(similarity[judged] >= np.quantile(similarity[fitted], 1 - UNKNOWN_KEEP))
+        np.mean(similarity[judged] >= np.quantile(similarity[fitted], 1 - keep))
         for fitted, judged in splits
     ]
-    return float(np.quantile(similarity, 1 - UNKNOWN_KEEP)), round(float(np.mean(kept)), 4)
+    return float(np.quantile(similarity, 1 - keep)), round(float(np.mean(kept)), 4)
 
 
 def with_held_out_evidence(
@@ -326,7 +328,8 @@ def with_held_out_evidence(
     copies trained (top included) without the rows they score; `labels` are the rows'."""
     y = np.array([trained.labels.index(label) for label in labels])
     held_out, uncalibrated_ece, temperature = _calibrated(oof_logits, y, splits, trained.labels)
-    threshold, kept = _unknown_threshold(oof_similarity, splits)
+    keep = trained.metrics.get("unknown_keep", UNKNOWN_KEEP)
+    threshold, kept = _unknown_threshold(oof_similarity, splits, keep)
     counts = trained.metrics["label_counts"]
     metrics = {
         **trained.metrics,

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from adapters.heads import SAME_LOSS, TrainedHead, train_head
+from adapters.heads import SAME_LOSS, UNKNOWN_KEEP, TrainedHead, train_head
 
 MAX_ITERATIONS = 100
 TOLERANCE = 1e-3  # relative change of alpha / beta at which the iteration stops
@@ -99,6 +99,7 @@ def choose_backbone(
     features: dict[str, np.ndarray],
     labels: list[str],
     label_embeddings: dict[str, dict[str, np.ndarray] | None],
+    unknown_keep: float = UNKNOWN_KEEP,
 ) -> BackboneChoice:
     """`"backbone": "auto"`: rank the backbones by LogME on the examples' features, train
     a head on the best SHORTLIST of them and keep the one with the lower held-out log-loss
@@ -106,7 +107,12 @@ def choose_backbone(
     scores = {backbone: logme(x, labels) for backbone, x in features.items()}
     shortlist = sorted(scores, key=lambda b: -scores[b])[:SHORTLIST]
     trained = {
-        b: train_head(features[b], labels, label_embeddings=label_embeddings.get(b))
+        b: train_head(
+            features[b],
+            labels,
+            label_embeddings=label_embeddings.get(b),
+            unknown_keep=unknown_keep,
+        )
         for b in shortlist
     }
     losses = {b: _held_out_log_loss(t.metrics) for b, t in trained.items()}

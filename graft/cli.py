@@ -157,13 +157,22 @@ def heads_create(
     ],
     backbone: Annotated[str, typer.Option(help="a backbone id, or auto")] = "auto",
     fine_tune: Annotated[str, typer.Option(help="auto, on or off")] = "auto",
+    unknown_keep: Annotated[
+        float | None,
+        typer.Option(help="share of its held-out examples the unknown threshold keeps"),
+    ] = None,
 ) -> None:
     """Create a head from a folder per label; shows upload and training, then its accuracy."""
     found = Examples.from_dir(from_dir)
     err.print(f"{len(found)} {found.modality} examples, labels: {', '.join(found.labels)}")
     head = _with_progress(
         lambda **callbacks: ctx.obj.create_head(
-            name, found, backbone=backbone, fine_tune=fine_tune, **callbacks
+            name,
+            found,
+            backbone=backbone,
+            fine_tune=fine_tune,
+            unknown_keep=unknown_keep,
+            **callbacks,
         ),
     )
     _summary(head)

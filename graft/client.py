@@ -260,6 +260,7 @@ class Client:
         from_dir: str | os.PathLike | None = None,
         backbone: str = "auto",
         fine_tune: Literal["auto", "on", "off"] = "auto",
+        unknown_keep: float | None = None,
         label_descriptions: dict[str, str] | None = None,
         wait: bool = True,
         on_upload: UploadCallback | None = None,
@@ -267,9 +268,13 @@ class Client:
     ) -> HeadPublic:
         """A new head from `examples` or a folder per label. Images go up as one zip,
         texts as JSON. With `wait`, returns once trained (`TrainingFailed` if it failed).
-        `label_descriptions`: text heads, a short description per label (README)."""
+        `label_descriptions`: text heads, a short description per label (README).
+        `unknown_keep`: the share of its held-out examples the head's unknown threshold
+        keeps (the server's default: 0.95)."""
         examples = _examples(examples, from_dir)
-        spec = {"name": name, "backbone": backbone, "fine_tune": fine_tune}
+        spec: dict[str, Any] = {"name": name, "backbone": backbone, "fine_tune": fine_tune}
+        if unknown_keep is not None:
+            spec["unknown_keep"] = unknown_keep
         if examples.modality == "image" and not label_descriptions:
             archive = ("examples.zip", examples.as_zip(), "application/zip")
             kwargs: dict[str, Any] = {"data": spec, "files": {"archive": archive}}

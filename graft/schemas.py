@@ -195,6 +195,15 @@ class HeadSpec(_Strict):
         " Costs seconds to minutes of training, up to about 0.9 MB per head and little at"
         " predict time (README, Fine-tuning); needs 3 examples per label",
     )
+    unknown_keep: float = Field(
+        0.95,
+        ge=0.5,
+        le=0.999,
+        description="the share of the head's own held-out examples that its unknown threshold"
+        " keeps (`metrics.unknown_threshold`): lower rejects more inputs unlike its examples,"
+        " and more of its own kind. Set on held-out folds; `metrics.cv_unknown_kept` says"
+        " what a threshold set on other folds kept",
+    )
 
 
 MAX_DESCRIPTION_CHARS = 500
@@ -402,7 +411,10 @@ class HeadMetrics(BaseModel):
     unknown_threshold: float | None = Field(
         None,
         description="inputs whose best similarity to a class mean is below this are unknown;"
-        " set to keep 99% of held-out examples; null: too few examples",
+        " set to keep `unknown_keep` of held-out examples; null: too few examples",
+    )
+    unknown_keep: float | None = Field(
+        None, description="the share of held-out examples the threshold was set to keep"
     )
     cv_unknown_kept: float | None = Field(
         None, description="share of held-out examples kept by a threshold set on other folds"
@@ -439,6 +451,7 @@ class HeadPublic(BaseModel):
     labels: list[str]
     label_descriptions: dict[str, str]
     fine_tune: FineTuneMode
+    unknown_keep: float = Field(description="as the head was created (HeadSpec)")
     status: Literal["training", "ready", "failed"]
     version: int = Field(description="0 until the first training finishes")
     metrics: HeadMetrics | None

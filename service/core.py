@@ -192,6 +192,7 @@ class Application:
         examples: Sequence[tuple[str, RawInput]],
         label_descriptions: dict[str, str] | None = None,
         fine_tune: str = "auto",
+        unknown_keep: float = heads.UNKNOWN_KEEP,
     ) -> Head:
         """Validates everything, then trains; returns the head, trained or still training.
         `backbone_id` "auto" tries every backbone of the examples' modality; `fine_tune`
@@ -232,6 +233,7 @@ class Application:
             backbone=backbone_id,
             label_descriptions=label_descriptions,
             fine_tune=fine_tune,
+            unknown_keep=unknown_keep,
             max_heads=self.settings.max_heads_per_tenant,
         )
         if head is None:

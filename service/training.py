@@ -151,6 +151,7 @@ class Trainer:
                 {b: s.x for b, s in sets.items()},
                 next(iter(sets.values())).labels,
                 label_embeddings,
+                unknown_keep=head.unknown_keep,
             )
             chosen, training_set = choice.backbone, sets[choice.backbone]
             trained = choice.trained
@@ -161,6 +162,7 @@ class Trainer:
                 training_set.x,
                 training_set.labels,
                 label_embeddings=label_embeddings[chosen],
+                unknown_keep=head.unknown_keep,
             )
         x, target, names = training_set.x, training_set.target, label_embeddings[chosen]
         factors: list[np.ndarray] | None = None
@@ -301,6 +303,7 @@ class Trainer:
             frozen=training_set.x,
             descriptions=head.label_descriptions,
             always=head.fine_tune == "on",
+            unknown_keep=head.unknown_keep,
             trunk_onnx=split_onnx_paths(spec, self.settings.backbone_dir)[0],
             max_image_pixels=self.settings.max_image_pixels,
         )

@@ -104,6 +104,15 @@ def test_a_text_head_says_when_it_does_not_know(server) -> None:
         best = min(c["cv_log_loss"] for c in metrics["cv_candidates"])
         assert chosen["cv_log_loss"] <= best + 1e-3  # the lowest, or tied with it
         assert 0 < metrics["unknown_threshold"] < 1 and metrics["cv_unknown_kept"] >= 0.9
+        assert head["unknown_keep"] == metrics["unknown_keep"] == 0.95  # the default
+        # A head may keep a smaller share of its own kind, to reject more of the rest.
+        stricter = client.post(
+            "/v1/heads", json={**body, "name": "topics, stricter", "unknown_keep": 0.6}
+        ).json()
+        assert stricter["unknown_keep"] == stricter["metrics"]["unknown_keep"] == 0.6
+        assert stricter["metrics"]["unknown_threshold"] > metrics["unknown_threshold"]
+        refused = client.post("/v1/heads", json={**body, "name": "never", "unknown_keep": 1.5})
+        assert refused.status_code == 422 and "unknown_keep" in refused.text
 
         queries = [{"text": t} for t in RELATED + UNRELATED]
         url = f"/v1/heads/{head['id']}/predict"

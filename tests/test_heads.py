@@ -7,7 +7,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
 from adapters.calibration import accuracy_margin, expected_calibration_error, reliability_bins
-from adapters.heads import C_GRID, SOLVER, predict_proba, top_k, train_head
+from adapters.heads import C_GRID, SOLVER, UNKNOWN_KEEP, predict_proba, top_k, train_head
+from graft.schemas import HeadSpec
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -183,6 +184,15 @@ def test_inputs_far_from_every_label_are_unknown() -> None:
     head = train_head(x[::2], y[::2])
     assert head.prototypes.shape == (32, 3)
     assert 0.9 <= head.metrics["cv_unknown_kept"] <= 1.0
+    assert (
+        head.metrics["unknown_keep"]
+        == UNKNOWN_KEEP
+        == HeadSpec.model_fields["unknown_keep"].default
+    )
+    # Asked to keep less of its own kind, a head sets its threshold higher.
+    stricter = train_head(x[::2], y[::2], unknown_keep=0.6)
+    assert stricter.unknown_threshold > head.unknown_threshold
+    assert 0.4 <= stricter.metrics["cv_unknown_kept"] <= 0.8
 
     def similarity(v: np.ndarray) -> np.ndarray:
         return (v @ head.prototypes).max(axis=1)

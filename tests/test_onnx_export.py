@@ -27,7 +27,8 @@ def test_combined_model_equals_backbone_then_head(image_backbone) -> None:
         id="h1", tenant_id="t", name="places", backbone=image_backbone.spec.id, status="ready",
         version=3, labels=trained.labels, weights=trained.weights, bias=trained.bias,
         prototypes=trained.prototypes, unknown_threshold=trained.unknown_threshold,
-        label_descriptions={}, fine_tune="off", metrics=trained.metrics, error=None,
+        label_descriptions={}, fine_tune="off", unknown_keep=0.95, metrics=trained.metrics,
+        error=None,
         created_at="", updated_at="",
     )  # fmt: skip
     model = combined_model(image_backbone.spec, image_backbone.onnx_path, head)

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
+from adapters.heads import UNKNOWN_KEEP
 from adapters.store.engine import Database, utc_now
 from adapters.store.records import (
     HEAD_COLUMNS,
@@ -56,6 +57,7 @@ class Heads(Database):
         backbone: str,
         label_descriptions: dict[str, str] | None = None,
         fine_tune: str = "off",
+        unknown_keep: float = UNKNOWN_KEEP,
         max_heads: int | None = None,
     ) -> Head | None:
         """A new head in `training` state; None if the tenant already has `max_heads`."""
@@ -85,6 +87,7 @@ class Heads(Database):
                     status="training",
                     label_descriptions=json.dumps(label_descriptions or {}),
                     fine_tune=fine_tune,
+                    unknown_keep=unknown_keep,
                     created_at=now,
                     updated_at=now,
                 )

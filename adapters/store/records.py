@@ -38,6 +38,7 @@ class Head:
     unknown_threshold: float | None
     label_descriptions: dict[str, str]
     fine_tune: str  # "auto", "on" or "off"
+    unknown_keep: float  # the share of held-out rows its unknown threshold keeps
     metrics: dict[str, Any] | None
     error: str | None
     created_at: str
@@ -57,6 +58,7 @@ class Head:
             "labels": self.labels,
             "label_descriptions": self.label_descriptions,
             "fine_tune": self.fine_tune,
+            "unknown_keep": self.unknown_keep,
             "status": self.status,
             "version": self.version,
             "metrics": self.metrics,
@@ -99,7 +101,7 @@ HEAD_COLUMNS = (
         for name in (
             "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
             "bias", "prototypes", "unknown_threshold", "label_descriptions", "fine_tune",
-            "metrics", "error", "created_at", "updated_at",
+            "unknown_keep", "metrics", "error", "created_at", "updated_at",
         )
     ),
     # The progress of the head's oldest job that reports one (the one running).
@@ -143,8 +145,8 @@ def head_arrays(
 
 def head_from_row(row) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
-     threshold, descriptions, fine_tune, metrics, error, created_at, updated_at,
-     progress) = row  # fmt: skip
+     threshold, descriptions, fine_tune, unknown_keep, metrics, error, created_at,
+     updated_at, progress) = row  # fmt: skip
     label_list = json.loads(labels)
     w, b, p = head_arrays(weights, bias, prototypes) if weights is not None else (None,) * 3
     return Head(
@@ -161,6 +163,7 @@ def head_from_row(row) -> Head:
         unknown_threshold=threshold,
         label_descriptions=json.loads(descriptions),
         fine_tune=fine_tune,
+        unknown_keep=unknown_keep,
         metrics=json.loads(metrics) if metrics else None,
         error=error,
         created_at=created_at,

@@ -35,6 +35,8 @@ heads = sa.Table(
     # Fine-tuning (migration 0006): asked for at creation, and the version's top.
     sa.Column("fine_tune", sa.Text, nullable=False, server_default="off"),
     sa.Column("top_factors", sa.LargeBinary),  # an .npz of fp16 LoRA factors
+    # The share of held-out rows its unknown threshold keeps (migration 0009).
+    sa.Column("unknown_keep", sa.Float, nullable=False, server_default="0.99"),
     sa.Column("metrics", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.Text, nullable=False),

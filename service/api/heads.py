@@ -89,6 +89,7 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: AppDep) ->
         examples=examples,
         label_descriptions=descriptions,
         fine_tune=body.fine_tune,
+        unknown_keep=body.unknown_keep,
     )
     return _head_answer(head, 201)
 
