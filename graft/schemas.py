@@ -302,11 +302,17 @@ class DomainReport(BaseModel):
         " (their mean embedding centred away, then self-trained on its confident predictions)"
     )
     decision: Literal[
-        "too_few_unlabeled", "no_shift_beyond_label_proportions", "estimated_gain", "estimated_harm"
+        "too_few_unlabeled",
+        "no_shift_beyond_label_proportions",
+        "estimated_gain",
+        "estimated_gain_too_small",
+        "estimated_harm",
     ] = Field(
         description="why: too few unlabelled examples to judge; they differ from the labelled"
         " ones in label proportions only (nothing to adapt to); or the adapted head's estimated"
-        " accuracy there is at least (gain) or below (harm) the unadapted one's"
+        " accuracy there beats the unadapted one's by 5 points or more (gain: adapted), by"
+        " less (too small: the estimate errs by that much; not adapted), or falls below it"
+        " (harm: not adapted)"
     )
     domain_distance: float | None = Field(
         None,
