@@ -13,6 +13,7 @@ console and the training progress add nothing to the predict path (ratio ≈ 1).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,6 @@ from bench.serving import (
     BACKBONE,
     client_images,
     report_turns,
-    seed_heads,
     take_turns,
 )
 from deploy.local_server import BENTOML, start_server, stop_server
@@ -37,6 +37,24 @@ from service.settings import (
 )
 
 HEADS = 1000
+
+
+def seed_in(tree: Path, database: Path, n: int, dim: int) -> list[tuple[str, str]]:
+    """`seed_heads` as the code of `tree` writes them: each revision's schema is its own
+    (a later migration would stop the earlier server from opening the file)."""
+    code = (
+        "import json, sys; sys.path.insert(0, '.'); from bench.serving import seed_heads;"
+        " print(json.dumps(seed_heads(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+    )
+    database.parent.mkdir(parents=True, exist_ok=True)
+    seeded = subprocess.run(
+        [sys.executable, "-c", code, f"sqlite:///{database}", str(n), str(dim)],
+        cwd=tree,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [tuple(h) for h in json.loads(seeded.stdout.splitlines()[-1])]
 
 
 def main() -> None:
@@ -67,7 +85,7 @@ def main() -> None:
     try:
         for name, tree in (("base", base_tree), ("this", ROOT)):
             data = scratch / f"data-{name}"  # graft.sqlite3: the server's default file there
-            heads = seed_heads(data / "graft.sqlite3", HEADS + 100, dim)
+            heads = seed_in(tree, data / "graft.sqlite3", HEADS + 100, dim)
             server = start_server(BENTOML, data, settings.backbone_dir, cwd=tree)
             servers[name] = (server, heads[:HEADS])
         # Each server runs its own tree's code: only this checkout serves the console at /.
