@@ -115,6 +115,13 @@ class BackbonePublic(BaseModel):
     speed_class: Literal["fast", "medium", "slow"] | None = Field(
         description="fast: at most 10 ms per row; medium: at most 40; slow: more"
     )
+    depth_widths: list[int] | None = Field(
+        None,
+        description="the widths of the pooled features of each depth (an image network's"
+        " stages, a text encoder's layers but the last) its pass computes beside the"
+        " embedding; [] for a declared ONNX model, which gives no stages (null until the"
+        " runner has answered)",
+    )
 
 
 class BackboneList(BaseModel):

@@ -67,6 +67,7 @@ class Runner:
             self.measures[spec.id] = {
                 "memory_bytes": max(0, resident_bytes() - before),
                 "ms_per_row": round(ms_per_row, 2),
+                "depth_widths": backbone.depth_widths,
             }
         batchers = {
             backbone_id: Batcher(

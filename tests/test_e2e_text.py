@@ -164,6 +164,9 @@ def test_backbones_and_openapi_are_served(server) -> None:
         assert by_id["minilm_l6"]["embedding_dim"] == 384
         assert by_id["minilm_l6"]["variants"] == ["fp32", "int8", "fp16"]
         assert by_id["minilm_l6"]["served_variant"] == "fp32"
+        # Each pass computes every depth beside the embedding (models/depths.py).
+        assert by_id["efficientnet_lite0"]["depth_widths"] == [16, 24, 40, 112, 320]
+        assert by_id["minilm_l6"]["depth_widths"] == [384] * 5
         spec = client.get("/v1/openapi.json").json()
         assert {"/heads", "/heads/{head_id}/predict", "/tenants"} <= set(spec["paths"])
         assert spec["servers"] == [{"url": "/v1"}]

@@ -334,6 +334,8 @@ def test_every_family_is_served_over_http(families: Path, exported: Path, tmp_pa
             assert public["family"] == FAMILIES[backbone_id]
             assert public["source"] == "local file" and public["memory_bytes"] >= 0
             assert public["speed_class"] in ("fast", "medium", "slow")
+            # An operator's ONNX file gives no stages; every other family does.
+            assert (public["depth_widths"] == []) == backbone_id.startswith("onnx_")
         with server.new_tenant("families") as tenant:
             for backbone_id, public in listed.items():
                 if public["modality"] == "image":

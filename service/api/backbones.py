@@ -34,6 +34,7 @@ def _public(graft: Application, backbone_id: str) -> dict:
         "memory_bytes": measured.get("memory_bytes"),
         "ms_per_row": ms_per_row,
         "speed_class": None if ms_per_row is None else speed_class(ms_per_row),
+        "depth_widths": measured.get("depth_widths"),
     }
 
 
