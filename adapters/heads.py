@@ -9,7 +9,9 @@ prototype (nearest-class-mean) head because the cosine similarity of a normalise
 embedding to a normalised class mean is itself a matrix product. Beside the weights a head
 keeps its normalised class means (`prototypes`) and a similarity threshold: an input whose
 best similarity to them falls below it is far from everything the head was trained on,
-and is reported as unknown.
+and is reported as unknown. Given rows that carry the depths of the backbone's pass, a
+head may read some of them beside the embedding (adapters/depth_choice.py): `x` is then
+those columns of the row, and the class means stay on the embedding.
 """
 
 from __future__ import annotations
