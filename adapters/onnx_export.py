@@ -11,7 +11,7 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from adapters.store import Head
-from models.export import DEPTH_WIDTHS_KEY
+from models.export import without_depths
 from models.registry import BackboneSpec
 
 # Below any cosine similarity: a head without a threshold never flags an input unknown.
@@ -63,39 +63,6 @@ def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
         initializers,
     )
     return helper.make_model(graph, opset_imports=like.opset_import, ir_version=like.ir_version)
-
-
-def without_depths(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The graph without its `depths` output (models/depths.py) and what computes only
-    that: a head reads the embedding alone."""
-    graph = model.graph
-    kept = [o for o in graph.output if o.name != "depths"]
-    if len(kept) == len(graph.output):
-        return model
-    needed = {o.name for o in kept}
-    nodes = []
-    for node in reversed(graph.node):  # nodes are in topological order
-        if set(node.output) & needed:
-            nodes.append(node)
-            needed.update(_reads(node))
-    initializers = [i for i in graph.initializer if i.name in needed]
-    metadata = [p for p in model.metadata_props if p.key != DEPTH_WIDTHS_KEY]
-    del graph.output[:], graph.node[:], graph.initializer[:], model.metadata_props[:]
-    model.metadata_props.extend(metadata)
-    graph.output.extend(kept)
-    graph.node.extend(reversed(nodes))
-    graph.initializer.extend(initializers)
-    return model
-
-
-def _reads(node: onnx.NodeProto) -> set[str]:
-    """The names a node reads, those its subgraphs (If, Loop) read included."""
-    names = {x for x in node.input if x}
-    for attribute in node.attribute:
-        for graph in [attribute.g, *attribute.graphs]:
-            for inner in graph.node:
-                names |= _reads(inner)
-    return names
 
 
 def fine_tuned_backbone(

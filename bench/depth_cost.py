@@ -5,7 +5,7 @@
 
 For each backbone, the graph as served (whole, and cut into trunk and top where it can be
 fine-tuned) is timed giving every row's embedding and depths, against the same graph cut
-down to its embedding alone (`onnx.utils.extract_model`: the graph before the depths),
+down to its embedding alone (`models.export.without_depths`: the graph before the depths),
 taking turns for `--rounds`, batches of 32 (images of noise; yelp sentences), 2 threads,
 as the runner runs them. Prints rows/s of each, their ratio (median over rounds), and the
 bytes a row takes between processes and per stored example (float32) with and without.
@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx.utils
+import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import YELP, read_texts
-from models.export import ensure_onnx, ensure_split
+from models.export import ensure_onnx, ensure_split, without_depths
 from models.preprocess import token_ids
 from models.runtime import Backbone
 from service.settings import Settings, list_backbones
@@ -35,11 +35,9 @@ BATCH = 32
 
 
 def embedding_only(path: Path, scratch: Path) -> Path:
-    """The graph cut down to what its `embedding` needs."""
-    model = onnx.load(str(path))
-    outputs = [o.name for o in model.graph.output if o.name != "depths"]
+    """The graph cut down to what its `embedding` (or a trunk's `hidden`) needs."""
     cut = scratch / f"{path.stem}-embedding-only.onnx"
-    onnx.utils.extract_model(str(path), str(cut), [i.name for i in model.graph.input], outputs)
+    onnx.save(without_depths(onnx.load(str(path))), str(cut))
     return cut
 
 

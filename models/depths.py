@@ -37,14 +37,14 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class Outputs(torch.nn.Module):
-    """A module whose `method` (several outputs) is what its export traces."""
+    """A module whose `forward_with_depths` (its embedding or hidden states, and its
+    depths) is what its export traces."""
 
-    def __init__(self, module: Any, method: str) -> None:
+    def __init__(self, module: Any) -> None:
         super().__init__()
         self.module = module
-        self.method = method
         # Traced in eval mode: an export restores the wrapper's mode to all it holds.
         self.eval()
 
     def forward(self, *inputs: torch.Tensor):
-        return getattr(self.module, self.method)(*inputs)
+        return self.module.forward_with_depths(*inputs)

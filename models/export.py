@@ -11,7 +11,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import onnx
 
 from models.registry import BackboneFileError, BackboneSpec, ImagePreprocessing
 
@@ -240,7 +243,7 @@ def _export_module(spec: BackboneSpec, path: Path) -> None:
     outputs = ["embedding", "depths"] if widths else ["embedding"]
     with torch.inference_mode():
         torch.onnx.export(
-            Outputs(module, "embed_with_depths") if widths else module,
+            Outputs(module) if widths else module,
             dummy,
             str(path),
             input_names=list(spec.onnx_inputs),
@@ -316,14 +319,50 @@ def fold_fixed_size(path: Path) -> None:
     ]
     fixed = {x for x in edge if np.array_equal(values[0][x], values[1][x])}
     graph.initializer.extend(numpy_helper.from_array(values[0][x], x) for x in sorted(fixed))
-    # Drop the nodes nothing reads any more, from the outputs back.
-    needed = {o.name for o in graph.output}
-    keep = []
-    for node in reversed(graph.node):
-        if set(node.output) & needed and not set(node.output) <= fixed:
-            keep.append(node)
-            needed.update(x for x in node.input if x)
+    computed = [node for node in graph.node if not set(node.output) <= fixed]
     del graph.node[:]
-    graph.node.extend(reversed(keep))
+    graph.node.extend(computed)
+    prune_unread(model)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def without_depths(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph (an onnx ModelProto, changed in place) without its `depths` output
+    (models/depths.py), what computes only that, and their widths: a head's download, or
+    the graph as it was before the depths."""
+    kept = [o for o in model.graph.output if o.name != "depths"]
+    if len(kept) == len(model.graph.output):
+        return model
+    del model.graph.output[:]
+    model.graph.output.extend(kept)
+    metadata = [p for p in model.metadata_props if p.key != DEPTH_WIDTHS_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(metadata)
+    return prune_unread(model)
+
+
+def prune_unread(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Drops the nodes and initializers nothing reads any more, from the outputs back."""
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    nodes = []
+    for node in reversed(graph.node):  # nodes are in topological order
+        if set(node.output) & needed:
+            nodes.append(node)
+            needed.update(_reads(node))
+    initializers = [i for i in graph.initializer if i.name in needed]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(reversed(nodes))
+    graph.initializer.extend(initializers)
+    return model
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The names a node reads, those its subgraphs (If, Loop) read included."""
+    names = {x for x in node.input if x}
+    for attribute in node.attribute:
+        for graph in [attribute.g, *attribute.graphs]:
+            for inner in graph.node:
+                names |= _reads(inner)
+    return names

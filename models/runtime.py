@@ -93,9 +93,11 @@ class Backbone:
         self.on_gpu = "CUDAExecutionProvider" in (self.session or self.trunk).get_providers()
         # The widths of the depths (models/depths.py) each row may carry after its
         # embedding: the whole graph's, or the trunk's followed by the top's.
-        sessions = [s for s in (self.session, self.trunk, self.top) if s is not None]
-        self._session_widths = {id(s): depth_widths(s) for s in sessions}
-        self.depth_widths = [w for s in sessions for w in self._session_widths[id(s)]]
+        if self.session is not None:
+            self.depth_widths = depth_widths(self.session)
+        else:
+            self._trunk_widths = depth_widths(self.trunk)
+            self.depth_widths = self._trunk_widths + depth_widths(self.top)
         self.tokenizer = None
         if isinstance(spec.preprocessing, TextPreprocessing):
             pre = spec.preprocessing
@@ -182,7 +184,7 @@ class Backbone:
         dim = self.spec.embedding_dim
         trunk_outputs = ["hidden", *self._depths_output(self.trunk, depths)]
         top_outputs = ["embedding", *self._depths_output(self.top, depths)]
-        trunk_depths = slice(dim, dim + sum(self._session_widths[id(self.trunk)]))
+        trunk_depths = slice(dim, dim + sum(self._trunk_widths))
         out = np.empty((n, self.feature_dim if depths else dim), dtype=np.float32)
         for start in range(0, n, self.max_batch_size):
             chunk = slice(start, min(n, start + self.max_batch_size))
@@ -206,9 +208,11 @@ class Backbone:
                     out[start + rows, trunk_depths.stop :] = pooled[0][: len(rows)]
         return out
 
-    def _depths_output(self, session: Any, depths: bool) -> list[str]:
+    @staticmethod
+    def _depths_output(session: Any, depths: bool) -> list[str]:
         """["depths"] where they are asked for and this graph gives any."""
-        return ["depths"] if depths and self._session_widths[id(session)] else []
+        gives = depths and any(o.name == "depths" for o in session.get_outputs())
+        return ["depths"] if gives else []
 
     def _refuse_tops(self, tops: list[TopGroup] | None) -> None:
         if tops:

@@ -65,7 +65,7 @@ class TextTrunk(torch.nn.Module):
         self.cut = cut
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_depths(input_ids, attention_mask)[0]
+        return self._layers(input_ids, attention_mask)[-1]
 
     def depth_widths(self) -> list[int]:
         """The widths of its depths (models/depths.py): each of its layers."""
@@ -74,11 +74,14 @@ class TextTrunk(torch.nn.Module):
     def forward_with_depths(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = self._layers(input_ids, attention_mask)
+        return outputs[-1], pooled_text_depths(outputs, attention_mask)
+
+    def _layers(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list:
         embedded = self.model.embeddings(input_ids=input_ids)
-        outputs = _run_layers(
+        return _run_layers(
             self.model, self.model.encoder.layer[: self.cut], embedded, attention_mask
         )
-        return outputs[-1], pooled_text_depths(outputs, attention_mask)
 
 
 class TextTop(torch.nn.Module):
@@ -211,7 +214,7 @@ def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK)
     top_outputs = ["embedding", "depths"] if top_widths else ["embedding"]
     with torch.inference_mode():
         torch.onnx.export(
-            Outputs(trunk, "forward_with_depths") if trunk_widths else trunk,
+            Outputs(trunk) if trunk_widths else trunk,
             tuple(trunk_inputs.values()),
             str(trunk_path),
             input_names=list(trunk_inputs),
@@ -225,7 +228,7 @@ def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK)
         )
         hidden = trunk(*trunk_inputs.values())
         torch.onnx.export(
-            Outputs(top, "forward_with_depths") if top_widths else top,
+            Outputs(top) if top_widths else top,
             (hidden, *top_extra.values(), *factors),
             str(top_path),
             input_names=["hidden", *top_extra, *names],

@@ -108,7 +108,7 @@ def image_embedding_module(
                 return []
             return [int(info["num_chs"]) for info in self.backbone.feature_info]
 
-        def embed_with_depths(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def forward_with_depths(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             """The embedding and every stage's pooled output, in one pass."""
             final, stages = self.backbone.forward_intermediates(self.scaled(image))
             embedding = self.backbone.forward_head(final).flatten(1)

@@ -48,7 +48,7 @@ def sentence_embedding_module(model_dir: Path, pooling: str = "mean"):
             config = self.encoder.config
             return [int(config.hidden_size)] * (int(config.num_hidden_layers) - 1)
 
-        def embed_with_depths(
+        def forward_with_depths(
             self, input_ids: torch.Tensor, attention_mask: torch.Tensor
         ) -> tuple[torch.Tensor, torch.Tensor]:
             """The embedding and every layer's masked mean but the last's, in one pass."""
