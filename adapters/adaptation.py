@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from adapters.heads import UNKNOWN_KEEP, TrainedHead, predict_proba, train_head
+from adapters.heads import (
+    UNKNOWN_KEEP,
+    TrainedHead,
+    best_similarity,
+    predict_proba,
+    train_head,
+)
 
 # Fewer unlabelled examples than this tell too little about a domain to adapt to it.
 MIN_UNLABELED = 10
@@ -66,7 +72,9 @@ def adapt(
     """The head to serve on the target domain: `unadapted`, or the centred and
     self-trained head when the target is a shift to adapt to and the adapted head's
     estimated accuracy there is clearly above the unadapted one's. Its metrics gain a `domain`
-    report (`decision` says what was done and why) and the warnings that go with it."""
+    report (`decision` says what was done and why) and the warnings that go with it.
+    `x`, `target` and `label_embeddings` hold the columns `unadapted` reads (its
+    embedding and depths: adapters/depth_choice.py); centring is per column, so per depth."""
     start = time.perf_counter()
     report: dict[str, Any] = {"n_unlabeled": len(target), "adapted": False}
     warnings = list(unadapted.metrics["warnings"])
@@ -139,7 +147,7 @@ def adapt(
             )
     report["estimated_accuracy"] = round(estimate, 4)
     if served.unknown_threshold is not None:
-        similarity = (sample @ served.prototypes).max(axis=1)
+        similarity = best_similarity(sample, served.prototypes)
         report["unknown_share"] = round(float(np.mean(similarity < served.unknown_threshold)), 4)
     report["adapt_seconds"] = round(time.perf_counter() - start, 3)
 
@@ -291,6 +299,7 @@ def _with_report(
     served: TrainedHead, unadapted: TrainedHead, report: dict, warnings: list[str]
 ) -> TrainedHead:
     """The served head with the unadapted head's metrics: cross-validation on labelled
-    examples only (the adapted fit's own folds would mix in its pseudo-labels)."""
+    examples only (the adapted fit's own folds would mix in its pseudo-labels), and the
+    depths it reads (an adapted head reads every column it was given: those)."""
     metrics = {**unadapted.metrics, "domain": report, "warnings": warnings}
-    return replace(served, metrics=metrics)
+    return replace(served, metrics=metrics, depths=unadapted.depths)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from adapters.heads import predict_proba
+from adapters.heads import best_similarity, predict_proba
 from adapters.store import Store
 
 if TYPE_CHECKING:
@@ -28,12 +28,15 @@ class ServingHead:
     backbone: str
     version: int
     labels: list[str]
-    weights: np.ndarray  # (embedding_dim, n_labels) float32
+    weights: np.ndarray  # (columns read, n_labels) float32
     bias: np.ndarray
-    prototypes: np.ndarray | None  # (embedding_dim, n_labels) normalised class means
+    prototypes: np.ndarray | None  # (leading columns, n_labels) normalised class means
     unknown_threshold: float | None
     # A fine-tuned head's top: its key in the runner's batches and its LoRA factors.
     top: Top | None = None
+    # How many of the deepest depths its rows carry after the embedding (the runner cuts
+    # them: service/batcher.py).
+    depths: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -44,13 +47,13 @@ class ServingHead:
             arrays += sum(f.nbytes for f in self.top[1])
         return arrays + sum(len(label) + 50 for label in self.labels)
 
-    def apply(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def apply(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each row's label probabilities, and its best cosine similarity to a class mean
         (NaN for a head version without class means)."""
-        probabilities = predict_proba(embeddings, self.weights, self.bias)
+        probabilities = predict_proba(rows, self.weights, self.bias)
         if self.prototypes is None:
-            return probabilities, np.full(len(embeddings), np.nan, dtype=np.float32)
-        return probabilities, (embeddings @ self.prototypes).max(axis=1)
+            return probabilities, np.full(len(rows), np.nan, dtype=np.float32)
+        return probabilities, best_similarity(rows, self.prototypes)
 
     def unknown(self, similarity: np.ndarray) -> np.ndarray:
         """Which rows are further from every class mean than the head's threshold."""
@@ -102,6 +105,7 @@ class HeadCache:
             prototypes=row.prototypes,
             unknown_threshold=row.unknown_threshold,
             top=None if row.top_factors is None else (f"{head_id}/{row.version}", row.top_factors),
+            depths=row.depths,
         )
         self._put(head, epoch)
         return head

@@ -76,9 +76,10 @@ class TrainedHead:
     prototypes: np.ndarray  # (embedding_dim, n_labels) float32, normalised class means
     unknown_threshold: float | None  # None: too few examples to set one
     metrics: dict[str, Any]
-    # The depths it reads beside the embedding (adapters/depth_choice.py): its weights
-    # apply to `RowLayout.columns(depths)` of a row; () for the embedding alone.
-    depths: tuple[int, ...] = ()
+    # How many of the deepest depths it reads beside the embedding
+    # (adapters/depth_choice.py): its weights apply to `RowLayout.columns(depths)` of a
+    # row; 0 for the embedding alone.
+    depths: int = 0
 
 
 def candidates(with_label_names: bool) -> list[HeadType]:
@@ -116,7 +117,7 @@ def train_head(
 
     layout = layout or RowLayout(embeddings.shape[1])
     rows, embeddings = embeddings, embeddings[:, : layout.embedding_dim]
-    depths: tuple[int, ...] = ()
+    depths = 0
     depth_report = None
     chosen = HeadType(DEFAULT_TYPE.kind, DEFAULT_TYPE.c, label_names=names is not None)
     temperature = 1.0
@@ -161,7 +162,7 @@ def train_head(
     weights, bias = _fit(chosen, x, y, names)
     # Fitted on rows scaled to unit length (RowLayout.features): the scale folds into the
     # weights, which then apply to the row's columns as they are.
-    weights = weights / np.sqrt(1 + len(depths))
+    weights = weights / np.sqrt(1 + depths)
     majority = max(counts.values()) / len(labels)
     metrics = {
         "n_examples": len(labels),
@@ -363,6 +364,12 @@ def _assoftmax(coef: np.ndarray, intercept: np.ndarray) -> tuple[np.ndarray, np.
         coef = np.vstack([np.zeros_like(coef), coef])
         intercept = np.concatenate([[0.0], intercept])
     return coef.T.astype(np.float32).copy(), intercept.astype(np.float32)
+
+
+def best_similarity(rows: np.ndarray, prototypes: np.ndarray) -> np.ndarray:
+    """Each row's best cosine similarity to a head's class means. They lie on the row's
+    leading columns: its embedding (an adapted head's: every column it reads)."""
+    return (rows[:, : len(prototypes)] @ prototypes).max(axis=1)
 
 
 def predict_proba(embeddings: np.ndarray, weights: np.ndarray, bias: np.ndarray) -> np.ndarray:

@@ -1,5 +1,7 @@
 """Backbone + head as one ONNX model: the backbone's graph, then MatMul, Add and Softmax
-for the scores, and the best similarity to the class means for the unknown flag."""
+for the scores, and the best similarity to the class means for the unknown flag. A head
+that reads depths of the pass (adapters/depth_choice.py) takes its embedding and those
+depths, concatenated as the runner sends them; the graph computes no other depth."""
 
 from __future__ import annotations
 
@@ -11,25 +13,36 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from adapters.store import Head
-from models.export import without_depths
+from models.export import with_deepest_depths, without_depths
 from models.registry import BackboneSpec
 
 # Below any cosine similarity: a head without a threshold never flags an input unknown.
 NO_THRESHOLD = -2.0
 
 
-def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
-    """`embedding` [batch, dim] → `probabilities` [batch, n_labels], plus `similarity`
-    [batch] (best cosine similarity to a class mean) and `unknown` [batch] (similarity
-    below the head's threshold) for a head version that has class means, in `like`'s
-    opset (ReduceMax takes `axes` as an attribute up to opset 17).
+def head_graph(head: Head, like: onnx.ModelProto, embedding_dim: int) -> onnx.ModelProto:
+    """`embedding` [batch, embedding_dim] (and `depths` [batch, width] for a head that
+    reads some) → `probabilities` [batch, n_labels], plus `similarity` [batch] (best
+    cosine similarity to a class mean) and `unknown` [batch] (similarity below the head's
+    threshold) for a head version that has class means, in `like`'s opset (ReduceMax
+    takes `axes` as an attribute up to opset 17).
 
     Names carry a `graft_head_` prefix so they cannot collide with the backbone's.
     """
     assert head.weights is not None and head.bias is not None
-    dim, n_labels = head.weights.shape
-    nodes = [
-        helper.make_node("MatMul", ["embedding", "graft_head_weights"], ["graft_head_xw"]),
+    columns, n_labels = head.weights.shape
+    inputs = [
+        helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", embedding_dim])
+    ]
+    nodes = []
+    features = "embedding"
+    if columns > embedding_dim:  # the head's depths follow its embedding
+        width = columns - embedding_dim
+        inputs.append(helper.make_tensor_value_info("depths", TensorProto.FLOAT, ["batch", width]))
+        features = "graft_head_features"
+        nodes.append(helper.make_node("Concat", ["embedding", "depths"], [features], axis=1))
+    nodes += [
+        helper.make_node("MatMul", [features, "graft_head_weights"], ["graft_head_xw"]),
         helper.make_node("Add", ["graft_head_xw", "graft_head_bias"], ["graft_head_logits"]),
         helper.make_node("Softmax", ["graft_head_logits"], ["probabilities"], axis=1),
     ]
@@ -42,8 +55,10 @@ def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     ]
     if head.prototypes is not None:
         threshold = NO_THRESHOLD if head.unknown_threshold is None else head.unknown_threshold
+        # Class means on the embedding; an adapted head's on every column it reads.
+        on = "embedding" if len(head.prototypes) == embedding_dim else features
         nodes += [
-            helper.make_node("MatMul", ["embedding", "graft_head_prototypes"], ["graft_head_cos"]),
+            helper.make_node("MatMul", [on, "graft_head_prototypes"], ["graft_head_cos"]),
             helper.make_node("ReduceMax", ["graft_head_cos"], ["similarity"], axes=[1], keepdims=0),
             helper.make_node("Less", ["similarity", "graft_head_threshold"], ["unknown"]),
         ]
@@ -58,7 +73,7 @@ def head_graph(head: Head, like: onnx.ModelProto) -> onnx.ModelProto:
     graph = helper.make_graph(
         nodes,
         "graft_head",
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+        inputs,
         outputs,
         initializers,
     )
@@ -110,11 +125,14 @@ def combined_model(
     `backbone`: the backbone's ONNX file, or a fine-tuned head's (`fine_tuned_backbone`)."""
     if isinstance(backbone, Path):
         backbone = onnx.load(str(backbone))
-    backbone = without_depths(backbone)
+    backbone = with_deepest_depths(backbone, head.depths)
+    io_map = [("embedding", "embedding")]
+    if head.depths:
+        io_map.append(("depths", "depths"))
     merged = compose.merge_models(
         backbone,
-        head_graph(head, backbone),
-        io_map=[("embedding", "embedding")],
+        head_graph(head, backbone, spec.embedding_dim),
+        io_map=io_map,
         producer_name="graft",
     )
     merged.graph.name = f"graft_{spec.id}_{head.id}"
@@ -128,6 +146,7 @@ def combined_model(
             "graft.variant": variant,
             "graft.fine_tuned": json.dumps(fine_tuned),
             "graft.labels": json.dumps(head.labels),
+            "graft.depths": json.dumps(head.depths),
             "graft.unknown_threshold": json.dumps(head.unknown_threshold),
             "graft.inputs": json.dumps(list(spec.onnx_inputs)),
             "graft.preprocessing": json.dumps(spec.public()["preprocessing"]),

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from adapters.depth_choice import RowLayout
 from adapters.heads import SAME_LOSS, UNKNOWN_KEEP, TrainedHead, train_head
 
 MAX_ITERATIONS = 100
@@ -100,17 +101,27 @@ def choose_backbone(
     labels: list[str],
     label_embeddings: dict[str, dict[str, np.ndarray] | None],
     unknown_keep: float = UNKNOWN_KEEP,
+    layouts: dict[str, RowLayout] | None = None,
 ) -> BackboneChoice:
-    """`"backbone": "auto"`: rank the backbones by LogME on the examples' features, train
-    a head on the best SHORTLIST of them and keep the one with the lower held-out log-loss
-    (LogME's order where there are too few examples to hold any out)."""
-    scores = {backbone: logme(x, labels) for backbone, x in features.items()}
+    """`"backbone": "auto"`: rank the backbones by LogME on the examples' embeddings,
+    train a head on the best SHORTLIST of them and keep the one with the lower held-out
+    log-loss (LogME's order where there are too few examples to hold any out). With
+    `layouts`, a backbone's features are rows that carry depths, which its head may read
+    (adapters/depth_choice.py)."""
+    layouts = layouts or {}
+    scores = {
+        backbone: logme(
+            x[:, : layouts[backbone].embedding_dim] if backbone in layouts else x, labels
+        )
+        for backbone, x in features.items()
+    }
     shortlist = sorted(scores, key=lambda b: -scores[b])[:SHORTLIST]
     trained = {
         b: train_head(
             features[b],
             labels,
             label_embeddings=label_embeddings.get(b),
+            layout=layouts.get(b),
             unknown_keep=unknown_keep,
         )
         for b in shortlist

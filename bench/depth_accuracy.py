@@ -93,7 +93,7 @@ def bench_text(backbone_id: str) -> None:
         print(
             f"{backbone_id:14s} {name:14s} alone {statistics.mean(r[0] for r in results):.3f}"
             f"  choosing {statistics.mean(r[1] for r in results):.3f}"
-            f"  depths {[list(r[2]) for r in results]}",
+            f"  depths {[r[2] for r in results]}",
             flush=True,
         )
 
@@ -109,7 +109,7 @@ def bench_images(backbone_id: str) -> None:
         for folder, (alone, choosing, depths) in zip(vals, results, strict=True):
             print(
                 f"{backbone_id:14s} {name} {folder.name:10s} alone {alone:.3f}"
-                f"  choosing {choosing:.3f}  depths {list(depths)}",
+                f"  choosing {choosing:.3f}  deepest depths read {depths}",
                 flush=True,
             )
 

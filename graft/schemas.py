@@ -374,6 +374,26 @@ class FineTuningReport(BaseModel):
     seconds: float | None = Field(None, description="time spent comparing and tuning")
 
 
+class DepthCandidate(BaseModel):
+    depths: int = Field(description="how many of the deepest depths beside the embedding")
+    cv_accuracy: float
+    cv_log_loss: float
+
+
+class DepthsReport(BaseModel):
+    """Which depths of the backbone's shared pass the head reads beside its embedding
+    (each depth: a stage's or a layer's pooled output), chosen on its held-out folds."""
+
+    chosen: int = Field(
+        description="how many of the deepest depths it reads (0: the embedding alone); a"
+        " candidate with depths must lower the held-out log-loss by 5% to be chosen"
+    )
+    cv_accuracy_gain: float = Field(
+        description="held-out accuracy of the chosen candidate minus the embedding alone's"
+    )
+    candidates: list[DepthCandidate]
+
+
 class HeadMetrics(BaseModel):
     n_examples: int
     label_counts: dict[str, int]
@@ -431,6 +451,11 @@ class HeadMetrics(BaseModel):
     )
     cv_unknown_kept: float | None = Field(
         None, description="share of held-out examples kept by a threshold set on other folds"
+    )
+    depths: DepthsReport | None = Field(
+        None,
+        description="which depths of the shared pass the head reads; null when it had too"
+        " few examples to compare, or its backbone's rows carry no depths",
     )
     backbone_selection: BackboneSelection | None = Field(
         None, description="how an `auto` head chose its backbone"

@@ -342,6 +342,37 @@ def without_depths(model: onnx.ModelProto) -> onnx.ModelProto:
     return prune_unread(model)
 
 
+def with_deepest_depths(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
+    """The graph (changed in place) whose `depths` output holds only the deepest `k`
+    depths, with what computed the others pruned: the download of a head that reads
+    those. The depths are the inputs of one Concat, which a variant may follow by a cast
+    or a (de)quantisation of that one tensor (k=0: `without_depths`)."""
+    import json
+
+    if k == 0:
+        return without_depths(model)
+    graph = model.graph
+    [props] = [p for p in model.metadata_props if p.key == DEPTH_WIDTHS_KEY]
+    widths = json.loads(props.value)
+    producer = {output: node for node in graph.node for output in node.output}
+    chain = []  # the tensors from the Concat to `depths`, whose shapes change
+    node = producer["depths"]
+    while node.op_type != "Concat":
+        chain.append(node.output[0])
+        node = producer[node.input[0]]
+    chain.append(node.output[0])
+    if len(node.input) != len(widths):
+        raise ValueError(f"`depths` concatenates {len(node.input)} tensors, not {len(widths)}")
+    del node.input[: len(widths) - k]
+    props.value = json.dumps(widths[len(widths) - k :])
+    shapes = [v for v in graph.value_info if v.name not in chain]
+    del graph.value_info[:]
+    graph.value_info.extend(shapes)
+    [output] = [o for o in graph.output if o.name == "depths"]
+    output.type.tensor_type.shape.dim[1].dim_value = sum(widths[len(widths) - k :])
+    return prune_unread(model)
+
+
 def prune_unread(model: onnx.ModelProto) -> onnx.ModelProto:
     """Drops the nodes and initializers nothing reads any more, from the outputs back."""
     graph = model.graph

@@ -18,6 +18,10 @@ on a future of their embeddings.
   - without (a GPU, which the kernel does not schedule): on the predict thread, while no
     predict waits, and under a load with no gaps at most one slice in five. A predict
     waits behind one slice at most, and training still ends.
+- Depths: a request may ask for the deepest `depths` of the backbone's pooled depths
+  after each row's embedding (models/depths.py): a head that reads them, or a training.
+  A batch in which any request asks runs the pass with its depths; each request gets
+  its own columns, so only those cross to the worker.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from adapters.depth_choice import RowLayout
 from service.priority import run_in_idle_time
 
 if TYPE_CHECKING:
@@ -56,6 +61,7 @@ class _Request:
     priority: Priority
     arrived: float
     top: Top | None = None
+    depths: int = 0  # how many of the deepest depths follow each row's embedding
     future: Future = field(default_factory=Future)
     taken: int = 0  # rows handed to a batch so far
     done: int = 0  # rows answered so far
@@ -77,8 +83,12 @@ class Batcher:
         training_lane: Callable[[], Embed] | None = None,
         predict_lanes: int = 1,
         check_top: Callable[[Top], None] | None = None,
+        layout: RowLayout | None = None,
     ) -> None:
         self.embed = embed
+        # Where the depths lie in the rows `embed(rows, depths=True)` gives; None: `embed`
+        # gives no depths (and takes no `depths`).
+        self.layout = layout if layout is not None and layout.depth_widths else None
         # Given when `embed` takes `tops` (rows of fine-tuned heads, models/runtime.py):
         # checks a request's top before its rows join a batch.
         self.check_top = check_top
@@ -112,16 +122,31 @@ class Batcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, rows: Rows, priority: Priority = "predict", top: Top | None = None) -> Future:
-        """Future of the (len(rows), embedding_dim) embeddings of these rows (through a
-        fine-tuned head's top, with `top`)."""
+    def submit(
+        self,
+        rows: Rows,
+        priority: Priority = "predict",
+        top: Top | None = None,
+        depths: int = 0,
+    ) -> Future:
+        """Future of the embeddings of these rows (through a fine-tuned head's top, with
+        `top`), each followed by the deepest `depths` depths (all the backbone has, if it
+        has fewer)."""
         if top is not None:
             if self.check_top is None:
                 raise ValueError("this backbone serves no fine-tuned heads")
             self.check_top(top)
-        request = _Request(rows=rows, priority=priority, arrived=time.monotonic(), top=top)
+        if depths < 0:
+            raise ValueError(f"depths must be 0 or more, not {depths}")
+        depths = min(depths, len(self.layout.depth_widths)) if self.layout else 0
+        request = _Request(
+            rows=rows, priority=priority, arrived=time.monotonic(), top=top, depths=depths
+        )
         if len(rows) == 0:
-            request.future.set_result(self.embed(rows))
+            embeddings = (
+                self._cut(self.embed(rows, depths=True), depths) if depths else self.embed(rows)
+            )
+            request.future.set_result(embeddings)
             return request.future
         with self._ready:
             if self._stopping:
@@ -230,6 +255,11 @@ class Batcher:
                 queue.popleft()
         return batch
 
+    def _cut(self, rows: np.ndarray, depths: int) -> np.ndarray:
+        """Rows of a pass with its depths, cut to the embedding and the deepest `depths`."""
+        assert self.layout is not None  # no request asks for depths otherwise
+        return rows[:, self.layout.columns(depths)]
+
     @staticmethod
     def _fail(batch: Batch, exc: Exception) -> None:
         log.error("batch of %d rows failed", sum(n for _, _, n in batch), exc_info=exc)
@@ -254,14 +284,16 @@ class Batcher:
                 tops.setdefault(key, (factors, []))[1].append(np.arange(offset, offset + n))
             offset += n
         training = batch[0][0].priority == "training"
+        # Depths only for a batch that someone asked them of: the pass computes them
+        # anyway, but copying them out costs (BENCHMARKS.md, "Every depth in the pass").
+        with_depths = any(request.depths for request, _, _ in batch)
         started = time.perf_counter()
         started_cpu = time.thread_time()
         try:
+            args: tuple = (rows,)
             if tops:
-                groups = [(np.concatenate(at), factors) for factors, at in tops.values()]
-                embeddings = embed(rows, groups)
-            else:
-                embeddings = embed(rows)
+                args += ([(np.concatenate(at), factors) for factors, at in tops.values()],)
+            embeddings = embed(*args, depths=True) if with_depths else embed(*args)
         except Exception as exc:
             self._fail(batch, exc)
             return
@@ -284,10 +316,10 @@ class Batcher:
                 offset += n
                 if request.future.done():  # an earlier pass of its rows failed
                     continue
+                if with_depths:
+                    own = self._cut(own, request.depths)
                 if request.embeddings is None:
-                    request.embeddings = np.empty(
-                        (len(request.rows), embeddings.shape[1]), np.float32
-                    )
+                    request.embeddings = np.empty((len(request.rows), own.shape[1]), np.float32)
                 request.embeddings[start : start + n] = own
                 request.done += n
                 if request.done == len(request.rows):

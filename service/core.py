@@ -348,7 +348,7 @@ class Application:
         check_modality(spec, inputs)
         rows = to_rows(spec, list(enumerate(inputs)), self.settings)
         try:
-            return head, self.runner.embed(spec.id, rows, top=head.top)
+            return head, self.runner.embed(spec.id, rows, top=head.top, depths=head.depths)
         except RunnerUnavailable:
             raise Unavailable("the backbone runner is restarting; retry shortly") from None
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from adapters.depth_choice import RowLayout
 from models.export import ensure_split, ensure_variant
 from models.registry import BackboneSpec
 from models.runtime import Backbone
@@ -83,6 +84,7 @@ class Runner:
                     None if backbone.on_gpu else functools.partial(training_embed, backbone.spec)
                 ),
                 check_top=backbone.check_factors if backbone.fine_tunable else None,
+                layout=RowLayout(backbone.spec.embedding_dim, tuple(backbone.depth_widths)),
             )
             for backbone_id, backbone in self.backbones.items()
         }

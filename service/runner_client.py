@@ -14,6 +14,9 @@ from models.runtime import Top
 from service.batcher import Priority, Rows
 from service.link import Address, hang_up, recv, send, socket_family, widen
 
+# How long a question to the runner (not a pass) may wait for its answer.
+ANSWER_TIMEOUT_S = 60
+
 
 class RunnerUnavailable(RuntimeError):
     """The runner could not be reached, or the connection broke with the request in it."""
@@ -34,6 +37,7 @@ class RunnerClient:
         self.connect_timeout_s = connect_timeout_s
         self._conn: Connection | None = None
         self._pending: dict[int, Future] = {}
+        self._widths: dict[str, tuple[int, ...]] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # guards _conn and _pending, and orders sends
 
@@ -43,16 +47,28 @@ class RunnerClient:
         rows: Rows,
         priority: Priority = "predict",
         top: Top | None = None,
+        depths: int = 0,
     ) -> Future:
-        """Future of the rows' embeddings (through a fine-tuned head's top, with `top`);
-        fails with RunnerUnavailable if the link breaks."""
+        """Future of the rows' embeddings (through a fine-tuned head's top, with `top`),
+        each followed by the deepest `depths` depths of the pass; fails with
+        RunnerUnavailable if the link breaks."""
+        return self._send(backbone_id, priority, rows, top, depths)
+
+    def depth_widths(self, backbone_id: str) -> tuple[int, ...]:
+        """The widths of the depths the backbone's pass gives, deepest last (asked once)."""
+        if backbone_id not in self._widths:
+            widths = self._send(backbone_id, "predict", None, None, 0).result(ANSWER_TIMEOUT_S)
+            self._widths[backbone_id] = tuple(widths)
+        return self._widths[backbone_id]
+
+    def _send(self, backbone_id: str, priority: Priority, rows, top, depths: int) -> Future:
         future: Future = Future()
         with self._lock:
             conn = self._connected()
             request_id = next(self._ids)
             self._pending[request_id] = future
             try:
-                send(conn, (request_id, backbone_id, priority, rows, top))
+                send(conn, (request_id, backbone_id, priority, rows, top, depths))
             except OSError as exc:
                 self._pending.pop(request_id, None)
                 self._drop(conn)

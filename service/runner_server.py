@@ -6,8 +6,11 @@ prove they hold `GRAFT_RUNNER_KEY` (an HMAC challenge each way) before any messa
 messages are pickles, which no one else may send. Only processes of the same user reach
 the Unix socket: it lives in a directory of mode 0700.
 
-A request is `(id, backbone, priority, rows, top)` (`top`: a fine-tuned head's key and
-LoRA factors, or None) and its answer `(id, embeddings, error)`, framed by
+A request is `(id, backbone, priority, rows, top, depths)` (`top`: a fine-tuned head's key
+and LoRA factors, or None; `depths`: how many of the deepest depths follow each row's
+embedding) and its answer `(id, embeddings, error)`; one with no rows (None) asks for the
+widths of the backbone's depths instead (a worker's training cuts its rows by them), and
+its answer carries them. Framed by
 `service/link.py`. Why not BentoML's own calls between services: BENCHMARKS.md (the
 hand-off between processes, issue 10).
 """
@@ -125,13 +128,17 @@ class RunnerServer:
 
         try:
             while True:
-                request_id, backbone_id, priority, rows, top = recv(conn)
+                request_id, backbone_id, priority, rows, top, depths = recv(conn)
                 batcher = self.batchers.get(backbone_id)
                 if batcher is None:
                     answers.put((request_id, None, f"no backbone {backbone_id!r} in this runner"))
                     continue
+                if rows is None:
+                    widths = batcher.layout.depth_widths if batcher.layout else ()
+                    answers.put((request_id, widths, None))
+                    continue
                 try:
-                    future = batcher.submit(rows, priority, top)
+                    future = batcher.submit(rows, priority, top, depths)
                 except (RuntimeError, ValueError) as exc:  # stopping, or not fine-tunable
                     answers.put((request_id, None, str(exc)))
                     continue

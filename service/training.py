@@ -26,6 +26,7 @@ import numpy as np
 
 from adapters import finetune_compare, heads
 from adapters.adaptation import adapt
+from adapters.depth_choice import OFFERED_DEPTHS, RowLayout
 from adapters.finetune_head import FineTuning, TuningRequest
 from adapters.store import Head, Store
 from adapters.transferability import choose_backbone
@@ -66,12 +67,14 @@ class PreparedInputs:
 class TrainingSet:
     """A head's whole training set under one backbone, ready to fit."""
 
-    new_vectors: dict[str, np.ndarray]  # embeddings computed for this training
+    new_vectors: dict[str, np.ndarray]  # rows computed for this training
     examples: list[tuple[str, str]]  # (content hash, label)
-    x: np.ndarray  # (len(examples), embedding_dim)
+    x: np.ndarray  # (len(examples), layout.width)
     labels: list[str]
     unlabeled: list[str]  # content hashes of the target domain's unlabelled examples
-    target: np.ndarray  # (len(unlabeled), embedding_dim)
+    target: np.ndarray  # (len(unlabeled), layout.width)
+    # What the rows hold: the embedding, then the deepest depths a head may read.
+    layout: RowLayout
 
 
 # How far a training is: (stage, done, total), for its head to show (service/jobs.py).
@@ -144,7 +147,7 @@ class Trainer:
             )
         progress("fitting", 0, 1)
         label_embeddings = {
-            spec.id: self._label_embeddings(spec, head, sets[spec.id].labels) for spec, _ in options
+            spec.id: self._label_embeddings(spec, head, sets[spec.id]) for spec, _ in options
         }
         if head.backbone == AUTO_BACKBONE:
             choice = choose_backbone(
@@ -152,6 +155,7 @@ class Trainer:
                 next(iter(sets.values())).labels,
                 label_embeddings,
                 unknown_keep=head.unknown_keep,
+                layouts={b: s.layout for b, s in sets.items()},
             )
             chosen, training_set = choice.backbone, sets[choice.backbone]
             trained = choice.trained
@@ -162,9 +166,15 @@ class Trainer:
                 training_set.x,
                 training_set.labels,
                 label_embeddings=label_embeddings[chosen],
+                layout=training_set.layout,
                 unknown_keep=head.unknown_keep,
             )
-        x, target, names = training_set.x, training_set.target, label_embeddings[chosen]
+        # What the head reads of each row: its embedding and the depths it chose.
+        columns = training_set.layout.columns(trained.depths)
+        x, target = training_set.x[:, columns], training_set.target[:, columns]
+        names = label_embeddings[chosen]
+        if names is not None:
+            names = {label: v[columns] for label, v in names.items()}
         factors: list[np.ndarray] | None = None
         if head.fine_tune != "off":
             spec = self.loaded[chosen]
@@ -191,6 +201,7 @@ class Trainer:
             metrics=trained.metrics,
             unlabeled=training_set.unlabeled,
             top_factors=factors,
+            depths=trained.depths,
             # Kept for the next versions' tuning, by heads that may fine-tune only.
             inputs=new_inputs if keeps_inputs(head, self.loaded[chosen]) else None,
             ready=False,
@@ -243,10 +254,20 @@ class Trainer:
                 f"{len(unlabeled)} unlabelled examples; at most"
                 f" {self.settings.max_unlabeled_per_head} per head"
             )
-        x = np.stack([vectors[h] for h, _ in examples])
-        target = np.stack([vectors[h] for h in unlabeled]) if unlabeled else x[:0]
+        layout = self._layout(spec)
+        if any(len(vectors[h]) != layout.width for h in [*(h for h, _ in examples), *unlabeled]):
+            # Rows stored before they kept depths: the embedding alone, for every row.
+            layout = RowLayout(spec.embedding_dim)
+        x = np.stack([vectors[h][: layout.width] for h, _ in examples])
+        target = np.stack([vectors[h][: layout.width] for h in unlabeled]) if unlabeled else x[:0]
         labels = [label for _, label in examples]
-        return TrainingSet(new_vectors, examples, x, labels, unlabeled, target)
+        return TrainingSet(new_vectors, examples, x, labels, unlabeled, target, layout)
+
+    def _layout(self, spec: BackboneSpec) -> RowLayout:
+        """What a training asks the runner for, and keeps, of each example: its embedding
+        and the deepest depths a head may read (adapters/depth_choice.py)."""
+        widths = self.runner.depth_widths(spec.id)
+        return RowLayout(spec.embedding_dim, widths).deepest(min(OFFERED_DEPTHS, len(widths)))
 
     def _fine_tune(
         self,
@@ -300,7 +321,8 @@ class Trainer:
             labelled=[inputs[h] for h in hashes[:n]],
             unlabelled=[inputs[h] for h in hashes[n:]],
             labels=training_set.labels,
-            frozen=training_set.x,
+            # Fine-tuning is weighed against a head on the frozen embedding.
+            frozen=training_set.x[:, : spec.embedding_dim],
             descriptions=head.label_descriptions,
             always=head.fine_tune == "on",
             unknown_keep=head.unknown_keep,
@@ -324,14 +346,15 @@ class Trainer:
         return self.settings.fine_tunable(spec) and split_exported(spec, self.settings.backbone_dir)
 
     def _label_embeddings(
-        self, spec: BackboneSpec, head: Head, labels: list[str]
+        self, spec: BackboneSpec, head: Head, training_set: TrainingSet
     ) -> dict[str, np.ndarray] | None:
-        """Text heads: each label's description (default: the label itself), embedded."""
+        """Text heads: each label's description (default: the label itself), embedded as
+        the training set's rows are."""
         if spec.modality != "text":
             return None
-        names = sorted(set(labels))
+        names = sorted(set(training_set.labels))
         texts = [head.label_descriptions.get(label, label) for label in names]
-        vectors = self._run(spec, text_rows(spec, texts))
+        vectors = self._run(spec, text_rows(spec, texts))[:, : training_set.layout.width]
         return dict(zip(names, vectors, strict=True))
 
     def _embed(
@@ -348,13 +371,14 @@ class Trainer:
         # also hold at once). Two in flight keep the runner's training lane busy.
         in_flight: deque[Future] = deque()
         embeddings = []
+        depths = len(self._layout(spec).depth_widths)
         for start in range(0, len(rows), TRAINING_MESSAGE_ROWS):
             if len(in_flight) == TRAINING_MESSAGES_IN_FLIGHT:
                 embeddings.append(in_flight.popleft().result())
                 if progress is not None:
                     progress("embedding", sum(map(len, embeddings)), len(rows))
             chunk = rows[start : start + TRAINING_MESSAGE_ROWS]
-            in_flight.append(self.runner.embed(spec.id, chunk, "training"))
+            in_flight.append(self.runner.embed(spec.id, chunk, "training", depths=depths))
         embeddings.extend(future.result() for future in in_flight)
         return np.concatenate(embeddings)
 

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from adapters.depth_choice import RowLayout
 from models.preprocess import decode_image, token_ids
 from service.batcher import Batcher
 from tests.inputs import COOKING, SPORTS, crops
@@ -266,3 +267,39 @@ def test_rows_after_a_failed_request_in_a_pass_still_get_their_own_embeddings() 
         np.testing.assert_array_equal(b.result(10), np.full((1, 4), 2.0))
     finally:
         batcher.close()
+
+
+@pytest.mark.parametrize("backbone_name", ["text_backbone", "image_backbone"])
+def test_each_request_gets_the_depths_it_asked_for_from_one_pass(request, backbone_name) -> None:
+    backbone = request.getfixturevalue(backbone_name)
+    rows, _ = _rows(backbone)
+    full = backbone.embed_rows(rows, depths=True)  # the embedding, then every depth
+    widths = backbone.depth_widths
+    dim = backbone.spec.embedding_dim
+    assert len(widths) >= 2 and full.shape[1] == dim + sum(widths)
+    passes: list[bool] = []
+
+    def embed(rows, depths=False):
+        passes.append(depths)
+        return backbone.embed_rows(rows, depths=depths)
+
+    batcher = Batcher(
+        embed, name="t", max_batch_size=64, max_latency_ms=500, training_slice_ms=20,
+        layout=RowLayout(dim, tuple(widths)),
+    )  # fmt: skip
+    try:
+        asked = [0, 1, 2, len(widths) + 3]  # more than it has: all of them
+        futures = [batcher.submit(_pick(rows, [i, i + 1]), depths=k) for i, k in enumerate(asked)]
+        got = [future.result(60) for future in futures]
+        alone = batcher.submit(_pick(rows, [0])).result(60)
+        with pytest.raises(ValueError):
+            batcher.submit(_pick(rows, [0]), depths=-1)
+    finally:
+        batcher.close()
+    assert passes == [True, False]  # one pass for the four requests; none asked after
+    for i, (k, embeddings) in enumerate(zip(asked, got, strict=True)):
+        k = min(k, len(widths))
+        tail = sum(widths[len(widths) - k :]) if k else 0
+        expected = np.hstack([full[i : i + 2, :dim], full[i : i + 2, full.shape[1] - tail :]])
+        np.testing.assert_allclose(embeddings, expected, atol=1e-5)
+    np.testing.assert_allclose(alone, full[:1, :dim], atol=1e-5)

@@ -31,6 +31,11 @@ def test_text_head_lifecycle(server) -> None:
         head = created.json()
         assert head["status"] == "ready" and head["labels"] == ["cooking", "sports"]
         assert head["metrics"]["label_counts"] == {"cooking": 5, "sports": 5}
+        # Its examples came from the runner with the deepest two depths of the pass, and
+        # the head weighed reading them (adapters/depth_choice.py).
+        depths = head["metrics"]["depths"]
+        assert [c["depths"] for c in depths["candidates"]] == [0, 1, 2]
+        assert depths["chosen"] in (0, 1, 2)
 
         queries = ["The referee sent off two players in the derby.", "Stir the risotto gently."]
         answer = client.post(

@@ -142,3 +142,24 @@ def test_the_byte_budget_evicts_least_recently_used(store) -> None:
     assert cache.misses == misses  # still cached
     cache.get(tenant_id=tenant.id, head_id=ids[1])
     assert cache.misses == misses + 1  # was evicted, read again
+
+
+def test_a_head_that_reads_depths_is_served_with_them(store) -> None:
+    """A version reading the deepest depths keeps that number, its wider weights and its
+    class means on the embedding alone, through the store and the cache."""
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="deep", backbone="bb")
+    store.save_version(
+        tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={}, examples=[],
+        labels=["a", "b"], weights=np.ones((64 + 24, 2), np.float32),
+        bias=np.zeros(2, np.float32), prototypes=np.eye(64, 2, dtype=np.float32),
+        unknown_threshold=0.5, metrics={}, depths=2,
+    )  # fmt: skip
+    served = HeadCache(store, max_bytes=10**6).get(tenant_id=tenant.id, head_id=head.id)
+    assert served.depths == 2 and served.weights.shape == (88, 2)
+    assert served.prototypes.shape == (64, 2)
+    rows = np.zeros((1, 88), np.float32)
+    rows[0, 1] = 1.0  # the embedding points at class "b"'s mean; the depths play no part
+    _, similarity = served.apply(rows)
+    assert similarity[0] == 1.0
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).depths == 2

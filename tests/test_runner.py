@@ -89,6 +89,7 @@ def test_a_runner_that_dies_fails_what_it_held_and_a_new_one_is_found(tmp_path) 
         _wait_until_connected(client)
         rows = np.arange(12, dtype=np.uint8).reshape(2, 6)
         np.testing.assert_array_equal(client.embed("double", rows).result(30), double(rows))
+        assert client.depth_widths("double") == ()  # its embed gives no depths
         runner.kill()
         runner.join()
         deadline = time.monotonic() + 120
@@ -152,11 +153,11 @@ class CountingClient(RunnerClient):
         self.most_in_flight = 0
         self._count_lock = threading.Lock()  # answers are counted on the reader's thread
 
-    def embed(self, backbone_id, rows, priority="predict"):
+    def embed(self, backbone_id, rows, priority="predict", top=None, depths=0):
         with self._count_lock:
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
-        future = super().embed(backbone_id, rows, priority)
+        future = super().embed(backbone_id, rows, priority, top, depths)
         future.add_done_callback(self._answered)
         return future
 

@@ -110,12 +110,12 @@ class Heads(Database):
             row = db.execute(_SERVING_HEAD, {"head_id": head_id, "tenant_id": tenant_id}).first()
         if row is None:
             return None
-        backbone, status, version, labels, weights, bias, prototypes, threshold, top = row
+        backbone, status, version, labels, weights, bias, prototypes, threshold, top, depths = row
         if weights is None:
             return ServingRow(backbone, status, version, [], None, None, None, None, None)
         w, b, p = head_arrays(weights, bias, prototypes)
         return ServingRow(
-            backbone, status, version, json.loads(labels), w, b, p, threshold, factors(top)
+            backbone, status, version, json.loads(labels), w, b, p, threshold, factors(top), depths
         )
 
     def list_heads(self, *, tenant_id: str) -> list[Head]:
@@ -178,6 +178,7 @@ class Heads(Database):
         metrics: dict[str, Any],
         unlabeled: Iterable[str] = (),
         top_factors: list[np.ndarray] | None = None,
+        depths: int = 0,
         inputs: dict[str, bytes] | None = None,
         ready: bool = True,
     ) -> int | None:
@@ -200,6 +201,7 @@ class Heads(Database):
                     prototypes=blob(prototypes),
                     unknown_threshold=unknown_threshold,
                     top_factors=None if top_factors is None else npz(top_factors),
+                    depths=depths,
                     metrics=json.dumps(metrics),
                     updated_at=utc_now(),
                 )
@@ -262,4 +264,5 @@ _SERVING_HEAD = sa.select(
     heads.c.prototypes,
     heads.c.unknown_threshold,
     heads.c.top_factors,
+    heads.c.depths,
 ).where(heads.c.id == sa.bindparam("head_id"), heads.c.tenant_id == sa.bindparam("tenant_id"))

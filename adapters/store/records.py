@@ -32,9 +32,9 @@ class Head:
     status: str
     version: int
     labels: list[str]
-    weights: np.ndarray | None
+    weights: np.ndarray | None  # (columns read, n_labels)
     bias: np.ndarray | None
-    prototypes: np.ndarray | None  # (embedding_dim, n_labels): normalised class means
+    prototypes: np.ndarray | None  # (leading columns, n_labels): normalised class means
     unknown_threshold: float | None
     label_descriptions: dict[str, str]
     fine_tune: str  # "auto", "on" or "off"
@@ -44,6 +44,8 @@ class Head:
     created_at: str
     updated_at: str
     progress: dict[str, Any] | None = None  # of its running training job, if any
+    # How many of the deepest depths it reads after the embedding (adapters/depth_choice.py).
+    depths: int = 0
 
     @property
     def servable(self) -> bool:
@@ -93,6 +95,7 @@ class ServingRow:
     prototypes: np.ndarray | None
     unknown_threshold: float | None
     top_factors: list[np.ndarray] | None  # a fine-tuned head's (fp16), else None
+    depths: int = 0
 
 
 HEAD_COLUMNS = (
@@ -100,7 +103,7 @@ HEAD_COLUMNS = (
         heads.c[name]
         for name in (
             "id", "tenant_id", "name", "backbone", "status", "version", "labels", "weights",
-            "bias", "prototypes", "unknown_threshold", "label_descriptions", "fine_tune",
+            "bias", "prototypes", "unknown_threshold", "depths", "label_descriptions", "fine_tune",
             "unknown_keep", "metrics", "error", "created_at", "updated_at",
         )
     ),
@@ -135,17 +138,19 @@ def factors(blob: bytes | None) -> list[np.ndarray] | None:
 def head_arrays(
     weights: bytes, bias: bytes, prototypes: bytes | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """A head's stored blobs as its (embedding_dim, n_labels) weights, its bias and its
+    """A head's stored blobs as its (columns read, n_labels) weights, its bias and its
     class means (None for a version trained before heads kept them)."""
     b = np.frombuffer(bias, dtype=np.float32)
     w = np.frombuffer(weights, dtype=np.float32).reshape(-1, len(b))
-    p = None if prototypes is None else np.frombuffer(prototypes, dtype=np.float32).reshape(w.shape)
+    p = None
+    if prototypes is not None:
+        p = np.frombuffer(prototypes, dtype=np.float32).reshape(-1, len(b))
     return w, b, p
 
 
 def head_from_row(row) -> Head:
     (head_id, tenant_id, name, backbone, status, version, labels, weights, bias, prototypes,
-     threshold, descriptions, fine_tune, unknown_keep, metrics, error, created_at,
+     threshold, depths, descriptions, fine_tune, unknown_keep, metrics, error, created_at,
      updated_at, progress) = row  # fmt: skip
     label_list = json.loads(labels)
     w, b, p = head_arrays(weights, bias, prototypes) if weights is not None else (None,) * 3
@@ -161,6 +166,7 @@ def head_from_row(row) -> Head:
         bias=b,
         prototypes=p,
         unknown_threshold=threshold,
+        depths=depths,
         label_descriptions=json.loads(descriptions),
         fine_tune=fine_tune,
         unknown_keep=unknown_keep,

@@ -37,6 +37,8 @@ heads = sa.Table(
     sa.Column("top_factors", sa.LargeBinary),  # an .npz of fp16 LoRA factors
     # The share of held-out rows its unknown threshold keeps (migration 0009).
     sa.Column("unknown_keep", sa.Float, nullable=False, server_default="0.99"),
+    # How many of the deepest depths the version reads beside the embedding (0010).
+    sa.Column("depths", sa.Integer, nullable=False, server_default="0"),
     sa.Column("metrics", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("created_at", sa.Text, nullable=False),
