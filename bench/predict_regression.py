@@ -8,6 +8,11 @@ of 1,100 tenants. They take turns under the same load: wrk (or httpx without it)
 connections of single-image raw-JPEG predicts over 1,000 heads, as
 bench/database_serving.py. The server not measured is idle. Issue 14's target: the
 console and the training progress add nothing to the predict path (ratio ≈ 1).
+
+    python bench/predict_regression.py --base 5d22c82 --depths 2
+
+With `--depths K`, this checkout's heads all read the deepest K depths of the pass beside
+the embedding (issue 29's target: throughput ÷ heads on the embedding alone ≥ 0.95).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from bench.serving import (
     take_turns,
 )
 from deploy.local_server import BENTOML, start_server, stop_server
+from models.export import ensure_onnx
+from models.runtime import Backbone
 from service.settings import (
     Settings,
     get_backbone,
@@ -39,12 +46,16 @@ from service.settings import (
 HEADS = 1000
 
 
-def seed_in(tree: Path, database: Path, n: int, dim: int) -> list[tuple[str, str]]:
+def seed_in(
+    tree: Path, database: Path, n: int, dim: int, depths: int = 0, depth_columns: int = 0
+) -> list[tuple[str, str]]:
     """`seed_heads` as the code of `tree` writes them: each revision's schema is its own
     (a later migration would stop the earlier server from opening the file)."""
+    reading = f", depths={depths}, depth_columns={depth_columns}" if depths else ""
     code = (
         "import json, sys; sys.path.insert(0, '.'); from bench.serving import seed_heads;"
-        " print(json.dumps(seed_heads(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))))"
+        " print(json.dumps(seed_heads(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])"
+        f"{reading})))"
     )
     database.parent.mkdir(parents=True, exist_ok=True)
     seeded = subprocess.run(
@@ -63,9 +74,13 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=20, help="seconds per phase")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--depths", type=int, default=0, help="this checkout's heads read these")
     args = parser.parse_args()
     settings = Settings()
-    dim = get_backbone(BACKBONE).embedding_dim
+    spec = get_backbone(BACKBONE)
+    dim = spec.embedding_dim
+    widths = Backbone(spec, ensure_onnx(spec, settings.backbone_dir)).depth_widths
+    depth_columns = sum(widths[len(widths) - args.depths :]) if args.depths else 0
     images = client_images()
     scratch = Path(tempfile.mkdtemp(prefix="graft-predict-regression-"))
     base_tree = scratch / "base"
@@ -79,13 +94,15 @@ def main() -> None:
         f"# bench/predict_regression.py: {head_rev.stdout.strip()} (this checkout) against"
         f" {args.base}; {args.clients} clients ({'wrk' if use_wrk else 'httpx'}), raw"
         f" single-image predicts over {HEADS} heads, {args.duration:.0f} s x {args.rounds}"
-        f" rounds each, {settings.api_workers} API workers"
+        f" rounds each, {settings.api_workers} API workers; this checkout's heads read"
+        f" {args.depths} depths ({depth_columns} columns) beside the embedding"
     )
     servers = {}
     try:
         for name, tree in (("base", base_tree), ("this", ROOT)):
             data = scratch / f"data-{name}"  # graft.sqlite3: the server's default file there
-            heads = seed_in(tree, data / "graft.sqlite3", HEADS + 100, dim)
+            reading = (args.depths, depth_columns) if name == "this" else (0, 0)
+            heads = seed_in(tree, data / "graft.sqlite3", HEADS + 100, dim, *reading)
             server = start_server(BENTOML, data, settings.backbone_dir, cwd=tree)
             servers[name] = (server, heads[:HEADS])
         # Each server runs its own tree's code: only this checkout serves the console at /.

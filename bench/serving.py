@@ -121,9 +121,12 @@ def seed_heads(
     *,
     backbone: str = BACKBONE,
     top_factors: Callable[[int], list[np.ndarray] | None] = lambda i: None,
+    depths: int = 0,
+    depth_columns: int = 0,
 ) -> list[tuple[str, str]]:
     """n two-label heads, each of its own tenant, written straight to the registry (a URL,
-    or the path of a SQLite file); head i fine-tuned with `top_factors(i)`, if any."""
+    or the path of a SQLite file); head i fine-tuned with `top_factors(i)`, if any; each
+    reading the deepest `depths` depths (`depth_columns` wide) beside the embedding."""
     store = Store(database)
     if store.engine.dialect.name == "sqlite":
         # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
@@ -138,9 +141,10 @@ def seed_heads(
         store.save_version(
             tenant_id=tenant.id, head_id=head.id, backbone=backbone, new_embeddings={},
             examples=[], labels=["a", "b"],
-            weights=rng.normal(size=(dim, 2)).astype(np.float32), bias=np.zeros(2, np.float32),
+            weights=rng.normal(size=(dim + depth_columns, 2)).astype(np.float32),
+            bias=np.zeros(2, np.float32),
             prototypes=rng.normal(size=(dim, 2)).astype(np.float32), unknown_threshold=0.0,
-            metrics={"n_examples": 0}, top_factors=top_factors(i),
+            metrics={"n_examples": 0}, top_factors=top_factors(i), depths=depths,
         )  # fmt: skip
         heads.append((head.id, key))
     store.close()

@@ -126,14 +126,19 @@ def start_server(
 
 
 def poll_until_trained(
-    client: httpx.Client, head_id: str, timeout: float = 600, progress: list | None = None
+    client: httpx.Client,
+    head_id: str,
+    timeout: float = 600,
+    progress: list | None = None,
+    settled: bool = False,
 ) -> dict:
-    """The head once it is no longer training (after a 202); the `progress` it showed
-    while training appended to `progress`."""
+    """The head once it is no longer training (after a 202); with `settled`, once no
+    version is on its way either (a ready `auto` head comparing fine-tuning shows a
+    `progress`). The `progress` it showed meanwhile appended to `progress`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         head = client.get(f"/v1/heads/{head_id}").json()
-        if head["status"] != "training":
+        if head["status"] != "training" and not (settled and head["progress"]):
             return head
         if progress is not None:
             progress.append(head["progress"])

@@ -498,8 +498,10 @@ class HeadPublic(BaseModel):
     error: str | None
     progress: TrainingProgress | None = Field(
         None,
-        description="while `status` is `training`: how far the training is (updated about"
-        " once a second; null until it starts, and once it ends)",
+        description="while a training runs: how far it is (updated about once a second;"
+        " null until it starts, and once it ends). Also on a `ready` head: an `auto` head"
+        " serves its frozen version while fine-tuning is compared, and a fine-tuned"
+        " version follows if it measures better",
     )
 
 

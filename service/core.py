@@ -288,8 +288,10 @@ class Application:
         self, tenant: Tenant, head: Head, options, examples: list[tuple[str | None, RawInput]]
     ) -> Head:
         """Stores the training job (from here on a crash loses none of its examples), then
-        waits up to GRAFT_SYNC_TRAINING_TIMEOUT_S for it: the head, trained (201) or still
-        training (202, also when the job waits behind another of the same head)."""
+        waits up to GRAFT_SYNC_TRAINING_TIMEOUT_S for its first published version: the
+        head, trained (201; an `auto` head may still be comparing fine-tuning, with a
+        `progress`) or still training (202, also when the job waits behind another of the
+        same head)."""
         try:
             job = self.jobs.start(head, options, examples)
         except LookupError:
@@ -316,6 +318,15 @@ class Application:
             raise Unavailable("prediction timed out; the service is overloaded") from None
         except RunnerUnavailable:
             raise Unavailable("the backbone runner is restarting; retry shortly") from None
+        if embeddings.shape[1] != len(head.weights):
+            # Trained on depths that the backbone's pass as served now does not give
+            # (another export of it): a 409 that says what to do, not a shape error.
+            raise Conflict(
+                f"head {head.id} was trained on rows of {len(head.weights)} columns from"
+                f" backbone {head.backbone}, which now gives {embeddings.shape[1]}; add"
+                " examples to train it again",
+                code="backbone_changed",
+            )
         probabilities, similarity = head.apply(embeddings)
         return head, heads.top_k(probabilities, head.labels, top_k), similarity
 

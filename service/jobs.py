@@ -93,17 +93,32 @@ class TrainingJobs:
     def _submit(
         self, job_id: str, head: Head, options: list[Option], labels: list[str | None]
     ) -> Future:
+        """Runs the job on the pool: the future of its first published version (or of
+        its end, when it publishes none)."""
         with self._jobs_lock:
             self._jobs.add(job_id)
-        return self._pool.submit(self._run, job_id, head, options, labels)
+        published: Future = Future()
+        self._pool.submit(self._run, job_id, head, options, labels, published)
+        return published
 
     def _run(
-        self, job_id: str, head: Head, options: list[Option], new_labels: list[str | None]
+        self,
+        job_id: str,
+        head: Head,
+        options: list[Option],
+        new_labels: list[str | None],
+        published: Future,
     ) -> None:
         """Trains the job's version, publishes it, and ends the job, whatever happens."""
+
+        def publish(version: int) -> None:  # a version on the way (service/training.py)
+            time.sleep(self.settings.publish_delay_s)
+            self.store.publish_version(tenant_id=head.tenant_id, head_id=head.id, version=version)
+            published.set_result(version)
+
         try:
             progress = Progress(self.store, job_id)
-            version = self.trainer.train(head, options, new_labels, progress)
+            version = self.trainer.train(head, options, new_labels, progress, publish)
             if version is not None:
                 # Ready once every process's cache serves it (adapters/coherence.py).
                 time.sleep(self.settings.publish_delay_s)
@@ -124,6 +139,8 @@ class TrainingJobs:
         finally:
             with self._jobs_lock:
                 self._jobs.discard(job_id)
+            if not published.done():
+                published.set_result(None)
 
     def _sweep(self) -> None:
         """Renews this process's leases; when it trains nothing, takes over a free job."""

@@ -129,12 +129,17 @@ class Trainer:
         options: list[Option],
         new_labels: list[str | None],
         progress: ReportProgress,
+        publish: Callable[[int], None] | None = None,
     ) -> int | None:
         """Embeds what is new, trains on the head's whole set, stores the version whole
         (not yet ready: the job publishes it) and returns its number; None if the head was
         deleted meanwhile. With several backbone options (`auto`) the examples are embedded
         by each and `choose_backbone` picks one. With unlabelled examples the head is
-        adapted to their domain, where that looks helpful (`adapters/adaptation.py`)."""
+        adapted to their domain, where that looks helpful (`adapters/adaptation.py`).
+
+        A head whose `fine_tune` is `auto` stores its frozen version first and hands it to
+        `publish`, then compares fine-tuning (minutes on a CPU): a working head at once,
+        and a fine-tuned version only if it measures better."""
         tenant_id = head.tenant_id
         # One backbone at a time: its decoded inputs are dropped once embedded.
         sets = {}
@@ -175,22 +180,59 @@ class Trainer:
         names = label_embeddings[chosen]
         if names is not None:
             names = {label: v[columns] for label, v in names.items()}
-        factors: list[np.ndarray] | None = None
-        if head.fine_tune != "off":
-            spec = self.loaded[chosen]
-            tuned = self._fine_tune(head, spec, training_set, new_inputs, progress)
-            if tuned.head is not None:
-                assert tuned.x is not None and tuned.target is not None  # with a head
-                trained, x, target, names = tuned.head, tuned.x, tuned.target, tuned.names
-                factors = tuned.factors
-            trained.metrics["fine_tuning"] = tuned.report
-        if training_set.unlabeled:
-            progress("adapting", 0, 1)
-            trained = adapt(x, training_set.labels, target, trained, label_embeddings=names)
-        version = self.store.save_version(
-            tenant_id=tenant_id,
+        frozen = self._adapted(trained, training_set.labels, x, target, names, progress)
+        if head.fine_tune == "off":
+            return self._save(head, chosen, training_set, frozen, None, new_inputs)
+
+        def publish_frozen() -> None:
+            # `auto`: the frozen head serves while fine-tuning is compared.
+            if head.fine_tune == "auto" and publish is not None:
+                first = self._save(
+                    head, chosen, training_set, _reported(frozen, PENDING), None, new_inputs
+                )
+                if first is not None:
+                    publish(first)
+
+        spec = self.loaded[chosen]
+        tuned = self._fine_tune(head, spec, training_set, new_inputs, progress, publish_frozen)
+        served, factors = frozen, None
+        if tuned.head is not None:
+            assert tuned.x is not None and tuned.target is not None  # with a head
+            served = self._adapted(
+                tuned.head, training_set.labels, tuned.x, tuned.target, tuned.names, progress
+            )
+            factors = tuned.factors
+        served = _reported(served, tuned.report)
+        return self._save(head, chosen, training_set, served, factors, new_inputs)
+
+    def _adapted(
+        self,
+        trained: heads.TrainedHead,
+        labels: list[str],
+        x: np.ndarray,
+        target: np.ndarray,
+        names: dict[str, np.ndarray] | None,
+        progress: ReportProgress,
+    ) -> heads.TrainedHead:
+        """The head adapted to its unlabelled examples' domain, where that helps."""
+        if not len(target):
+            return trained
+        progress("adapting", 0, 1)
+        return adapt(x, labels, target, trained, label_embeddings=names)
+
+    def _save(
+        self,
+        head: Head,
+        backbone: str,
+        training_set: TrainingSet,
+        trained: heads.TrainedHead,
+        factors: list[np.ndarray] | None,
+        new_inputs: dict[str, bytes],
+    ) -> int | None:
+        return self.store.save_version(
+            tenant_id=head.tenant_id,
             head_id=head.id,
-            backbone=chosen,
+            backbone=backbone,
             new_embeddings=training_set.new_vectors,
             examples=training_set.examples,
             labels=trained.labels,
@@ -203,10 +245,9 @@ class Trainer:
             top_factors=factors,
             depths=trained.depths,
             # Kept for the next versions' tuning, by heads that may fine-tune only.
-            inputs=new_inputs if keeps_inputs(head, self.loaded[chosen]) else None,
+            inputs=new_inputs if keeps_inputs(head, self.loaded[backbone]) else None,
             ready=False,
         )
-        return version
 
     def _training_set(
         self,
@@ -276,10 +317,12 @@ class Trainer:
         training_set: TrainingSet,
         new_inputs: dict[str, bytes],
         progress: ReportProgress,
+        before_tuning: Callable[[], None],
     ) -> FineTuning:
         """The head fine-tuned on its own top (adapters/finetune.py) when `fine_tune` is
         "on", or "auto" and held-out folds say it beats the frozen head; the report of
-        what was compared and chosen either way."""
+        what was compared and chosen either way. `before_tuning` is called once the
+        tuning is sure to run."""
         started = time.perf_counter()
         report: dict = {"requested": head.fine_tune, "chosen": "frozen"}
 
@@ -316,6 +359,7 @@ class Trainer:
                 f"{missing} example(s) were stored before their inputs were kept (a head"
                 " created with fine_tune off); create the head again to fine-tune it"
             )
+        before_tuning()
         progress("fine_tuning", 0, finetune_compare.MAX_FOLDS + 1)
         request = TuningRequest(
             labelled=[inputs[h] for h in hashes[:n]],
@@ -381,6 +425,19 @@ class Trainer:
             in_flight.append(self.runner.embed(spec.id, chunk, "training", depths=depths))
         embeddings.extend(future.result() for future in in_flight)
         return np.concatenate(embeddings)
+
+
+# The fine-tuning report of an `auto` head's frozen version, served while the tuning runs.
+PENDING = {
+    "requested": "auto",
+    "chosen": "frozen",
+    "reason": "served while fine-tuning is compared; a fine-tuned version follows if it"
+    " measures better (the head's progress shows the comparison)",
+}
+
+
+def _reported(trained: heads.TrainedHead, fine_tuning: dict) -> heads.TrainedHead:
+    return dataclasses.replace(trained, metrics={**trained.metrics, "fine_tuning": fine_tuning})
 
 
 def keeps_inputs(head: Head, spec: BackboneSpec) -> bool:

@@ -146,9 +146,26 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
         assert_error(int8, 409, "variant_unavailable")
 
 
-def test_auto_compares_and_too_few_examples_keep_the_head_frozen(server) -> None:
+def test_auto_serves_the_frozen_head_then_compares_and_too_few_examples_keep_it_frozen(
+    server,
+) -> None:
     with server.new_tenant("fine-tune-auto") as client:
-        head = _create(client, "auto", None, per_label=3)
+        body = {"name": "auto", "backbone": "minilm_l6", "examples": text_examples(3)}
+        response = client.post("/v1/heads", json=body)
+        # A working head at once: the frozen version, served while fine-tuning is compared.
+        assert response.status_code == 201, response.text
+        first = response.json()
+        assert first["status"] == "ready" and first["version"] == 1
+        pending = first["metrics"]["fine_tuning"]
+        assert pending["chosen"] == "frozen" and "fine-tuning is compared" in pending["reason"]
+        answer = client.post(
+            f"/v1/heads/{first['id']}/predict", json={"inputs": [{"text": "Goal!"}]}
+        )
+        assert answer.status_code == 200, answer.text
+        shown: list = []
+        head = poll_until_trained(client, first["id"], progress=shown, settled=True)
+        assert head["version"] == 2 and head["progress"] is None
+        assert any(p and p["stage"] == "fine_tuning" for p in shown)  # shown meanwhile
         report = head["metrics"]["fine_tuning"]
         assert head["fine_tune"] == "auto" and report["requested"] == "auto"
         assert set(report["candidates"]) == {"frozen", "fine_tuned"}

@@ -176,17 +176,14 @@ class Jobs(Database):
         """The job's version (saved with `ready=False`) is published: the head turns
         `ready`, unless a newer version was saved meanwhile, and the job is gone."""
         with self._tx() as db:
-            db.execute(
-                heads.update()
-                .where(
-                    heads.c.id == head_id,
-                    heads.c.tenant_id == tenant_id,
-                    heads.c.version == version,
-                    heads.c.status == "training",
-                )
-                .values(status="ready", updated_at=utc_now())
-            )
+            _publish(db, tenant_id, head_id, version)
             db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+
+    def publish_version(self, *, tenant_id: str, head_id: str, version: int) -> None:
+        """A version the job saved on its way (an `auto` head's frozen one) is published
+        as `finish_job` would, while the job goes on."""
+        with self._tx() as db:
+            _publish(db, tenant_id, head_id, version)
 
     def fail_job(self, *, job_id: str, tenant_id: str, head_id: str, error: str) -> None:
         """The job failed (not its process: it is not tried again); the head goes back to
@@ -194,3 +191,17 @@ class Jobs(Database):
         with self._tx() as db:
             resolve_heads(db, error, heads.c.id == head_id, heads.c.tenant_id == tenant_id)
             db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+
+
+def _publish(db: sa.Connection, tenant_id: str, head_id: str, version: int) -> None:
+    """The head turns `ready` with this version, unless a newer one was saved meanwhile."""
+    db.execute(
+        heads.update()
+        .where(
+            heads.c.id == head_id,
+            heads.c.tenant_id == tenant_id,
+            heads.c.version == version,
+            heads.c.status == "training",
+        )
+        .values(status="ready", updated_at=utc_now())
+    )

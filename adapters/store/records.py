@@ -67,7 +67,8 @@ class Head:
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "error": self.error,
-            "progress": self.progress if self.status == "training" else None,
+            # Also on a ready head whose next version is on its way (service/training.py).
+            "progress": self.progress,
         }
 
 
