@@ -129,23 +129,27 @@ def _check_everything_acknowledged_survived(server, api_key: str, acknowledged: 
                 assert head["version"] == 0 and head["error"], head
 
 
-def _check_database(data_dir) -> None:
+def _check_database(data_dir, depth_widths: list[int]) -> None:
     engine = sa.create_engine(database_for(data_dir) or f"sqlite:///{data_dir / 'graft.sqlite3'}")
     try:
         with engine.connect() as db:
             if engine.dialect.name == "sqlite":
                 assert db.exec_driver_sql("PRAGMA integrity_check").one() == ("ok",)
-            rows = db.exec_driver_sql("SELECT labels, weights, bias FROM heads WHERE version > 0")
-            for labels, weights, bias in rows:
+            rows = db.exec_driver_sql(
+                "SELECT labels, weights, bias, depths FROM heads WHERE version > 0"
+            )
+            for labels, weights, bias, depths in rows:
                 n_labels = len(json.loads(labels))
-                assert len(bias) == 4 * n_labels and len(weights) == 4 * DIM * n_labels
+                # The embedding, then the deepest depths the head reads.
+                columns = DIM + sum(depth_widths[len(depth_widths) - depths :] if depths else [])
+                assert len(bias) == 4 * n_labels and len(weights) == 4 * columns * n_labels
     finally:
         engine.dispose()
 
 
 @pytest.mark.postgresql  # what a kill leaves in the store
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(
-    tmp_path, backbone_dir, long_run
+    tmp_path, backbone_dir, long_run, text_backbone
 ) -> None:
     kills = 20 if long_run else 2
     rng = random.Random(4)
@@ -169,7 +173,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(
         stop_server(server)
     assert not unexpected, unexpected
     assert len(acknowledged) >= kills  # the writers really wrote between the kills
-    _check_database(data_dir)
+    _check_database(data_dir, text_backbone.depth_widths)
     versions = sum(acknowledged.values())
     print(
         f"\ncrash: {kills} SIGKILLs survived; {len(acknowledged)} heads and {versions} versions"
