@@ -146,6 +146,12 @@ def _summary(head: HeadPublic) -> None:
         )
     for warning in metrics.warnings:
         out.print(f"[yellow]warning[/yellow] {warning}")
+    if head.status == "ready" and head.progress is not None:
+        # An `auto` head serves this version while it compares more (README, Fine-tuning).
+        out.print(
+            f"a next version is on its way ({head.progress.stage}); this one serves meanwhile:"
+            f" `graft heads show {head.id}` shows the latest"
+        )
 
 
 @heads.command("create")

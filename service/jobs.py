@@ -27,7 +27,7 @@ from service.inputs import RawInput, as_bytes
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
 from service.runner_client import RunnerUnavailable
 from service.settings import Settings
-from service.training import Option, Trainer
+from service.training import AUTO_BACKBONE, Option, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,8 @@ class TrainingJobs:
         def publish(version: int) -> None:  # a version on the way (service/training.py)
             time.sleep(self.settings.publish_delay_s)
             self.store.publish_version(tenant_id=head.tenant_id, head_id=head.id, version=version)
-            published.set_result(version)
+            if not published.done():  # the request waits for the first only
+                published.set_result(version)
 
         try:
             progress = Progress(self.store, job_id)
@@ -168,7 +169,12 @@ class TrainingJobs:
             "taking over training job %s of head %s (attempt %d)", job.id, head.id, job.attempts
         )
         loaded = self.trainer.loaded
-        missing = set(job.backbones) - set(loaded)
+        backbones = job.backbones
+        if len(backbones) == 1 and head.backbone not in (AUTO_BACKBONE, *backbones):
+            # Queued behind an `auto` job that published a first version on one backbone
+            # and then chose another: the head's next version trains on its choice.
+            backbones = [head.backbone]
+        missing = set(backbones) - set(loaded)
         if missing:
             # Replicas of one fleet should load the same backbones (README, Deploying).
             log.warning("job %s needs backbones %s, not loaded here", job.id, sorted(missing))
@@ -186,7 +192,7 @@ class TrainingJobs:
         raws = [raw for _, raw in examples]
         options: list[Option] = [
             (spec, functools.partial(self.trainer.prepare, job.tenant_id, spec, raws))
-            for spec in (loaded[b] for b in job.backbones)
+            for spec in (loaded[b] for b in backbones)
         ]
         self._submit(job.id, head, options, [label for label, _ in examples])
 

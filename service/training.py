@@ -137,19 +137,25 @@ class Trainer:
         by each and `choose_backbone` picks one. With unlabelled examples the head is
         adapted to their domain, where that looks helpful (`adapters/adaptation.py`).
 
-        A head whose `fine_tune` is `auto` stores its frozen version first and hands it to
-        `publish`, then compares fine-tuning (minutes on a CPU): a working head at once,
-        and a fine-tuned version only if it measures better."""
+        Where more is compared after a head could already serve, the job does not wait to
+        publish one (unless `fine_tune` is `on`, which promises the fine-tuned head): an
+        `auto` backbone's head on the first backbone while the others embed, and a head
+        whose `fine_tune` is `auto` frozen while fine-tuning is compared (minutes on a
+        CPU). Each is stored and handed to `publish`; the next versions follow, each the
+        best the comparisons so far chose."""
         tenant_id = head.tenant_id
         # One backbone at a time: its decoded inputs are dropped once embedded.
         sets = {}
         new_inputs: dict[str, bytes] = {}
+        early = publish if head.fine_tune != "on" else None
         for spec, prepare in options:
             prepared = prepare()
             new_inputs.update(prepared.inputs)
             sets[spec.id] = self._training_set(
                 tenant_id, head, spec, prepared, new_labels, progress
             )
+            if early is not None and len(sets) == 1 and len(options) > 1:
+                self._publish_first(head, spec, sets[spec.id], new_inputs, progress, early)
         progress("fitting", 0, 1)
         label_embeddings = {
             spec.id: self._label_embeddings(spec, head, sets[spec.id]) for spec, _ in options
@@ -186,12 +192,12 @@ class Trainer:
 
         def publish_frozen() -> None:
             # `auto`: the frozen head serves while fine-tuning is compared.
-            if head.fine_tune == "auto" and publish is not None:
+            if early is not None:
                 first = self._save(
                     head, chosen, training_set, _reported(frozen, PENDING), None, new_inputs
                 )
                 if first is not None:
-                    publish(first)
+                    early(first)
 
         spec = self.loaded[chosen]
         tuned = self._fine_tune(head, spec, training_set, new_inputs, progress, publish_frozen)
@@ -204,6 +210,44 @@ class Trainer:
             factors = tuned.factors
         served = _reported(served, tuned.report)
         return self._save(head, chosen, training_set, served, factors, new_inputs)
+
+    def _publish_first(
+        self,
+        head: Head,
+        spec: BackboneSpec,
+        training_set: TrainingSet,
+        new_inputs: dict[str, bytes],
+        progress: ReportProgress,
+        publish: Callable[[int], None],
+    ) -> None:
+        """An `auto` head's first version, on the first backbone embedded (the order of
+        GRAFT_BACKBONES), served while the others are embedded and compared."""
+        names = self._label_embeddings(spec, head, training_set)
+        trained = heads.train_head(
+            training_set.x,
+            training_set.labels,
+            label_embeddings=names,
+            layout=training_set.layout,
+            unknown_keep=head.unknown_keep,
+        )
+        columns = training_set.layout.columns(trained.depths)
+        if names is not None:
+            names = {label: v[columns] for label, v in names.items()}
+        x, target = training_set.x[:, columns], training_set.target[:, columns]
+        first = self._adapted(trained, training_set.labels, x, target, names, progress)
+        note = (
+            f"served on {spec.id} while the other backbones are embedded and compared:"
+            " a next version follows (the head's progress shows it)"
+        )
+        metrics = {**first.metrics, "warnings": [*first.metrics["warnings"], note]}
+        if head.fine_tune != "off":
+            metrics["fine_tuning"] = PENDING
+        first = dataclasses.replace(first, metrics=metrics)
+        version = self._save(head, spec.id, training_set, first, None, new_inputs)
+        if version is not None:
+            # Shown with the version: the other backbones' embedding is under way.
+            progress("embedding", 0, len(training_set.new_vectors))
+            publish(version)
 
     def _adapted(
         self,

@@ -13,6 +13,7 @@ from PIL import Image
 
 from models.preprocess import decode_image
 from tests.inputs import b64, crops, exported_image_preprocessing, image_examples
+from tests.server import poll_until_trained
 
 pytestmark = pytest.mark.e2e
 
@@ -171,8 +172,14 @@ def test_auto_chooses_a_backbone_and_says_how(server) -> None:
             "/v1/heads",
             json={"name": "places", "backbone": "auto", "examples": image_examples(4, seed=2)},
         )
+        # A first version at once, on the first backbone embedded; the choice follows.
         assert created.status_code == 201, created.text
-        head = created.json()
+        first = created.json()
+        assert first["status"] == "ready" and first["version"] == 1
+        assert first["backbone"] in image_ids and first["metrics"]["backbone_selection"] is None
+        assert any("other backbones are embedded" in w for w in first["metrics"]["warnings"])
+        head = poll_until_trained(client, first["id"], settled=True)
+        assert head["version"] == 2
         selection = head["metrics"]["backbone_selection"]
         # Every image backbone scored; the best two by LogME trained; one kept.
         assert set(selection["logme"]) == set(image_ids)
@@ -209,5 +216,6 @@ def test_auto_chooses_a_backbone_and_says_how(server) -> None:
             json={"name": "t", "backbone": "auto", "examples": [
                 {"label": "a", "text": "goal"}, {"label": "b", "text": "soup"}]},
         ).json()  # fmt: skip
+        text = poll_until_trained(client, text["id"], settled=True)
         assert text["backbone"] in text_ids
         assert set(text["metrics"]["backbone_selection"]["logme"]) == text_ids
