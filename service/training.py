@@ -194,7 +194,12 @@ class Trainer:
             # `auto`: the frozen head serves while fine-tuning is compared.
             if early is not None:
                 first = self._save(
-                    head, chosen, training_set, _reported(frozen, PENDING), None, new_inputs
+                    head,
+                    chosen,
+                    training_set,
+                    _reported(frozen, fine_tuning=PENDING),
+                    None,
+                    new_inputs,
                 )
                 if first is not None:
                     early(first)
@@ -208,7 +213,9 @@ class Trainer:
                 tuned.head, training_set.labels, tuned.x, tuned.target, tuned.names, progress
             )
             factors = tuned.factors
-        served = _reported(served, tuned.report)
+        # A fine-tuned head's metrics are its own; which backbone it chose, and how, stays.
+        selection = {k: v for k, v in frozen.metrics.items() if k == "backbone_selection"}
+        served = _reported(served, **selection, fine_tuning=tuned.report)
         return self._save(head, chosen, training_set, served, factors, new_inputs)
 
     def _publish_first(
@@ -329,6 +336,9 @@ class Trainer:
             elif (h, label) not in seen:
                 seen.add((h, label))
                 examples.append((h, label))
+        # One order whatever is stored yet: an `auto` head's sets (one per backbone) are
+        # read before and after its first version is saved, and share one list of labels.
+        examples.sort()
         # Checked when the request came in; this holds it against concurrent adds.
         if len(examples) > self.settings.max_examples_per_head:
             raise ValueError(
@@ -480,8 +490,9 @@ PENDING = {
 }
 
 
-def _reported(trained: heads.TrainedHead, fine_tuning: dict) -> heads.TrainedHead:
-    return dataclasses.replace(trained, metrics={**trained.metrics, "fine_tuning": fine_tuning})
+def _reported(trained: heads.TrainedHead, **reports: dict) -> heads.TrainedHead:
+    """The head with these reports added to its metrics."""
+    return dataclasses.replace(trained, metrics={**trained.metrics, **reports})
 
 
 def keeps_inputs(head: Head, spec: BackboneSpec) -> bool:
