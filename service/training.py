@@ -180,13 +180,7 @@ class Trainer:
                 layout=training_set.layout,
                 unknown_keep=head.unknown_keep,
             )
-        # What the head reads of each row: its embedding and the depths it chose.
-        columns = training_set.layout.columns(trained.depths)
-        x, target = training_set.x[:, columns], training_set.target[:, columns]
-        names = label_embeddings[chosen]
-        if names is not None:
-            names = {label: v[columns] for label, v in names.items()}
-        frozen = self._adapted(trained, training_set.labels, x, target, names, progress)
+        frozen = self._frozen(trained, training_set, label_embeddings[chosen], progress)
         if head.fine_tune == "off":
             return self._save(head, chosen, training_set, frozen, None, new_inputs)
 
@@ -237,11 +231,7 @@ class Trainer:
             layout=training_set.layout,
             unknown_keep=head.unknown_keep,
         )
-        columns = training_set.layout.columns(trained.depths)
-        if names is not None:
-            names = {label: v[columns] for label, v in names.items()}
-        x, target = training_set.x[:, columns], training_set.target[:, columns]
-        first = self._adapted(trained, training_set.labels, x, target, names, progress)
+        first = self._frozen(trained, training_set, names, progress)
         note = (
             f"served on {spec.id} while the other backbones are embedded and compared:"
             " a next version follows (the head's progress shows it)"
@@ -255,6 +245,21 @@ class Trainer:
             # Shown with the version: the other backbones' embedding is under way.
             progress("embedding", 0, len(training_set.new_vectors))
             publish(version)
+
+    def _frozen(
+        self,
+        trained: heads.TrainedHead,
+        training_set: TrainingSet,
+        names: dict[str, np.ndarray] | None,
+        progress: ReportProgress,
+    ) -> heads.TrainedHead:
+        """A frozen head as served: adapted on the columns it reads (its embedding and
+        the depths it chose) to its unlabelled examples' domain, where that helps."""
+        columns = training_set.layout.columns(trained.depths)
+        if names is not None:
+            names = {label: v[columns] for label, v in names.items()}
+        x, target = training_set.x[:, columns], training_set.target[:, columns]
+        return self._adapted(trained, training_set.labels, x, target, names, progress)
 
     def _adapted(
         self,
