@@ -221,10 +221,10 @@ class Application:
         # Every input is checked and decoded here, for the first candidate; `auto` decodes
         # for the others during training, one backbone at a time, so the decoded images
         # of only one backbone are held at once.
-        prepared = self.training.prepare(tenant.id, candidates[0], raws)
+        prepared = self.training.sets.prepare(tenant.id, candidates[0], raws)
         check_head_size(set(), prepared.content_hashes, labels, self.settings)
         options = [(candidates[0], lambda: prepared)] + [
-            (spec, functools.partial(self.training.prepare, tenant.id, spec, raws))
+            (spec, functools.partial(self.training.sets.prepare, tenant.id, spec, raws))
             for spec in candidates[1:]
         ]
         head = self.store.create_head(
@@ -251,7 +251,7 @@ class Application:
         spec = self.chosen_backbone(head)
         labels = check_labels([label for label, _ in examples], head.labels, self.settings)
         raws = [raw for _, raw in examples]
-        prepared = self.training.prepare(tenant.id, spec, raws)
+        prepared = self.training.sets.prepare(tenant.id, spec, raws)
         stored = self.store.example_keys(tenant_id=tenant.id, head_id=head.id)
         check_head_size(stored, prepared.content_hashes, labels, self.settings)
         options = [(spec, lambda: prepared)]
@@ -262,7 +262,7 @@ class Application:
         version, adapted to them where that looks helpful (adapters/adaptation.py)."""
         head = self.get_head(tenant, head_id)
         spec = self.chosen_backbone(head)
-        prepared = self.training.prepare(tenant.id, spec, inputs)
+        prepared = self.training.sets.prepare(tenant.id, spec, inputs)
         stored = self.store.unlabeled_keys(tenant_id=tenant.id, head_id=head.id)
         total = len(stored | set(prepared.content_hashes))
         if total > self.settings.max_unlabeled_per_head:

@@ -191,7 +191,7 @@ class TrainingJobs:
         ]
         raws = [raw for _, raw in examples]
         options: list[Option] = [
-            (spec, functools.partial(self.trainer.prepare, job.tenant_id, spec, raws))
+            (spec, functools.partial(self.trainer.sets.prepare, job.tenant_id, spec, raws))
             for spec in (loaded[b] for b in backbones)
         ]
         self._submit(job.id, head, options, [label for label, _ in examples])

@@ -1,15 +1,13 @@
-"""Training a head's version in an API worker: embed what is new through the runner at
-training priority, fit the head on its whole set (choosing the backbone for `auto`),
-fine-tune its top and adapt it to its unlabelled domain where that helps, and store the
-version whole. The job around it (leases, take-over, publishing) is `service/jobs.py`.
+"""Training a head's version in an API worker: fit the head on its whole set (embedded by
+`service/training_set.py`; choosing the backbone for `auto`), fine-tune its top and adapt
+it to its unlabelled domain where that helps, and store the version whole, publishing a
+working version first where more is compared after it. The job around it (leases,
+take-over, publishing) is `service/jobs.py`.
 
-What a training costs runs at a lower OS priority: the decoding of its images (`prepare`,
-which the request waits for, so that bad input is refused before anything is stored) in
-a process of its own at SCHED_IDLE (`service/decoder.py`), the job on a thread at nice 10
-(a fit holds the worker's GIL for long, which rules SCHED_IDLE out:
-`service/priority.py`). A large training set thus yields the cores to predicts; the
-runner, in turn, embeds training rows at SCHED_IDLE, beside predicts
-(`service/batcher.py`).
+What a training costs runs at a lower OS priority: the job on a thread at nice 10 (a fit
+holds the worker's GIL for long, which rules SCHED_IDLE out: `service/priority.py`), the
+decoding and the runner's embedding at SCHED_IDLE. A large training set thus yields the
+cores to predicts.
 """
 
 from __future__ import annotations
@@ -17,68 +15,30 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable
 
 import numpy as np
 
 from adapters import finetune_compare, heads
 from adapters.adaptation import adapt
-from adapters.depth_choice import OFFERED_DEPTHS, RowLayout
 from adapters.finetune_head import FineTuning, TuningRequest
 from adapters.store import Head, Store
 from adapters.transferability import choose_backbone
 from models.export import split_exported, split_onnx_paths
-from models.preprocess import text_rows
-from models.registry import BackboneSpec, ImagePreprocessing
-from service.decoder import TrainingDecoder
+from models.registry import BackboneSpec
 from service.fine_tuning import fine_tune_in_process
-from service.inputs import RawInput, as_bytes, check_modality, content_hash, to_rows
 from service.runner_client import RunnerClient
 from service.settings import Settings
+from service.training_set import PreparedInputs, ReportProgress, TrainingSet, TrainingSets
 
 log = logging.getLogger(__name__)
 
 # The backbone id that asks Graft to choose: every backbone of the examples' modality is
 # scored (LogME), the best are tried, and the head keeps the one it validates best on.
 AUTO_BACKBONE = "auto"
-# Rows per message to the runner (8 decoded images: 1.2 MB).
-TRAINING_MESSAGE_ROWS = 8
-TRAINING_MESSAGES_IN_FLIGHT = 2
 
 
-@dataclass
-class PreparedInputs:
-    """Examples checked against a backbone, ready for the runner.
-
-    `content_hashes[i]` identifies example i; `rows` holds the backbone rows of the
-    hashes in `to_embed` (each once); the others have cached embeddings.
-    """
-
-    content_hashes: list[str]
-    to_embed: list[str]
-    rows: np.ndarray | list[np.ndarray]
-    inputs: dict[str, bytes]  # examples as sent, by content hash (fine-tuning tunes on them)
-
-
-@dataclass(frozen=True)
-class TrainingSet:
-    """A head's whole training set under one backbone, ready to fit."""
-
-    new_vectors: dict[str, np.ndarray]  # rows computed for this training
-    examples: list[tuple[str, str]]  # (content hash, label)
-    x: np.ndarray  # (len(examples), layout.width)
-    labels: list[str]
-    unlabeled: list[str]  # content hashes of the target domain's unlabelled examples
-    target: np.ndarray  # (len(unlabeled), layout.width)
-    # What the rows hold: the embedding, then the deepest depths a head may read.
-    layout: RowLayout
-
-
-# How far a training is: (stage, done, total), for its head to show (service/jobs.py).
-ReportProgress = Callable[[str, int, int], None]
 # A backbone the head may be trained on, with its inputs prepared on demand (`auto`
 # prepares one backbone at a time, so only one backbone's decoded images are held).
 Option = tuple[BackboneSpec, Callable[[], PreparedInputs]]
@@ -90,38 +50,10 @@ class Trainer:
         self.runner = runner
         self.settings = settings
         self.loaded = {spec.id: spec for spec in settings.loaded_backbones()}
-        self._images = TrainingDecoder()
+        self.sets = TrainingSets(store, runner, settings)
 
     def close(self) -> None:
-        self._images.close()
-
-    def prepare(
-        self, tenant_id: str, spec: BackboneSpec, inputs: Sequence[RawInput]
-    ) -> PreparedInputs:
-        """Checks examples against the backbone; decodes those with no cached embedding
-        (images in the decoding process, `service/decoder.py`; this thread waits)."""
-        check_modality(spec, inputs)
-        hashes = [content_hash(raw) for raw in inputs]
-        cached = self.store.cached_embeddings(
-            tenant_id=tenant_id, backbone=spec.id, content_hashes=hashes
-        )
-        to_decode: list[tuple[int, RawInput]] = []
-        to_embed: list[str] = []
-        queued: set[str] = set()
-        for position, (raw, h) in enumerate(zip(inputs, hashes, strict=True)):
-            if h not in cached and h not in queued:
-                queued.add(h)
-                to_decode.append((position, raw))
-                to_embed.append(h)
-        pre = spec.preprocessing
-        if isinstance(pre, ImagePreprocessing):
-            images = [(position, as_bytes(raw)) for position, raw in to_decode]
-            rows: np.ndarray | list[np.ndarray]
-            rows = self._images.decode(images, pre, self.settings.max_image_pixels)
-        else:
-            rows = to_rows(spec, to_decode, self.settings)
-        kept = {h: as_bytes(raw) for raw, h in zip(inputs, hashes, strict=True)}
-        return PreparedInputs(content_hashes=hashes, to_embed=to_embed, rows=rows, inputs=kept)
+        self.sets.close()
 
     def train(
         self,
@@ -151,14 +83,14 @@ class Trainer:
         for spec, prepare in options:
             prepared = prepare()
             new_inputs.update(prepared.inputs)
-            sets[spec.id] = self._training_set(
+            sets[spec.id] = self.sets.training_set(
                 tenant_id, head, spec, prepared, new_labels, progress
             )
             if early is not None and len(sets) == 1 and len(options) > 1:
                 self._publish_first(head, spec, sets[spec.id], new_inputs, progress, early)
         progress("fitting", 0, 1)
         label_embeddings = {
-            spec.id: self._label_embeddings(spec, head, sets[spec.id]) for spec, _ in options
+            spec.id: self.sets.label_embeddings(spec, head, sets[spec.id]) for spec, _ in options
         }
         if head.backbone == AUTO_BACKBONE:
             choice = choose_backbone(
@@ -223,7 +155,7 @@ class Trainer:
     ) -> None:
         """An `auto` head's first version, on the first backbone embedded (the order of
         GRAFT_BACKBONES), served while the others are embedded and compared."""
-        names = self._label_embeddings(spec, head, training_set)
+        names = self.sets.label_embeddings(spec, head, training_set)
         trained = heads.train_head(
             training_set.x,
             training_set.labels,
@@ -305,70 +237,6 @@ class Trainer:
             ready=False,
         )
 
-    def _training_set(
-        self,
-        tenant_id: str,
-        head: Head,
-        spec: BackboneSpec,
-        prepared: PreparedInputs,
-        new_labels: list[str | None],
-        progress: ReportProgress,
-    ) -> TrainingSet:
-        """The head's stored examples plus the new ones, as this backbone's embeddings;
-        unlabelled ones apart."""
-        new_vectors = self._embed(spec, prepared, progress)
-        cached = self.store.cached_embeddings(
-            tenant_id=tenant_id,
-            backbone=spec.id,
-            content_hashes=[h for h in prepared.content_hashes if h not in new_vectors],
-        )
-        vectors = {**cached, **new_vectors}
-        stored = self.store.training_set(tenant_id=tenant_id, head_id=head.id)
-        for h, _, vector in stored:
-            vectors.setdefault(h, vector)
-        examples = [(h, label) for h, label, _ in stored]
-        seen = set(examples)
-        stored_unlabeled = self.store.unlabeled_set(tenant_id=tenant_id, head_id=head.id)
-        for h, vector in stored_unlabeled:
-            vectors.setdefault(h, vector)
-        unlabeled = [h for h, _ in stored_unlabeled]
-        seen_unlabeled = set(unlabeled)
-        for h, label in zip(prepared.content_hashes, new_labels, strict=True):
-            if label is None:
-                if h not in seen_unlabeled:
-                    seen_unlabeled.add(h)
-                    unlabeled.append(h)
-            elif (h, label) not in seen:
-                seen.add((h, label))
-                examples.append((h, label))
-        # One order whatever is stored yet: an `auto` head's sets (one per backbone) are
-        # read before and after its first version is saved, and share one list of labels.
-        examples.sort()
-        # Checked when the request came in; this holds it against concurrent adds.
-        if len(examples) > self.settings.max_examples_per_head:
-            raise ValueError(
-                f"{len(examples)} examples; at most {self.settings.max_examples_per_head} per head"
-            )
-        if len(unlabeled) > self.settings.max_unlabeled_per_head:
-            raise ValueError(
-                f"{len(unlabeled)} unlabelled examples; at most"
-                f" {self.settings.max_unlabeled_per_head} per head"
-            )
-        layout = self._layout(spec)
-        if any(len(vectors[h]) != layout.width for h in [*(h for h, _ in examples), *unlabeled]):
-            # Rows stored before they kept depths: the embedding alone, for every row.
-            layout = RowLayout(spec.embedding_dim)
-        x = np.stack([vectors[h][: layout.width] for h, _ in examples])
-        target = np.stack([vectors[h][: layout.width] for h in unlabeled]) if unlabeled else x[:0]
-        labels = [label for _, label in examples]
-        return TrainingSet(new_vectors, examples, x, labels, unlabeled, target, layout)
-
-    def _layout(self, spec: BackboneSpec) -> RowLayout:
-        """What a training asks the runner for, and keeps, of each example: its embedding
-        and the deepest depths a head may read (adapters/depth_choice.py)."""
-        widths = self.runner.depth_widths(spec.id)
-        return RowLayout(spec.embedding_dim, widths).deepest(min(OFFERED_DEPTHS, len(widths)))
-
     def _fine_tune(
         self,
         head: Head,
@@ -447,43 +315,6 @@ class Trainer:
         through the trunk and top it exported and checked (none for a backbone it serves
         whole)."""
         return self.settings.fine_tunable(spec) and split_exported(spec, self.settings.backbone_dir)
-
-    def _label_embeddings(
-        self, spec: BackboneSpec, head: Head, training_set: TrainingSet
-    ) -> dict[str, np.ndarray] | None:
-        """Text heads: each label's description (default: the label itself), embedded as
-        the training set's rows are."""
-        if spec.modality != "text":
-            return None
-        names = sorted(set(training_set.labels))
-        texts = [head.label_descriptions.get(label, label) for label in names]
-        vectors = self._run(spec, text_rows(spec, texts))[:, : training_set.layout.width]
-        return dict(zip(names, vectors, strict=True))
-
-    def _embed(
-        self, spec: BackboneSpec, prepared: PreparedInputs, progress: ReportProgress
-    ) -> dict[str, np.ndarray]:
-        if not prepared.to_embed:
-            return {}
-        embedded = self._run(spec, prepared.rows, progress)
-        return dict(zip(prepared.to_embed, embedded, strict=True))
-
-    def _run(self, spec: BackboneSpec, rows, progress: ReportProgress | None = None) -> np.ndarray:
-        # In messages of a few rows, a few at a time: the worker's predicts share the link
-        # and queue behind what is on it (1,000 images are 150 MB, which the runner would
-        # also hold at once). Two in flight keep the runner's training lane busy.
-        in_flight: deque[Future] = deque()
-        embeddings = []
-        depths = len(self._layout(spec).depth_widths)
-        for start in range(0, len(rows), TRAINING_MESSAGE_ROWS):
-            if len(in_flight) == TRAINING_MESSAGES_IN_FLIGHT:
-                embeddings.append(in_flight.popleft().result())
-                if progress is not None:
-                    progress("embedding", sum(map(len, embeddings)), len(rows))
-            chunk = rows[start : start + TRAINING_MESSAGE_ROWS]
-            in_flight.append(self.runner.embed(spec.id, chunk, "training", depths=depths))
-        embeddings.extend(future.result() for future in in_flight)
-        return np.concatenate(embeddings)
 
 
 # The fine-tuning report of an `auto` head's frozen version, served while the tuning runs.

@@ -19,7 +19,8 @@ from service.batcher import Batcher
 from service.runner_client import RunnerClient, RunnerUnavailable
 from service.runner_server import RunnerServer, serve_forever
 from service.settings import Settings
-from service.training import TRAINING_MESSAGES_IN_FLIGHT, Trainer
+from service.training import Trainer
+from service.training_set import TRAINING_MESSAGES_IN_FLIGHT
 from tests.inputs import COOKING, SPORTS, crops
 from tests.server import free_port
 
@@ -178,7 +179,7 @@ def test_training_rows_cross_the_link_a_few_messages_at_a_time(tmp_path, image_b
     trainer = Trainer(Store(tmp_path / "graft.sqlite3"), client, Settings(data_dir=tmp_path))
     spec = dataclasses.replace(image_backbone.spec, id="double")
     try:
-        np.testing.assert_array_equal(trainer._run(spec, rows), double(rows))
+        np.testing.assert_array_equal(trainer.sets.run(spec, rows), double(rows))
         assert 1 <= client.most_in_flight <= TRAINING_MESSAGES_IN_FLIGHT
     finally:
         trainer.close()
