@@ -32,7 +32,7 @@ from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.heads import UNKNOWN_KEEP, TrainedHead, train_head
+from adapters.heads import UNKNOWN_KEEP, TrainedHead, best_similarity, train_head
 from bench.common import DATA, embedded_folder, embedded_texts, read_texts, served
 
 KEEP = 0.95
@@ -63,7 +63,7 @@ def mahalanobis(x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> np.ndarray:
 def scores(head: TrainedHead, x: np.ndarray, y: np.ndarray, rows: np.ndarray) -> dict:
     logits = rows @ head.weights + head.bias
     return {
-        "cosine to class means (served)": -(rows @ head.prototypes).max(axis=1),
+        "cosine to class means (served)": -best_similarity(rows, head.prototypes),
         "Mahalanobis, 16 directions": mahalanobis(x, y, rows),
         "energy": -np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) - logits.max(1),
         "nearest training example": -(rows @ x.T).max(axis=1),
@@ -82,7 +82,7 @@ def evaluate(x, y, rows, known_rows: np.ndarray) -> dict[str, tuple[float, ...]]
         rejected = float(np.mean(unknown > np.quantile(known, KEEP)))
         out[name] = (auroc, rejected)
     if head.unknown_threshold is not None:
-        similarity = (rows @ head.prototypes).max(axis=1)
+        similarity = best_similarity(rows, head.prototypes)
         flagged = similarity < head.unknown_threshold
         out["cosine to class means (served)"] += (
             float(np.mean(~flagged[known_rows])),
