@@ -1,7 +1,8 @@
 """Backbone + head as one ONNX model: the backbone's graph, then MatMul, Add and Softmax
 for the scores, and the best similarity to the class means for the unknown flag. A head
 that reads depths of the pass (adapters/depth_choice.py) takes its embedding and those
-depths, concatenated as the runner sends them; the graph computes no other depth."""
+depths, concatenated as the runner sends them; the graph computes no other depth. An
+audio head's model takes the waveform alone (`models.export.with_whole_clips`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from adapters.store import Head
-from models.export import with_deepest_depths, without_depths
+from models.export import with_deepest_depths, with_whole_clips, without_depths
 from models.registry import BackboneSpec
 
 # Below any cosine similarity: a head without a threshold never flags an input unknown.
@@ -126,6 +127,10 @@ def combined_model(
     if isinstance(backbone, Path):
         backbone = onnx.load(str(backbone))
     backbone = with_deepest_depths(backbone, head.depths)
+    inputs = list(spec.onnx_inputs)
+    if spec.modality == "audio":
+        backbone = with_whole_clips(backbone)
+        inputs = ["waveform"]
     io_map = [("embedding", "embedding")]
     if head.depths:
         io_map.append(("depths", "depths"))
@@ -148,7 +153,7 @@ def combined_model(
             "graft.labels": json.dumps(head.labels),
             "graft.depths": json.dumps(head.depths),
             "graft.unknown_threshold": json.dumps(head.unknown_threshold),
-            "graft.inputs": json.dumps(list(spec.onnx_inputs)),
+            "graft.inputs": json.dumps(inputs),
             "graft.preprocessing": json.dumps(spec.public()["preprocessing"]),
         },
     )

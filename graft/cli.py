@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from graft.client import DEFAULT_URL, Client, Examples, GraftError
+from graft.client import AUDIO_SUFFIXES, DEFAULT_URL, Client, Examples, GraftError
 from graft.schemas import HeadPublic, TrainingProgress
 
 app = typer.Typer(help="Graft: per-tenant heads on shared backbones.", no_args_is_help=True)
@@ -159,7 +159,8 @@ def heads_create(
     ctx: typer.Context,
     name: str,
     from_dir: Annotated[
-        Path, typer.Option("--from", help="one folder per label (images, or .txt one per line)")
+        Path,
+        typer.Option("--from", help="one folder per label (images, clips, or .txt one per line)"),
     ],
     backbone: Annotated[str, typer.Option(help="a backbone id, or auto")] = "auto",
     fine_tune: Annotated[str, typer.Option(help="auto, on or off")] = "auto",
@@ -252,15 +253,21 @@ def examples_add(
 def predict(
     ctx: typer.Context,
     head_id: str,
-    files: Annotated[list[Path] | None, typer.Argument(help="image files")] = None,
+    files: Annotated[
+        list[Path] | None, typer.Argument(help="image files, or audio clips (.wav, ...)")
+    ] = None,
     text: Annotated[list[str] | None, typer.Option("--text", help="a text (repeatable)")] = None,
     top_k: Annotated[int, typer.Option(help="labels ranked per input")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="the API's answer as JSON")] = False,
 ) -> None:
-    """Predict image files, or texts given with --text."""
+    """Predict image files or audio clips, or texts given with --text."""
     if bool(files) == bool(text):
-        raise typer.BadParameter("give image files or --text, one of them")
-    answer = ctx.obj.predict(head_id, images=files or (), texts=text or (), top_k=top_k)
+        raise typer.BadParameter("give image or audio files, or --text, one of them")
+    clips = [f for f in files or () if f.suffix.lower() in AUDIO_SUFFIXES]
+    if clips and len(clips) != len(files or ()):
+        raise typer.BadParameter("give image files or audio clips, not both")
+    images = [] if clips else files or []
+    answer = ctx.obj.predict(head_id, images=images, texts=text or (), clips=clips, top_k=top_k)
     if as_json:
         print(answer.model_dump_json(indent=2))
         return

@@ -6,10 +6,11 @@
     head = graft.create_head("flowers", from_dir="photos/", backbone="auto")
     print(head.metrics.cv_accuracy)
     graft.predict(head.id, images=["rose.jpg"]).predictions[0].label
+    graft.predict(voices.id, clips=["hello.wav", numpy_samples]).predictions
 
 Folders hold one folder per label. Images: .jpg, .jpeg, .png or .webp files. Texts: .txt
 files, one example per line (blank lines skipped), so a label's examples may sit in one
-file or in one file each.
+file or in one file each. Clips: .wav, .flac, .ogg or .mp3 files, one example each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import base64
 import io
 import os
 import time
+import wave
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from email.utils import parsedate_to_datetime
@@ -39,11 +41,16 @@ from graft.schemas import (
 DEFAULT_URL = "http://127.0.0.1:3000"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 TEXT_SUFFIX = ".txt"
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3")
 # The server's own bound on inputs per predict (GRAFT_MAX_PREDICT_INPUTS, default 256).
 PREDICT_CHUNK = 256
 
-Modality = Literal["image", "text"]
+Modality = Literal["image", "text", "audio"]
 ImageLike = str | os.PathLike | bytes  # a path, or encoded JPEG/PNG/WebP bytes (or a PIL image)
+# A path, encoded WAV/FLAC/OGG/MP3 bytes, or samples: a numpy array of floats in [-1, 1]
+# ([samples] or [samples, channels]) at 16 kHz, or an (array, sample rate) pair.
+ClipLike = str | os.PathLike | bytes | Any
+SAMPLE_RATE = 16000
 # Called with the bytes sent so far and the request's size.
 UploadCallback = Callable[[int, int], None]
 # Called on each poll of a training head with its `progress` (None before it starts).
@@ -111,28 +118,30 @@ class Examples:
                     continue
                 suffix = path.suffix.lower()
                 name = path.relative_to(root).as_posix()
-                if suffix in IMAGE_SUFFIXES:
+                if suffix in IMAGE_SUFFIXES or suffix in AUDIO_SUFFIXES:
                     items.append((label_dir.name, path.read_bytes()))
                     sources.append(name)
+                    suffixes.add("image" if suffix in IMAGE_SUFFIXES else "audio")
                 elif suffix == TEXT_SUFFIX:
                     lines = path.read_text(encoding="utf-8").splitlines()
                     texts = [line.strip() for line in lines if line.strip()]
                     items += [(label_dir.name, text) for text in texts]
                     sources += [name] * len(texts)
-                else:
-                    continue
-                suffixes.add("text" if suffix == TEXT_SUFFIX else "image")
+                    suffixes.add("text")
         if not items:
             raise ValueError(
                 f"{root}: no examples; put them in one folder per label"
-                f" (images: {', '.join(IMAGE_SUFFIXES)}; texts: {TEXT_SUFFIX}, one per line)"
+                f" (images: {', '.join(IMAGE_SUFFIXES)}; texts: {TEXT_SUFFIX}, one per line;"
+                f" clips: {', '.join(AUDIO_SUFFIXES)})"
             )
         if len(suffixes) > 1:
-            raise ValueError(f"{root}: holds both images and texts; a head takes one kind")
+            raise ValueError(
+                f"{root}: holds {' and '.join(sorted(suffixes))} examples; a head takes one kind"
+            )
         return cls(suffixes.pop(), items, sources)
 
     def as_json(self) -> list[dict]:
-        key = "text" if self.modality == "text" else "image"
+        key = self.modality
         return [
             {"label": label, key: value if key == "text" else _b64(value)}
             for label, value in self.items
@@ -140,7 +149,8 @@ class Examples:
 
     def as_zip(self) -> bytes:
         """One folder per label, as the server's archive upload takes them (stored: images
-        are compressed already)."""
+        and clips are compressed already). Each file keeps its name's suffix, which tells
+        `backbone: auto` the archive's modality."""
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
             for index, ((label, value), source) in enumerate(
@@ -266,8 +276,8 @@ class Client:
         on_upload: UploadCallback | None = None,
         on_progress: ProgressCallback | None = None,
     ) -> HeadPublic:
-        """A new head from `examples` or a folder per label. Images go up as one zip,
-        texts as JSON. With `wait`, returns once trained (`TrainingFailed` if it failed).
+        """A new head from `examples` or a folder per label. Images and clips go up as one
+        zip, texts as JSON. With `wait`, returns once trained (`TrainingFailed` if it failed).
         `label_descriptions`: text heads, a short description per label (README).
         `unknown_keep`: the share of its held-out examples the head's unknown threshold
         keeps (the server's default: 0.95)."""
@@ -275,7 +285,7 @@ class Client:
         spec: dict[str, Any] = {"name": name, "backbone": backbone, "fine_tune": fine_tune}
         if unknown_keep is not None:
             spec["unknown_keep"] = unknown_keep
-        if examples.modality == "image" and not label_descriptions:
+        if examples.modality != "text" and not label_descriptions:
             archive = ("examples.zip", examples.as_zip(), "application/zip")
             kwargs: dict[str, Any] = {"data": spec, "files": {"archive": archive}}
         else:
@@ -314,14 +324,14 @@ class Client:
         *,
         images: Sequence[ImageLike] = (),
         texts: Sequence[str] = (),
+        clips: Sequence[ClipLike] = (),
         wait: bool = True,
         on_progress: ProgressCallback | None = None,
     ) -> HeadPublic:
-        """Unlabelled examples of the domain the head will serve; it retrains, adapting to
-        them where that looks helpful (`metrics.domain` says how and why)."""
-        if bool(images) == bool(texts):
-            raise ValueError("give images or texts (one of them)")
-        inputs = [{"image": _b64(_image_bytes(x))} for x in images] or [{"text": t} for t in texts]
+        """Unlabelled examples of the domain the head will serve (another camera, another
+        microphone); it retrains, adapting to them where that looks helpful
+        (`metrics.domain` says how and why)."""
+        inputs = _inputs_json(images, texts, clips)
         response = self._request("POST", f"/heads/{head_id}/unlabeled", json={"examples": inputs})
         head = HeadPublic.model_validate_json(response.content)
         return self.wait(head, on_progress=on_progress) if wait else head
@@ -355,18 +365,21 @@ class Client:
         *,
         images: Sequence[ImageLike] = (),
         texts: Sequence[str] = (),
+        clips: Sequence[ClipLike] = (),
         top_k: int = 1,
         reject_unknown: bool = False,
     ) -> PredictResponse:
-        """Predict images (paths, bytes or PIL images) or texts, in calls of at most 256
-        inputs; the answer holds every prediction in order."""
-        if bool(images) == bool(texts):
-            raise ValueError("give images or texts (one of them)")
+        """Predict images (paths, bytes or PIL images), texts or clips (paths, bytes or
+        numpy samples), in calls of at most 256 inputs; the answer holds every prediction
+        in order."""
+        _one_kind(images, texts, clips)
         options = {"top_k": top_k, "reject_unknown": reject_unknown}
         answers = []
-        for start in range(0, len(images or texts), PREDICT_CHUNK):
-            if images:
-                files = [("image", _image_bytes(x)) for x in images[start : start + PREDICT_CHUNK]]
+        for start in range(0, len(images or texts or clips), PREDICT_CHUNK):
+            if images or clips:
+                files = [
+                    ("image", _image_bytes(x)) for x in images[start : start + PREDICT_CHUNK]
+                ] or [("audio", clip_bytes(x)) for x in clips[start : start + PREDICT_CHUNK]]
                 kwargs: dict[str, Any] = {
                     "files": files,
                     "params": {k: str(v).lower() for k, v in options.items()},
@@ -406,6 +419,45 @@ def _examples(examples: Examples | None, from_dir: str | os.PathLike | None) -> 
 
 def _b64(data: bytes | str) -> str:
     return base64.b64encode(data if isinstance(data, bytes) else data.encode()).decode()
+
+
+def _one_kind(*kinds: Sequence) -> None:
+    if sum(bool(inputs) for inputs in kinds) != 1:
+        raise ValueError("give images, texts or clips (one of them)")
+
+
+def _inputs_json(
+    images: Sequence[ImageLike], texts: Sequence[str], clips: Sequence[ClipLike]
+) -> list[dict]:
+    _one_kind(images, texts, clips)
+    return (
+        [{"image": _b64(_image_bytes(x))} for x in images]
+        or [{"audio": _b64(clip_bytes(x))} for x in clips]
+        or [{"text": t} for t in texts]
+    )
+
+
+def clip_bytes(clip: ClipLike) -> bytes:
+    """A clip as the server takes it: a file's bytes, or samples written as 16-bit WAV."""
+    if isinstance(clip, bytes):
+        return clip
+    if isinstance(clip, str | os.PathLike):
+        return Path(clip).read_bytes()
+    samples, rate = clip if isinstance(clip, tuple) else (clip, SAMPLE_RATE)
+    if not hasattr(samples, "dtype"):
+        raise TypeError(
+            f"a clip is a path, bytes or a numpy array of samples, not {type(clip).__name__}"
+        )
+    # numpy's own methods: the client itself does not import numpy.
+    channels = 1 if samples.ndim == 1 else samples.shape[1]
+    pcm = (samples.clip(-1, 1) * 32767).round().astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(channels)
+        out.setsampwidth(2)
+        out.setframerate(int(rate))
+        out.writeframes(pcm.tobytes())
+    return buffer.getvalue()
 
 
 def _image_bytes(image) -> bytes:

@@ -94,7 +94,7 @@ class TenantList(BaseModel):
 
 class BackbonePublic(BaseModel):
     id: str
-    modality: Literal["image", "text"]
+    modality: Literal["image", "text", "audio"]
     family: str = Field(description="architecture family: EfficientNet, MobileNet, MPNet, ...")
     embedding_dim: int
     description: str
@@ -131,12 +131,15 @@ class BackboneList(BaseModel):
 # Heads ---------------------------------------------------------------------------------
 
 
-def _image_or_text(schema: dict, model: type[BaseModel]) -> None:
-    """The document's form of an input: one of two objects, one with `image`, one with
-    `text`, each a string; what `Input._exactly_one` holds a request to."""
+INPUT_FIELDS = ("image", "text", "audio")
+
+
+def _one_kind_of_input(schema: dict, model: type[BaseModel]) -> None:
+    """The document's form of an input: one of three objects, with `image`, `text` or
+    `audio`, each a string; what `Input._exactly_one` holds a request to."""
     properties, required = schema.pop("properties"), schema.pop("required", [])
     schema.pop("additionalProperties", None)
-    shared = {k: v for k, v in properties.items() if k not in ("image", "text")}
+    shared = {k: v for k, v in properties.items() if k not in INPUT_FIELDS}
     schema["oneOf"] = [
         {
             "title": f"{field} {model.__name__.lower()}",
@@ -145,30 +148,36 @@ def _image_or_text(schema: dict, model: type[BaseModel]) -> None:
                 **shared,
                 field: {
                     "type": "string",
-                    **({"format": "byte", "contentEncoding": "base64"} if field == "image" else {}),
+                    **({"format": "byte", "contentEncoding": "base64"} if field != "text" else {}),
                     "description": properties[field]["description"],
                 },
             },
             "required": [*required, field],
             "additionalProperties": False,
         }
-        for field in ("image", "text")
+        for field in INPUT_FIELDS
     ]
 
 
 class Input(_Strict):
-    """One input: an image as base64 of JPEG/PNG/WebP bytes, or a text."""
+    """One input: an image as base64 of JPEG/PNG/WebP bytes, a text, or a clip as base64
+    of WAV/FLAC/OGG/MP3 bytes."""
 
-    model_config = ConfigDict(json_schema_extra=_image_or_text)
+    model_config = ConfigDict(json_schema_extra=_one_kind_of_input)
 
     image: str | None = Field(None, description="base64 of JPEG, PNG or WebP bytes")
     text: str | None = Field(None, description="a text (UTF-8)")
+    audio: str | None = Field(
+        None,
+        description="base64 of a WAV, FLAC, OGG or MP3 clip: any sample rate, any channels"
+        " (mixed to mono and resampled to the backbone's rate)",
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Input:
-        given = [field for field in ("image", "text") if field in self.model_fields_set]
+        given = [field for field in INPUT_FIELDS if field in self.model_fields_set]
         if len(given) != 1:
-            raise ValueError("give exactly one of 'image' or 'text'")
+            raise ValueError("give exactly one of 'image', 'text' or 'audio'")
         if getattr(self, given[0]) is None:
             raise ValueError(f"'{given[0]}' must be a string, not null")
         return self
@@ -189,7 +198,9 @@ class HeadSpec(_Strict):
         description="a backbone id (GET /backbones), or `auto`: every backbone of the"
         " examples' modality is scored by LogME on the examples, the best two are trained"
         " and the one with the lower held-out log-loss is kept (`metrics.backbone_selection`)."
-        " With an archive, `auto` means the image backbones.",
+        " With an archive, `auto` means the backbones of its files' modality: audio when"
+        " every file is a clip (.wav, .flac, .ogg, .mp3), text when every file is .txt,"
+        " images otherwise.",
         examples=["efficientnet_lite0", "auto"],
     )
     fine_tune: FineTuneMode = Field(

@@ -199,6 +199,8 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
     if spec.modality == "image":
         side = spec.image_preprocessing.image_size
         feeds = {"image": np.zeros((2, side, side, 3), np.uint8)}
+    elif spec.modality == "audio":
+        feeds = example_audio_feeds(spec.audio_preprocessing.sample_rate)
     else:
         feeds = {name: np.ones((2, 8), np.int64) for name in spec.onnx_inputs}
     shape = session.run(["embedding"], feeds)[0].shape
@@ -211,6 +213,16 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
     if widths:
         depths = session.run(["depths"], feeds)[0]
         assert depths.shape == (2, sum(widths)), f"depths {depths.shape}, widths {widths}"
+
+
+def example_audio_feeds(sample_rate: int) -> dict:
+    """Two clips of noise, 3 s and 0.4 s long, as an audio graph's padded feeds."""
+    import numpy as np
+
+    samples = np.array([3 * sample_rate, int(0.4 * sample_rate)], np.int64)
+    waveform = np.random.default_rng(0).normal(0, 0.1, (2, samples[0])).astype(np.float32)
+    waveform[1, samples[1] :] = 0
+    return {"waveform": waveform, "samples": samples}
 
 
 def depth_widths(session: Any) -> list[int]:
@@ -232,6 +244,12 @@ def _export_module(spec: BackboneSpec, path: Path) -> None:
         side = spec.preprocessing.image_size
         dummy: tuple = (torch.zeros(2, side, side, 3, dtype=torch.uint8),)
         dynamic_axes = {"image": {0: "batch"}}
+    elif spec.modality == "audio":
+        # Two rows of different lengths (several partials, and one short clip), so that the
+        # trace keeps the partial windows' count computed from the lengths.
+        feeds = example_audio_feeds(spec.audio_preprocessing.sample_rate)
+        dummy = tuple(torch.from_numpy(feeds[name]) for name in spec.onnx_inputs)
+        dynamic_axes = {"waveform": {0: "batch", 1: "samples"}, "samples": {0: "batch"}}
     else:
         ids = torch.ones(2, 8, dtype=torch.int64)
         dummy = (ids, torch.ones_like(ids))
@@ -371,6 +389,26 @@ def with_deepest_depths(model: onnx.ModelProto, k: int) -> onnx.ModelProto:
     [output] = [o for o in graph.output if o.name == "depths"]
     output.type.tensor_type.shape.dim[1].dim_value = sum(widths[len(widths) - k :])
     return prune_unread(model)
+
+
+def with_whole_clips(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An audio graph (changed in place) that takes `waveform` alone: each row's `samples`
+    is the whole row, so a download is fed a clip as it is (a batch: clips of one length;
+    the served graph, fed both, takes clips of any lengths padded together)."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    [samples] = [i for i in graph.input if i.name == "samples"]
+    graph.input.remove(samples)
+    nodes = [
+        helper.make_node("Shape", ["waveform"], ["graft_batch"], start=0, end=1),
+        helper.make_node("Shape", ["waveform"], ["graft_length"], start=1, end=2),
+        helper.make_node("Expand", ["graft_length", "graft_batch"], ["samples"]),
+    ]
+    for node in reversed(nodes):
+        graph.node.insert(0, node)
+    graph.value_info.append(helper.make_tensor_value_info("samples", TensorProto.INT64, ["batch"]))
+    return model
 
 
 def prune_unread(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from models.registry import (
+    AudioPreprocessing,
     BackboneSpec,
+    Ge2eEntry,
     ImagePreprocessing,
     ImagePreprocessingEntry,
     OnnxEntry,
@@ -38,6 +40,7 @@ def build_spec(backbone_id: str, entry, resolve) -> BackboneSpec:
     builders: dict[type, Callable[..., BackboneSpec]] = {
         TimmEntry: _timm,
         TransformersEntry: _transformers,
+        Ge2eEntry: _ge2e,
         OnnxEntry: _onnx,
     }
     build = builders[type(entry)]
@@ -135,6 +138,27 @@ def _transformers(backbone_id: str, entry: TransformersEntry, resolve) -> Backbo
             pad_id=lambda: pad_id(folder()),
         ),
         check_sources=check_sources,
+    )
+
+
+def _ge2e(backbone_id: str, entry: Ge2eEntry, resolve) -> BackboneSpec:
+    pre = AudioPreprocessing(**entry.preprocessing.model_dump())
+    weights = _path_of(resolve, entry.weights)
+
+    def build_module():
+        from models.speech_backbone import speaker_encoder_module
+
+        return speaker_encoder_module(weights(), pre)
+
+    return BackboneSpec(
+        **_common(backbone_id, entry, resolve, entry.weights),
+        modality="audio",
+        description=entry.description
+        or f"{entry.family}: an LSTM over {pre.n_mels} mel frames of {pre.sample_rate} Hz audio",
+        weights_file=weights,
+        build_module=build_module,
+        preprocessing=pre,
+        check_sources=partial(resolve.check, entry.weights),
     )
 
 

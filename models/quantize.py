@@ -14,6 +14,9 @@ quantisation) and fp16 for a GPU.
 - Text backbones: dynamic quantisation of the weights (activations quantised per batch
   at run time), the usual choice for transformers on CPU. Its results were the same on
   an AVX2-only CPU as on a VNNI one (MiniLM: mean cosine to fp32 0.962 on both).
+- Audio backbones: none. ONNX Runtime's dynamically quantised LSTM gave embeddings of
+  spoken digits at a mean cosine of 0.42 to fp32 (0.45 with 8-bit weights), so an audio
+  backbone's int8 variant is its fp32 graph.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Literal, get_args
@@ -75,6 +79,9 @@ def quantize(spec: BackboneSpec, fp32_path: Path, out_path: Path) -> None:
     )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if spec.modality == "audio":
+        shutil.copyfile(fp32_path, out_path)  # see the module's docstring
+        return
     if not isinstance(spec.preprocessing, ImagePreprocessing):
         quantize_dynamic(str(fp32_path), str(out_path), weight_type=QuantType.QInt8)
         return

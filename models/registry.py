@@ -2,12 +2,14 @@
 
 The built-in entries are in `models/backbones.toml`; an operator adds their own in a file
 of the same form (`GRAFT_BACKBONES_FILE`). Each entry is one table, named by the
-backbone's id, of one of three kinds:
+backbone's id, of one of four kinds:
 
 - `timm`: any timm architecture with a local weights file (a state dict or safetensors)
   and its image preprocessing;
 - `transformers`: any transformers encoder folder (BERT, RoBERTa, XLNet, GPT-2, T5, MPNet,
   ...) with its `tokenizer.json`, pooling (mean, cls, last) and maximum length;
+- `ge2e`: a GE2E speaker encoder's state dict (an LSTM over mel frames: resemblyzer's)
+  and its audio preprocessing (sample rate, mel frames, partial windows);
 - `onnx`: any ONNX file mapping the preprocessed input to an embedding, with its declared
   preprocessing (`models/onnx_backbone.py` says what the file must take).
 
@@ -35,7 +37,7 @@ from models.sources import (  # noqa: F401 (BackboneFileError: the registry's er
     content_sha256,
 )
 
-Modality = Literal["image", "text"]
+Modality = Literal["image", "text", "audio"]
 BUILTIN_FILE = Path(__file__).with_name("backbones.toml")
 
 
@@ -65,6 +67,41 @@ class TextPreprocessing:
 
 
 @dataclass(frozen=True)
+class AudioPreprocessing:
+    """How a clip becomes the graph's input: decoded and resampled to mono `sample_rate`
+    float PCM in the service; everything after (volume, mel frames, partial windows, their
+    average) happens inside the ONNX graph (`models/speech_backbone.py`)."""
+
+    sample_rate: int = 16000
+    window_ms: float = 25.0  # each mel frame's window
+    hop_ms: float = 10.0  # between frames
+    n_mels: int = 40
+    partial_frames: int = 160  # the frames of one partial window (1.6 s)
+    partials_per_second: float = 1.3  # how often a partial window starts
+    min_coverage: float = 0.75  # the last partial is kept if the clip covers this much of it
+    target_dbfs: float = -30.0  # quieter clips are raised to this loudness
+
+    @property
+    def window_samples(self) -> int:
+        return int(self.sample_rate * self.window_ms / 1000)
+
+    @property
+    def hop_samples(self) -> int:
+        return int(self.sample_rate * self.hop_ms / 1000)
+
+    @property
+    def partial_samples(self) -> int:
+        return self.partial_frames * self.hop_samples
+
+    @property
+    def partial_step_frames(self) -> int:
+        return int(round(self.sample_rate / self.partials_per_second / self.hop_samples))
+
+
+Preprocessing = ImagePreprocessing | TextPreprocessing | AudioPreprocessing
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     id: str
     modality: Modality
@@ -78,7 +115,7 @@ class BackboneSpec:
     # Builds the torch module whose ONNX export is the backbone: preprocessed input in,
     # L2-normalised embedding out. Only called when exporting (torch is imported there).
     build_module: Callable[[], Any] | None
-    preprocessing: ImagePreprocessing | TextPreprocessing
+    preprocessing: Preprocessing
     # An `onnx` entry's own file, wrapped at export instead of building a module.
     onnx_file: Callable[[], Path] | None = None
     # Builds the backbone cut into a frozen trunk and a top that takes a head's LoRA
@@ -105,8 +142,19 @@ class BackboneSpec:
         return self.preprocessing
 
     @property
+    def audio_preprocessing(self) -> AudioPreprocessing:
+        """An audio backbone's preprocessing (TypeError for another modality)."""
+        if not isinstance(self.preprocessing, AudioPreprocessing):
+            raise TypeError(f"backbone {self.id} takes {self.modality}")
+        return self.preprocessing
+
+    @property
     def onnx_inputs(self) -> tuple[str, ...]:
-        return ("image",) if self.modality == "image" else ("input_ids", "attention_mask")
+        return {
+            "image": ("image",),
+            "text": ("input_ids", "attention_mask"),
+            "audio": ("waveform", "samples"),
+        }[self.modality]
 
     def weights_hash(self) -> str:
         return content_sha256(self.weights_file())
@@ -130,6 +178,22 @@ class BackboneSpec:
                 "mean": list(pre.mean),
                 "std": list(pre.std),
                 "color": "RGB",
+            }
+        elif isinstance(pre, AudioPreprocessing):
+            inputs = {
+                "waveform": {"dtype": "float32", "shape": ["batch", "samples"]},
+                "samples": {"dtype": "int64", "shape": ["batch"]},
+            }
+            prep = {
+                "sample_rate": pre.sample_rate,
+                "channels": 1,
+                "window_ms": pre.window_ms,
+                "hop_ms": pre.hop_ms,
+                "n_mels": pre.n_mels,
+                "partial_frames": pre.partial_frames,
+                "partials_per_second": pre.partials_per_second,
+                "min_coverage": pre.min_coverage,
+                "target_dbfs": pre.target_dbfs,
             }
         else:
             inputs = {
@@ -204,9 +268,38 @@ class TextTokenizerEntry(_Strict):
     pad_id: int = Field(0, ge=0)
 
 
+class AudioPreprocessingEntry(_Strict):
+    sample_rate: int = Field(16000, ge=4000, le=96000)
+    window_ms: float = Field(25.0, gt=0, le=200)
+    hop_ms: float = Field(10.0, gt=0, le=100)
+    n_mels: int = Field(40, ge=1, le=512)
+    partial_frames: int = Field(160, ge=1, le=10000)
+    partials_per_second: float = Field(1.3, gt=0)
+    min_coverage: float = Field(0.75, gt=0, le=1)
+    target_dbfs: float = Field(-30.0, le=0)
+
+    @model_validator(mode="after")
+    def _partials_cover(self) -> AudioPreprocessingEntry:
+        # Frames between the starts of two partials (hop_ms apart each).
+        step_frames = 1000 / self.partials_per_second / self.hop_ms
+        if not 0.5 <= step_frames <= self.partial_frames:
+            raise ValueError(
+                "partials_per_second must start a partial at most every partial_frames frames"
+            )
+        return self
+
+
+class Ge2eEntry(_Entry):
+    kind: Literal["ge2e"]
+    # A torch state dict (lstm.*, linear.*), or a checkpoint holding one as `model_state`.
+    weights: Source
+    preprocessing: AudioPreprocessingEntry = AudioPreprocessingEntry()
+
+
 class OnnxEntry(_Entry):
     kind: Literal["onnx"]
-    modality: Modality
+    # Audio models are declared as `ge2e` entries: their graph holds the mel front end.
+    modality: Literal["image", "text"]
     model: Source
     output: str | None = None  # default: the graph's first output
     # For a text graph whose output is per token ([batch, tokens, dim]).
@@ -228,7 +321,9 @@ class BackbonesFile(BaseModel):
 
     entries: dict[
         Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$")],
-        Annotated[TimmEntry | TransformersEntry | OnnxEntry, Field(discriminator="kind")],
+        Annotated[
+            TimmEntry | TransformersEntry | Ge2eEntry | OnnxEntry, Field(discriminator="kind")
+        ],
     ]
 
     @model_validator(mode="after")
@@ -290,10 +385,10 @@ def _describe(path: Path, exc: ValidationError) -> str:
         where = [
             str(x) for x in error["loc"][1:] if not str(x).startswith(("function-", "tagged-"))
         ]
-        where = [x for x in where if x not in ("timm", "transformers", "onnx")]
+        where = [x for x in where if x not in ("timm", "transformers", "ge2e", "onnx")]
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            message = "kind must be one of timm, transformers, onnx"
+            message = "kind must be one of timm, transformers, ge2e, onnx"
         if where[1:2] == ["[key]"]:
             where, message = (
                 where[:1],

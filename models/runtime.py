@@ -10,6 +10,7 @@ from typing import Any, cast
 import numpy as np
 import onnxruntime as ort
 
+from models.audio import pad_waveforms
 from models.export import depth_widths
 from models.preprocess import load_tokenizer, pad_tokens, token_ids
 from models.registry import BackboneSpec, TextPreprocessing
@@ -126,6 +127,14 @@ class Backbone:
 
         return self._run_split(len(images), feeds, top_feeds, tops, depths)
 
+    def embed_waveforms(
+        self, rows: list[np.ndarray], tops: list[TopGroup] | None = None, depths: bool = False
+    ) -> np.ndarray:
+        """Mono float32 clips at the backbone's rate (`models.audio.decode_audio`) to
+        L2-normalised embeddings; with `depths`, each row followed by its depths."""
+        self._refuse_tops(tops)  # an audio backbone is served whole
+        return self._run_in_chunks(len(rows), lambda s: pad_waveforms(rows[s]), depths)
+
     def embed_texts(self, texts: list[str], depths: bool = False) -> np.ndarray:
         return self.embed_tokens(token_ids(texts, self.tokenizer), depths=depths)
 
@@ -224,18 +233,24 @@ class Backbone:
         tops: list[TopGroup] | None = None,
         depths: bool = False,
     ) -> np.ndarray:
-        """What the runner calls: decoded images or token-id rows (with the groups of rows
-        that go through fine-tuned heads' tops)."""
+        """What the runner calls: decoded images, token-id rows or waveforms (with the
+        groups of rows that go through fine-tuned heads' tops)."""
         if self.spec.modality == "image":
             return self.embed_images(cast(np.ndarray, rows), tops, depths)
+        if self.spec.modality == "audio":
+            return self.embed_waveforms(cast(list[np.ndarray], rows), tops, depths)
         return self.embed_tokens(cast(list[np.ndarray], rows), tops, depths)
 
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
-        """The fastest of a few passes over a typical batch, per row: a 224-ish image, or
-        a sentence of about 30 tokens."""
+        """The fastest of a few passes over a typical batch, per row: a 224-ish image, a
+        sentence of about 30 tokens, or a 1 s clip."""
         if self.spec.modality == "image":
             side = self.spec.image_preprocessing.image_size
             batch: np.ndarray | list[np.ndarray] = np.zeros((rows, side, side, 3), np.uint8)
+        elif self.spec.modality == "audio":
+            rate = self.spec.audio_preprocessing.sample_rate
+            noise = np.random.default_rng(0).normal(0, 0.1, rate).astype(np.float32)
+            batch = [noise] * rows
         else:
             sentence = "a typical request: a sentence or two of plain English " * 3
             batch = token_ids([sentence] * rows, self.tokenizer)

@@ -5,7 +5,9 @@
     ├── daisy/001.jpg ...        (or flowers/daisy/001.jpg: one common top folder is fine)
     └── tulips/001.jpg ...
 
-For a text backbone each file holds one example (UTF-8 text).
+For a text backbone each file holds one example (UTF-8 text); for an audio backbone each
+file is a clip (WAV, FLAC, OGG, MP3). With `backbone: auto` the files' names say which
+modality the archive holds (`archive_modality`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import stat
 import zipfile
 import zlib
 from pathlib import PurePosixPath
+from typing import cast
 
 from service.errors import PayloadTooLarge, Unprocessable
-from service.inputs import RawInput
+from service.inputs import InputKind, RawInput
 from service.settings import Settings
 
 # Magic numbers of archive formats: an archive inside the archive is refused, not unpacked.
@@ -44,8 +47,26 @@ def _declared_entries(data: bytes) -> int | None:
     return None if end is None else end[zipfile._ECD_ENTRIES_TOTAL]  # type: ignore[attr-defined]
 
 
-def examples_from_zip(data: bytes, modality: str, settings: Settings) -> list[tuple[str, RawInput]]:
+AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+
+
+def archive_modality(names: list[str]) -> str:
+    """The modality of an archive's files, by their names: audio when every file is a
+    clip, text when every file is a text, images otherwise (a photo's name says less)."""
+    suffixes = {PurePosixPath(name).suffix.lower() for name in names}
+    if suffixes <= AUDIO_SUFFIXES:
+        return "audio"
+    return "text" if suffixes <= TEXT_SUFFIXES else "image"
+
+
+def examples_from_zip(
+    data: bytes, modality: str | None, settings: Settings
+) -> list[tuple[str, RawInput]]:
+    """Labelled examples of `modality` (None: `archive_modality`'s)."""
     files = _archive_files(data, settings)
+    if modality is None:
+        modality = archive_modality([name for _, name, _ in files])
     # A zip of the data set's folder puts everything under one top folder: strip it.
     tops = {parts[0] for parts, _, _ in files}
     strip = 1 if len(tops) == 1 and all(len(parts) == 3 for parts, _, _ in files) else 0
@@ -121,8 +142,8 @@ def _archive_files(data: bytes, settings: Settings) -> list[tuple[tuple[str, ...
 
 
 def _raw(content: bytes, modality: str, name: str) -> RawInput:
-    if modality == "image":
-        return RawInput("image", content)
+    if modality in ("image", "audio"):
+        return RawInput(cast(InputKind, modality), content)
     try:
         return RawInput("text", content.decode("utf-8").strip())
     except UnicodeDecodeError:

@@ -1,8 +1,9 @@
 """What users send, checked and turned into backbone rows, in the API worker.
 
-Images become uint8 NHWC arrays (decoded, resized, cropped), texts token-id arrays: the
-rows that the runner (`service/runner.py`) batches. Every check raises a typed error that
-names the input's position; nothing here touches the store or the runner.
+Images become uint8 NHWC arrays (decoded, resized, cropped), texts token-id arrays, clips
+mono float32 waveforms: the rows that the runner (`service/runner.py`) batches. Every
+check raises a typed error that names the input's position; nothing here touches the
+store or the runner.
 """
 
 from __future__ import annotations
@@ -17,27 +18,32 @@ from typing import Literal, cast
 import numpy as np
 
 from graft.schemas import holds_control_characters
+from models.audio import decode_clips
 from models.preprocess import InvalidInput, decode_images, text_rows
-from models.registry import BackboneSpec, ImagePreprocessing
+from models.registry import AudioPreprocessing, BackboneSpec, ImagePreprocessing
 from service.errors import Forbidden, PayloadTooLarge, Unprocessable
 from service.settings import Settings
+
+InputKind = Literal["image", "text", "audio"]
 
 
 @dataclass(frozen=True)
 class RawInput:
-    """One input as the user sent it: image bytes or a text."""
+    """One input as the user sent it: image bytes, a text, or a clip's bytes."""
 
-    kind: Literal["image", "text"]
+    kind: InputKind
     data: bytes | str
 
     @classmethod
-    def from_json(cls, image: str | None, text: str | None) -> RawInput:
+    def from_json(cls, image: str | None, text: str | None, audio: str | None = None) -> RawInput:
         if text is not None:
             return cls("text", text)
+        kind: InputKind = "audio" if audio is not None else "image"
+        encoded = audio if audio is not None else image
         try:
-            return cls("image", base64.b64decode(image or "", validate=True))
+            return cls(kind, base64.b64decode(encoded or "", validate=True))
         except (binascii.Error, ValueError):
-            raise InvalidInput("invalid_base64", "'image' is not valid base64") from None
+            raise InvalidInput("invalid_base64", f"'{kind}' is not valid base64") from None
 
 
 def content_hash(raw: RawInput) -> str:
@@ -50,12 +56,15 @@ def content_hash(raw: RawInput) -> str:
 def to_rows(
     spec: BackboneSpec, items: Sequence[tuple[int, RawInput]], settings: Settings
 ) -> np.ndarray | list[np.ndarray]:
-    """(position, input) pairs to the backbone's rows: one uint8 NHWC array of images, or
-    a token-id array per text. Errors name the input's position."""
+    """(position, input) pairs to the backbone's rows: one uint8 NHWC array of images, a
+    token-id array per text, or a waveform per clip. Errors name the input's position."""
     pre = spec.preprocessing
     if isinstance(pre, ImagePreprocessing):
         images = [(position, as_bytes(raw)) for position, raw in items]
         return decode_images(images, pre, settings.max_image_pixels)
+    if isinstance(pre, AudioPreprocessing):
+        clips = [(position, as_bytes(raw)) for position, raw in items]
+        return decode_clips(clips, pre, settings.max_audio_seconds)
     texts = []
     for position, raw in items:
         try:
@@ -148,5 +157,5 @@ def check_descriptions(spec: BackboneSpec, descriptions: dict[str, str], labels:
 
 
 def as_bytes(raw: RawInput) -> bytes:
-    """An input as stored: image bytes, or a (checked, valid) text as UTF-8."""
+    """An input as stored: image or clip bytes, or a (checked, valid) text as UTF-8."""
     return raw.data if isinstance(raw.data, bytes) else raw.data.encode("utf-8")

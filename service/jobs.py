@@ -21,9 +21,10 @@ import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import cast
 
 from adapters.store import Head, Job, Store
-from service.inputs import RawInput, as_bytes
+from service.inputs import InputKind, RawInput, as_bytes
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
 from service.runner_client import RunnerUnavailable
 from service.settings import Settings
@@ -185,7 +186,7 @@ class TrainingJobs:
                 label,
                 RawInput("text", data.decode("utf-8"))
                 if kind == "text"
-                else RawInput("image", data),
+                else RawInput(cast(InputKind, kind), data),
             )
             for label, kind, data in self.store.job_examples(job_id=job.id)
         ]

@@ -21,12 +21,19 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from models.quantize import Variant
 from models.registry import BackboneFileError, BackboneSpec, load_catalog
 
-# The backbones a server loads unless GRAFT_BACKBONES says otherwise: two of each modality,
-# so that `auto` has a choice, and the two cheapest of each: EfficientNet-Lite0 and
-# MobileNetV2 (about equally accurate on flowers, each best on some sets), MiniLM-L6 (fast)
-# and MPNet (the most accurate with a few examples, about 3x slower). Lite1 and Lite2 cost
-# more for a point or two; an operator adds them (README, Backbones).
-DEFAULT_BACKBONES = ("efficientnet_lite0", "mobilenet_v2", "minilm_l6", "mpnet_base_v2")
+# The backbones a server loads unless GRAFT_BACKBONES says otherwise: two of each modality
+# where there are two, so that `auto` has a choice, and the two cheapest of each:
+# EfficientNet-Lite0 and MobileNetV2 (about equally accurate on flowers, each best on some
+# sets), MiniLM-L6 (fast) and MPNet (the most accurate with a few examples, about 3x
+# slower); and the one speech encoder (17 MB). Lite1 and Lite2 cost more for a point or
+# two; an operator adds them (README, Backbones).
+DEFAULT_BACKBONES = (
+    "efficientnet_lite0",
+    "mobilenet_v2",
+    "minilm_l6",
+    "mpnet_base_v2",
+    "resemblyzer_ge2e",
+)
 
 # AF_UNIX socket paths are limited to 108 bytes, the final NUL included.
 MAX_SOCKET_PATH = 107
@@ -177,6 +184,9 @@ class Settings(BaseSettings):
     max_predict_inputs: int = Field(256, ge=1)
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_text_chars: int = Field(10_000, ge=1)
+    # A clip's bytes count against max_body_bytes like an image's; its length is capped
+    # here (the graph's work grows with it: one partial window per 0.77 s).
+    max_audio_seconds: float = Field(30.0, gt=0, le=3600)
     max_labels: int = Field(1000, ge=2)
     max_label_chars: int = Field(200, ge=1)
     max_archive_files: int = Field(10_000, ge=1)

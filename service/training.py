@@ -333,7 +333,8 @@ def _reported(trained: heads.TrainedHead, **reports: dict) -> heads.TrainedHead:
 
 def keeps_inputs(head: Head, spec: BackboneSpec) -> bool:
     """Whether the head's inputs are kept, for its later versions to fine-tune on: text
-    heads that may fine-tune; image heads only asked to (`auto` keeps them frozen)."""
-    if spec.modality == "image":
+    heads that may fine-tune; image and audio heads only asked to (`auto` keeps them
+    frozen; audio backbones are served whole)."""
+    if spec.modality != "text":
         return head.fine_tune == "on"
     return head.fine_tune != "off"

@@ -122,8 +122,11 @@ TENANT_KEY = re.compile(r"graft_[0-9a-f]{32}_[A-Za-z0-9_-]{20,}")
 def server(tmp_path_factory: pytest.TempPathFactory, backbone_dir: Path) -> Iterator[Server]:
     """One real server for the end-to-end tests; each test makes its own tenants."""
     # Three image backbones, so that `auto` ranks them and keeps a shortlist of two; both
-    # text backbones, so that a text head's `auto` has a choice too.
-    loaded = "efficientnet_lite0,mobilenet_v2,efficientnet_lite1,minilm_l6,mpnet_base_v2"
+    # text backbones, so that a text head's `auto` has a choice too; the speech encoder.
+    loaded = (
+        "efficientnet_lite0,mobilenet_v2,efficientnet_lite1,minilm_l6,mpnet_base_v2,"
+        "resemblyzer_ge2e"
+    )
     running = start_test_server(
         BENTOML,
         tmp_path_factory.mktemp("data"),

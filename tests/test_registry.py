@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from models.registry import ImagePreprocessing, TextPreprocessing
+from models.registry import AudioPreprocessing, ImagePreprocessing, TextPreprocessing
 from service.settings import get_backbone, list_backbones
 
 SPECS = list_backbones()
@@ -16,7 +16,7 @@ def test_embedded_defaults_are_registered() -> None:
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.id for s in SPECS])
 def test_spec_is_complete_and_weights_ship_with_a_package(spec) -> None:
-    assert spec.modality in ("image", "text")
+    assert spec.modality in ("image", "text", "audio")
     assert spec.embedding_dim > 0
     assert spec.weights_file().exists(), "weights must come from an installed package"
     assert spec.source != "local file", "built-in weights come from packages"
@@ -28,6 +28,9 @@ def test_spec_is_complete_and_weights_ship_with_a_package(spec) -> None:
     if spec.modality == "image":
         assert isinstance(spec.preprocessing, ImagePreprocessing)
         assert spec.preprocessing.resize_size >= spec.preprocessing.image_size
+    elif spec.modality == "audio":
+        assert isinstance(spec.preprocessing, AudioPreprocessing)
+        assert public["preprocessing"]["sample_rate"] == spec.preprocessing.sample_rate
     else:
         assert isinstance(spec.preprocessing, TextPreprocessing)
         assert spec.preprocessing.tokenizer_file().is_file()
@@ -61,6 +64,11 @@ BAD_FILES = {
         f'[mine]\n{TIMM_ENTRY}architecture = "resnet18"\nweights = {{ path = "w.pth" }}\n'
         "colour = 1\n",
         "entry 'mine': colour: Extra inputs are not permitted",
+    ),
+    "partial windows that leave gaps": (
+        '[mine]\nkind = "ge2e"\nfamily = "GE2E"\nembedding_dim = 256\n'
+        'weights = { path = "w.pt" }\npreprocessing = { partials_per_second = 0.1 }\n',
+        "entry 'mine': preprocessing: partials_per_second must start a partial",
     ),
     "not TOML": ("[mine\n", "not valid TOML"),
     "a reserved id": (

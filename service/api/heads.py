@@ -31,7 +31,8 @@ _HEAD_SPEC_FORM = json_schema(HeadSpec)
 _ARCHIVE = {**BINARY, "description": "zip with one folder per label"}
 _UNLABELED_ARCHIVE = {
     **BINARY,
-    "description": "zip of images (or UTF-8 text files, one example each), in any folders",
+    "description": "zip of images (or UTF-8 text files, one example each, or audio clips),"
+    " in any folders",
 }
 
 
@@ -44,7 +45,7 @@ def _head_answer(head: Head, done_status: int) -> JSONResponse:
 
 
 def _examples(items) -> list[tuple[str, RawInput]]:
-    return [(e.label, RawInput.from_json(e.image, e.text)) for e in items]
+    return [(e.label, RawInput.from_json(e.image, e.text, e.audio)) for e in items]
 
 
 @router.post(
@@ -76,7 +77,7 @@ async def create_head(request: Request, tenant: CurrentTenant, graft: AppDep) ->
         data, fields = await archive_form(request, max_fields=10)
         spec = HeadSpec.model_validate(fields)
         backbone = graft.backbone(spec.backbone) if spec.backbone != AUTO_BACKBONE else None
-        modality = backbone.modality if backbone is not None else "image"
+        modality = backbone.modality if backbone is not None else None
         examples = await run_in_threadpool(examples_from_zip, data, modality, graft.settings)
         return spec, examples, {}
 
@@ -145,7 +146,7 @@ async def add_unlabeled(
 
     async def from_json(request: Request) -> list[RawInput]:
         body = UnlabeledAdd.model_validate_json(await request.body())
-        return [RawInput.from_json(x.image, x.text) for x in body.examples]
+        return [RawInput.from_json(x.image, x.text, x.audio) for x in body.examples]
 
     async def from_zip(request: Request) -> list[RawInput]:
         data, fields = await archive_form(request, max_fields=1)

@@ -1,6 +1,6 @@
-"""POST /v1/heads/{head_id}/predict (tenant key): JSON, one raw image as the body, or
-several as the `image` files of a multipart form (no base64: a third fewer bytes, no
-decode). `service/predict_path.py` answers it in front of the framework with
+"""POST /v1/heads/{head_id}/predict (tenant key): JSON, one raw image or clip as the
+body, or several as the `image` or `audio` files of a multipart form (no base64: a third
+fewer bytes, no decode). `service/predict_path.py` answers it in front of the framework with
 `answer_predict`; the route here declares it for the API document."""
 
 from __future__ import annotations
@@ -26,13 +26,23 @@ from service.inputs import RawInput
 router = APIRouter(prefix="/heads", tags=["heads"])
 
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+# The names browsers and tools give WAV, FLAC, OGG and MP3 bodies.
+AUDIO_TYPES = (
+    "audio/wav",
+    "audio/x-wav",
+    "audio/wave",
+    "audio/flac",
+    "audio/x-flac",
+    "audio/ogg",
+    "audio/mpeg",
+)
 
 
 async def _predict_inputs(
     request: Request, max_inputs: int, query: PredictOptions
 ) -> tuple[list[RawInput], PredictOptions]:
     """The inputs of a predict body, and its options: a JSON body carries its own, image
-    bodies take those of the query."""
+    and audio bodies take those of the query."""
 
     async def from_json(request: Request) -> tuple[list[RawInput], PredictOptions]:
         # Python's parser, as FastAPI's own: a lone surrogate escape is valid JSON, and
@@ -42,10 +52,13 @@ async def _predict_inputs(
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             raise BadInput("the request body is not valid JSON", code="invalid_json") from None
         body = PredictRequest.model_validate(payload)
-        return [RawInput.from_json(x.image, x.text) for x in body.inputs], body
+        return [RawInput.from_json(x.image, x.text, x.audio) for x in body.inputs], body
 
     async def from_image(request: Request) -> tuple[list[RawInput], PredictOptions]:
         return [RawInput("image", await request.body())], query
+
+    async def from_audio(request: Request) -> tuple[list[RawInput], PredictOptions]:
+        return [RawInput("audio", await request.body())], query
 
     async def from_form(request: Request) -> tuple[list[RawInput], PredictOptions]:
         try:
@@ -54,16 +67,26 @@ async def _predict_inputs(
         except StarletteHTTPException as exc:
             if "Too many files" in str(exc.detail):
                 raise PayloadTooLarge(
-                    f"over {max_inputs} images; at most {max_inputs} per call",
+                    f"over {max_inputs} inputs; at most {max_inputs} per call",
                     code="too_many_inputs",
                 ) from None
             raise
-        files = form.getlist("image")
-        if not files or set(form) != {"image"} or not all(isinstance(f, UploadFile) for f in files):
-            raise Unprocessable("a multipart predict takes image files named 'image', only")
-        return [RawInput("image", await f.read()) for f in files], query  # type: ignore[union-attr]
+        kinds = set(form)
+        kind = next(iter(kinds)) if len(kinds) == 1 else None
+        files = form.getlist(kind) if kind in ("image", "audio") else []
+        if not files or not all(isinstance(f, UploadFile) for f in files):
+            raise Unprocessable(
+                "a multipart predict takes image files named 'image', or audio files named"
+                " 'audio', only"
+            )
+        return [RawInput(kind, await f.read()) for f in files], query  # type: ignore[arg-type, union-attr]
 
-    readers = {JSON: from_json, **dict.fromkeys(IMAGE_TYPES, from_image), MULTIPART: from_form}
+    readers = {
+        JSON: from_json,
+        **dict.fromkeys(IMAGE_TYPES, from_image),
+        **dict.fromkeys(AUDIO_TYPES, from_audio),
+        MULTIPART: from_form,
+    }
     return await read_body(request, readers)
 
 
@@ -103,11 +126,16 @@ async def answer_predict(
         {
             JSON: json_schema(PredictRequest),
             **dict.fromkeys(IMAGE_TYPES, BINARY),
+            **dict.fromkeys(AUDIO_TYPES, BINARY),
             MULTIPART: {
                 "type": "object",
-                "required": ["image"],
                 "additionalProperties": False,
-                "properties": {"image": {"type": "array", "items": BINARY, "minItems": 1}},
+                "minProperties": 1,
+                "maxProperties": 1,
+                "properties": {
+                    kind: {"type": "array", "items": BINARY, "minItems": 1}
+                    for kind in ("image", "audio")
+                },
             },
         }
     ),
@@ -119,7 +147,8 @@ async def predict(
     graft: AppDep,
     query: Annotated[PredictOptions, Query()],
 ) -> JSONResponse:
-    """Predict with JSON (`inputs`: base64 images or texts, and the options), one raw image
-    as the body (image/jpeg, image/png, image/webp), or several as multipart `image` files
+    """Predict with JSON (`inputs`: base64 images or clips, or texts, and the options), one
+    raw image or clip as the body (image/jpeg, image/png, image/webp; audio/wav,
+    audio/flac, audio/ogg, audio/mpeg), or several as multipart `image` or `audio` files
     (the options as query parameters)."""
     return await answer_predict(request, graft, tenant, head_id, query)
