@@ -191,12 +191,23 @@ def own_cpu_seconds() -> float:
 
 
 class Requests:
-    """Predict requests of `per_request` images for random targets, as JSON or raw."""
+    """Predict requests of `per_request` images (or `kind="audio"`: WAV clips) for random
+    targets, as JSON or raw."""
 
-    def __init__(self, base: str, targets, images: list[bytes], per_request: int, body: str):
+    MEDIA = {"image": "image/jpeg", "audio": "audio/wav"}
+
+    def __init__(
+        self,
+        base: str,
+        targets,
+        images: list[bytes],
+        per_request: int,
+        body: str,
+        kind: str = "image",
+    ):
         self.base, self.targets, self.images = base, targets, images
         self.encoded = [base64.b64encode(x).decode() for x in images]
-        self.per_request, self.body = per_request, body
+        self.per_request, self.body, self.kind = per_request, body, kind
 
     def make(self) -> dict:
         head_id, key = random.choice(self.targets)
@@ -205,15 +216,14 @@ class Requests:
             "headers": {"Authorization": f"Bearer {key}"},
         }
         picks = random.choices(range(len(self.images)), k=self.per_request)
+        media = self.MEDIA[self.kind]
         if self.body == "json":
-            request["json"] = {"inputs": [{"image": self.encoded[i]} for i in picks]}
+            request["json"] = {"inputs": [{self.kind: self.encoded[i]} for i in picks]}
         elif self.per_request == 1:
             request["content"] = self.images[picks[0]]
-            request["headers"]["Content-Type"] = "image/jpeg"
+            request["headers"]["Content-Type"] = media
         else:
-            request["files"] = [
-                ("image", (f"{i}.jpg", self.images[i], "image/jpeg")) for i in picks
-            ]
+            request["files"] = [(self.kind, (f"{i}", self.images[i], media)) for i in picks]
         return request
 
 

@@ -19,7 +19,7 @@ STATIC = Path(__file__).parent / "console"
 PREFIX = "/console/"
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self';"
-    " img-src 'self' data: blob:; connect-src 'self'; form-action 'none';"
+    " img-src 'self' data: blob:; media-src blob:; connect-src 'self'; form-action 'none';"
     " base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

@@ -151,7 +151,10 @@ def polling_server(
         BENTOML,
         tmp_path_factory.mktemp("polling"),
         backbone_dir,
-        {"GRAFT_BACKBONES": "efficientnet_lite0,minilm_l6", "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0"},
+        {
+            "GRAFT_BACKBONES": "efficientnet_lite0,minilm_l6,resemblyzer_ge2e",
+            "GRAFT_SYNC_TRAINING_TIMEOUT_S": "0",
+        },
     )
     yield running
     stop_server(running)

@@ -6,6 +6,7 @@ under tests/screenshots/ (git-ignored) for a person to look at."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from playwright.sync_api import Page, expect, sync_playwright
 from graft import Client
 from models.preprocess import decode_image
 from tests.inputs import crops, exported_image_preprocessing, label_folders
+from tests.speech import COMMANDS, VOICES, clip_folders, speak
 
 pytestmark = pytest.mark.e2e
 
@@ -24,6 +26,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    # A microphone that needs no prompt and plays Chromium's own test tone.
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
 ]  # fmt: skip
 SCREENSHOTS = Path(__file__).parent / "screenshots"
 TRAINING_S = 180_000  # ms: a head trains in the background on a shared 2-core machine
@@ -107,10 +111,14 @@ def test_console_from_key_to_download(polling_server, page: Page, tmp_path) -> N
     policy = answer.headers["content-security-policy"]
     assert "default-src 'none'" in policy and "script-src 'self'" in policy
     assert "unsafe-inline" not in policy
+    # The first screen says what Graft does and where a key comes from.
+    expect(page.locator("#welcome")).to_contain_text("trains a small head")
+    expect(page.locator("#welcome")).to_contain_text("graft tenants create")
     page.screenshot(path=SCREENSHOTS / "1-key.png")
 
     _enter_key(page, _tenant_key(polling_server, "console"))
     expect(page.get_by_text("No heads yet")).to_be_visible()
+    expect(page.locator("#welcome")).to_be_hidden()
     assert page.evaluate("sessionStorage.getItem('graft.key')").startswith("graft_")
     assert page.evaluate("localStorage.length") == 0
 
@@ -119,7 +127,7 @@ def test_console_from_key_to_download(polling_server, page: Page, tmp_path) -> N
     page.get_by_label("Backbone").select_option("efficientnet_lite0")
     page.get_by_label("Fine-tune its top").select_option("off")
     folders = label_folders(tmp_path / "photos", 6, seed=3)
-    page.get_by_label("Images or .txt files").set_input_files(folders)
+    page.get_by_label("Images, audio clips or .txt files").set_input_files(folders)
     expect(page.locator("#found")).to_have_text("12 examples, 2 labels: flower, temple")
     page.get_by_role("button", name="Create head").click()
     expect(page.locator("#create-progress")).to_be_visible()
@@ -143,7 +151,7 @@ def test_console_from_key_to_download(polling_server, page: Page, tmp_path) -> N
     temple, flower = tmp_path / "temple.jpg", tmp_path / "flower.jpg"
     temple.write_bytes(crops("china.jpg", 1, seed=21)[0])
     flower.write_bytes(crops("flower.jpg", 1, seed=21)[0])
-    page.get_by_label("Images", exact=True).set_input_files([temple, flower])
+    page.get_by_label("Images or audio clips", exact=True).set_input_files([temple, flower])
     page.get_by_role("button", name="Predict").click()
     rows = page.locator("#predictions tbody tr")
     expect(rows).to_have_count(2)
@@ -167,6 +175,46 @@ def test_console_from_key_to_download(polling_server, page: Page, tmp_path) -> N
     page.get_by_role("button", name="Delete head").click()
     expect(page.locator("#head-section")).to_be_hidden()
     expect(page.get_by_text("No heads yet")).to_be_visible()
+
+
+def test_console_voice_head_records_plays_and_predicts(
+    polling_server, page: Page, tmp_path
+) -> None:
+    page.goto(f"{polling_server.base_url}/")
+    _enter_key(page, _tenant_key(polling_server, "console voices"))
+    page.get_by_label("Name").fill("commands")
+    page.get_by_label("Backbone").select_option("resemblyzer_ge2e")
+    folders = clip_folders(tmp_path / "clips", 4)
+    page.get_by_label("Images, audio clips or .txt files").set_input_files(folders)
+    expect(page.locator("#found")).to_have_text("16 examples, 4 labels: go, no, stop, yes")
+    page.get_by_role("button", name="Create head").click()
+    expect(page.locator("#head-title")).to_have_text("commands (v1)", timeout=TRAINING_S)
+    expect(page.locator("#head-summary")).to_contain_text("on resemblyzer_ge2e")
+
+    # A clip from a file, played back in its row.
+    clip = tmp_path / "stop.wav"
+    clip.write_bytes(speak("stop", VOICES[0], 4))
+    page.get_by_label("Images or audio clips", exact=True).set_input_files([clip])
+    page.get_by_role("button", name="Predict").click()
+    row = page.locator("#predictions tbody tr").first
+    expect(row.locator("td").nth(1)).to_have_text(re.compile("|".join(COMMANDS)))
+    expect(row.locator("audio")).to_have_count(1)
+
+    # The microphone (Chromium's fake one plays a tone): recorded, played back, sent.
+    page.get_by_role("button", name="Record from the microphone").click()
+    expect(page.locator("#record-status")).to_have_text("recording…")
+    page.wait_for_timeout(1500)
+    page.get_by_role("button", name="Stop recording").click()
+    expect(page.locator("#playback")).to_be_visible()
+    expect(page.locator("#record-status")).to_contain_text("s recorded")
+    duration = page.locator("#playback").evaluate(
+        "a => new Promise((ok) => a.readyState >= 1 ? ok(a.duration)"
+        " : a.addEventListener('loadedmetadata', () => ok(a.duration)))"
+    )
+    assert duration > 0.5, duration
+    page.get_by_role("button", name="Predict").click()
+    expect(page.locator("#predictions tbody tr td").first).to_contain_text("recording.wav")
+    page.locator("#predict-form").screenshot(path=SCREENSHOTS / "voice.png")
 
 
 def test_console_texts_and_errors(polling_server, page: Page) -> None:

@@ -5,6 +5,7 @@
 const KEY = "graft.key";
 const IMAGE = /\.(jpe?g|png|webp)$/i;
 const TEXT = /\.txt$/i;
+const AUDIO = /\.(wav|flac|ogg|oga|opus|mp3)$/i;
 const SVG = "http://www.w3.org/2000/svg";
 const STAGES = {
   embedding: "Embedding examples",
@@ -172,11 +173,12 @@ function base64(file) {
   });
 }
 
-// [{label, file}] as the API's examples: images as base64, .txt files one per line.
+// [{label, file}] as the API's examples: images and clips as base64, .txt files one per line.
 async function examplesOf(found) {
   const examples = [];
   for (const { label, file } of found) {
     if (IMAGE.test(file.name)) examples.push({ label, image: await base64(file) });
+    else if (AUDIO.test(file.name)) examples.push({ label, audio: await base64(file) });
     else if (TEXT.test(file.name)) {
       for (const line of (await file.text()).split(/\r?\n/)) {
         if (line.trim()) examples.push({ label, text: line.trim() });
@@ -436,28 +438,92 @@ function drawBackboneChoice(backbone, selection) {
   figure("backbone-choice", picture, `Every backbone scored by LogME on your examples; the best ${selection.shortlist.length} trained (bars: held-out accuracy) and the lower held-out log-loss kept.`);
 }
 
+// The microphone ---------------------------------------------------------------------------
+
+let recording = null; // while recording: its audio context, stream and samples so far
+let recorded = null; // the last recording, a WAV File
+
+// Float samples in [-1, 1] as a 16-bit mono WAV file (what every decoder reads; the
+// browser's own recorder writes WebM, which the server's decoder does not).
+function wavFile(chunks, rate) {
+  const n = chunks.reduce((total, c) => total + c.length, 0);
+  const view = new DataView(new ArrayBuffer(44 + 2 * n));
+  const text = (offset, s) => [...s].forEach((c, i) => view.setUint8(offset + i, c.charCodeAt(0)));
+  text(0, "RIFF");
+  view.setUint32(4, 36 + 2 * n, true);
+  text(8, "WAVEfmt ");
+  view.setUint32(16, 16, true); // the format chunk's size
+  view.setUint16(20, 1, true); // PCM
+  view.setUint16(22, 1, true); // mono
+  view.setUint32(24, rate, true);
+  view.setUint32(28, 2 * rate, true); // bytes per second
+  view.setUint16(32, 2, true); // bytes per frame
+  view.setUint16(34, 16, true); // bits per sample
+  text(36, "data");
+  view.setUint32(40, 2 * n, true);
+  let offset = 44;
+  for (const chunk of chunks) {
+    for (const sample of chunk) {
+      view.setInt16(offset, Math.round(32767 * Math.max(-1, Math.min(1, sample))), true);
+      offset += 2;
+    }
+  }
+  return new File([view], "recording.wav", { type: "audio/wav" });
+}
+
+async function toggleRecording() {
+  const button = $("record");
+  if (!recording) {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const context = new AudioContext();
+    await context.audioWorklet.addModule("/console/capture.js");
+    const capture = new AudioWorkletNode(context, "graft-capture");
+    const chunks = [];
+    capture.port.onmessage = (e) => chunks.push(e.data);
+    context.createMediaStreamSource(stream).connect(capture);
+    capture.connect(context.destination); // pulled by the graph; it writes silence
+    recording = { context, stream, chunks };
+    button.textContent = "Stop recording";
+    $("record-status").textContent = "recording…";
+    return;
+  }
+  const { context, stream, chunks } = recording;
+  recording = null;
+  stream.getTracks().forEach((track) => track.stop());
+  await context.close();
+  recorded = wavFile(chunks, context.sampleRate);
+  droppedFiles = null;
+  $("playback").src = URL.createObjectURL(recorded);
+  $("playback").hidden = false;
+  button.textContent = "Record again";
+  const seconds = chunks.reduce((total, c) => total + c.length, 0) / context.sampleRate;
+  $("record-status").textContent = `${seconds.toFixed(1)} s recorded: Predict sends it`;
+}
+
 // Try it, add examples, download, delete --------------------------------------------------
 
-let droppedImages = null;
+let droppedFiles = null;
 
 async function predict() {
   const topK = $("top-k").value || "1";
-  const images = droppedImages ?? [...$("predict-files").files];
+  const files = recorded ? [recorded] : (droppedFiles ?? [...$("predict-files").files]);
   const texts = $("predict-texts").value.split(/\r?\n/).map((t) => t.trim()).filter(Boolean);
   let answer;
   let names;
-  if (images.length) {
+  if (files.length) {
+    const kinds = new Set(files.map((f) => (AUDIO.test(f.name) ? "audio" : "image")));
+    if (kinds.size > 1) throw new Error("predict images or clips, not both at once");
     const form = new FormData();
-    for (const file of images) form.append("image", file);
+    for (const file of files) form.append([...kinds][0], file);
     answer = await api("POST", `/heads/${current.id}/predict`, { body: form, query: { top_k: topK } });
-    names = images.map((f) => f.name);
+    names = files;
   } else if (texts.length) {
     answer = await api("POST", `/heads/${current.id}/predict`, {
       json: { inputs: texts.map((text) => ({ text })), top_k: Number(topK) },
     });
     names = texts;
   } else {
-    throw new Error("choose or drop images, or type texts");
+    throw new Error("choose, drop or record images or clips, or type texts");
   }
   const body = $("predictions").tBodies[0];
   body.replaceChildren();
@@ -466,10 +532,22 @@ async function predict() {
     if (p.unknown) label.append(" ", el("span", "unknown", { class: "badge", title: "far from every label this head knows" }));
     const ranked = p.top_k.map((s) => `${s.label} ${pct(s.score)}`).join(", ");
     const row = el("tr");
-    row.append(el("td", names[i]), label, el("td", ranked));
+    row.append(inputCell(names[i]), label, el("td", ranked));
     body.append(row);
   });
   $("predictions").hidden = false;
+}
+
+// A predict's input as its row shows it: a text, a file's name, and a clip's player.
+function inputCell(input) {
+  if (typeof input === "string") return el("td", input);
+  const cell = el("td", input.name);
+  if (AUDIO.test(input.name)) {
+    const player = el("audio", null, { controls: "", "aria-label": `Play ${input.name}` });
+    player.src = URL.createObjectURL(input);
+    cell.append(" ", player);
+  }
+  return cell;
 }
 
 async function addExamples() {
@@ -519,6 +597,7 @@ async function start() {
   clearError();
   await Promise.all([loadHeads(), loadBackbones()]);
   $("app").hidden = false;
+  $("welcome").hidden = true;
 }
 
 function on(id, event, handler) {
@@ -532,12 +611,14 @@ document.addEventListener("DOMContentLoaded", () => {
     $("api-key").value = "";
     start().catch((error) => {
       $("app").hidden = true;
+      $("welcome").hidden = false;
       showError(error);
     });
   });
   on("forget-key", "click", () => {
     sessionStorage.removeItem(KEY);
     $("app").hidden = true;
+    $("welcome").hidden = false;
     current = null;
   });
   on("refresh", "click", (e) => busy(e.target, loadHeads));
@@ -550,10 +631,15 @@ document.addEventListener("DOMContentLoaded", () => {
     $("found").textContent = `dropped: ${describe(chosen)}`;
   });
   dropZone("predict-drop", async (transfer) => {
-    droppedImages = [...transfer.files].filter((f) => IMAGE.test(f.name));
-    $("predict-drop").textContent = `${droppedImages.length} images dropped`;
+    droppedFiles = [...transfer.files].filter((f) => IMAGE.test(f.name) || AUDIO.test(f.name));
+    recorded = null;
+    $("predict-drop").textContent = `${droppedFiles.length} files dropped`;
   });
-  on("predict-files", "change", () => (droppedImages = null));
+  on("predict-files", "change", () => {
+    droppedFiles = null;
+    recorded = null;
+  });
+  on("record", "click", (e) => busy(e.target, toggleRecording));
   on("create-form", "submit", (e) => {
     e.preventDefault();
     busy($("create"), createHead);
