@@ -196,5 +196,29 @@ def test_bad_audio_is_refused_and_changes_nothing(server) -> None:
         after = client.get(f"/v1/heads/{head['id']}").json()
         assert after["version"] == before["version"]
         assert after["metrics"]["n_examples"] == before["metrics"]["n_examples"]
-        # The clips below the limit still work.
-        assert _predict(client, head["id"], [_wav(tone), speech])[1]["label"] in VOICES
+        # The clips below the limit still work, MP3 too (libsndfile writes it here).
+        mp3 = io.BytesIO()
+        pcm, rate = soundfile.read(io.BytesIO(speech), dtype="float32")
+        soundfile.write(mp3, pcm, rate, format="MP3")
+        answers = _predict(client, head["id"], [_wav(tone), speech, mp3.getvalue()])
+        assert answers[2]["label"] == answers[1]["label"] in VOICES
+
+
+def test_a_head_that_cannot_hear_its_labels_says_so(server) -> None:
+    """Labels the encoder cannot hear: each (voice, word) said in two styles, one under
+    each label, so that the labels differ only in which style goes with which word."""
+    words = ("one", "two", "three", "four")
+    examples = [
+        {"label": label, "audio": b64(speak(word, voice, (i + flip) % 2))}
+        for voice in VOICES
+        for i, word in enumerate(words)
+        for label, flip in (("a", 0), ("b", 1))
+    ]
+    with server.new_tenant("unheard") as client:
+        created = client.post(
+            "/v1/heads", json={"name": "unheard", "backbone": BACKBONE, "examples": examples}
+        )
+        assert created.status_code == 201, created.text
+        metrics = created.json()["metrics"]
+        assert metrics["majority_baseline"] == 0.5
+        assert any("not clearly above always answering" in w for w in metrics["warnings"]), metrics

@@ -27,6 +27,7 @@ from tests.inputs import (
     text_folders,
 )
 from tests.server import ROOT, free_port
+from tests.speech import COMMANDS, VOICES, clip_folders, sox, speak
 
 pytestmark = pytest.mark.e2e
 
@@ -95,6 +96,46 @@ def test_text_head_from_lines_and_texts(polling_server, tenant_key, tmp_path) ->
         head = graft.add_unlabeled(head.id, texts=[SPORTS[6], COOKING[6], "Serve it warm"])
         assert head.version == 2 and head.metrics.domain.n_unlabeled == 3
         graft.delete_head(head.id)
+
+
+def test_voice_head_from_clip_folders_by_client_and_command(
+    polling_server, tenant_key, tmp_path
+) -> None:
+    """Folders of WAV clips; clips as a path, bytes and numpy samples; the command's
+    `--from` and a clip to predict."""
+    import soundfile
+
+    folders = clip_folders(tmp_path / "clips", 4)
+    found = Examples.from_dir(folders)
+    assert found.modality == "audio" and len(found) == 16
+    go = speak("go", VOICES[2], 3)
+    (tmp_path / "go.wav").write_bytes(go)
+    samples, rate = soundfile.read(io.BytesIO(go), dtype="float32")
+    with Client(polling_server.base_url, tenant_key) as graft:
+        # `auto`: the zip's .wav names say it is audio.
+        head = graft.create_head("commands", found, backbone="auto")
+        assert head.backbone == "resemblyzer_ge2e" and head.labels == sorted(COMMANDS)
+        answer = graft.predict(
+            head.id, clips=[tmp_path / "go.wav", sox(go, out_type="flac"), (samples, rate)]
+        )
+        labels = [p.label for p in answer.predictions]
+        assert len(set(labels)) == 1, labels  # one clip three ways: one answer
+        # Unlabelled clips of where it will serve (another room: noise and echo added).
+        noisy = [sox(speak(w, VOICES[0], 2), "reverb", "40") for w in COMMANDS]
+        head = graft.add_unlabeled(head.id, clips=noisy)
+        assert head.version == 2 and head.metrics.domain.n_unlabeled == 4
+        graft.delete_head(head.id)
+
+    made = _graft(polling_server, tenant_key, "heads", "create", "by-voice", "--from", str(folders))
+    assert made.returncode == 0, made.stderr
+    assert "16 audio examples" in made.stderr
+    with Client(polling_server.base_url, tenant_key) as graft:
+        [head_id] = [h.id for h in graft.heads() if h.name == "by-voice"]
+    said = _graft(
+        polling_server, tenant_key, "predict", head_id, str(tmp_path / "go.wav"), "--json"
+    )
+    assert said.returncode == 0, said.stderr
+    assert json.loads(said.stdout)["predictions"][0]["label"] == labels[0]
 
 
 def test_errors_are_typed(polling_server, tenant_key, tmp_path) -> None:
