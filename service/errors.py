@@ -120,7 +120,8 @@ def error_response(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, ApiError):
         return _respond(exc.status, exc.code, exc.message, exc.headers)
     if isinstance(exc, InvalidInput):
-        status = 413 if exc.code in ("image_too_large", "text_too_long") else 422
+        too_large = ("image_too_large", "text_too_long", "audio_too_long")
+        status = 413 if exc.code in too_large else 422
         return _respond(status, exc.code, exc.message)
     if isinstance(exc, RequestValidationError | ValidationError):
         errors = list(exc.errors())
