@@ -81,6 +81,22 @@ def test_speaker_head_json_and_its_download(server) -> None:
             # sox's resampler is not soxr's defaults: close, not equal.
             assert scores[answer["label"]] == pytest.approx(answer["score"], abs=0.05)
 
+        # Examples added later: version 2 on all of them; no other tenant sees the head.
+        added = client.post(
+            f"/v1/heads/{head['id']}/examples", json={"examples": speaker_examples(2, offset=5)}
+        )
+        assert added.status_code == 200, added.text
+        assert added.json()["version"] == 2 and added.json()["metrics"]["n_examples"] == 21
+        with server.new_tenant("eavesdropper") as other:
+            assert_error(other.get(f"/v1/heads/{head['id']}"), 404, "head_not_found")
+            assert_error(
+                other.post(
+                    f"/v1/heads/{head['id']}/predict", json={"inputs": [{"audio": b64(clips[0])}]}
+                ),
+                404,
+                "head_not_found",
+            )
+
 
 def test_command_head_from_a_zip_with_auto_and_raw_bodies(server) -> None:
     """Clips in folders per label, in three formats, at other rates and channel counts;
