@@ -12,10 +12,11 @@
    - head creation: 60 clips (10 per speaker) in one JSON request, fresh tenant, to 201;
    - the download against the server: a digit head (10 per digit) predicts every other
      clip both ways; top-1 agreement;
-   - throughput: single 1 s clips as raw audio/wav bodies, from 16 httpx clients, over
-     1,000 heads (seeded in the registry), against ONNX Runtime alone in this process on
-     the same clips (its best of batch 1, 8, 32, one session or a lane per core) measured
-     in turns with it.
+   - throughput: 1 s clips, one per request as a raw audio/wav body and 8 per request as
+     multipart files, from 16 httpx clients, over 1,000 heads (seeded in the registry),
+     against ONNX Runtime alone in this process on the same clips (its best of batch 1,
+     8, 32, one session or a lane per core) measured in turns with it; and where the CPU
+     goes per clip: the load client (this process), the API workers, the runner.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.heads import predict_proba, train_head
 from bench.common import DATA, served
-from bench.serving import Requests, closed_loop, seed_heads
+from bench.serving import (
+    Requests,
+    closed_loop,
+    cpu_seconds,
+    own_cpu_seconds,
+    seed_heads,
+    server_roles,
+)
 from deploy.local_server import BENTOML, start_server, stop_server
 from models.audio import decode_audio, pad_waveforms
 from models.export import ensure_onnx
@@ -165,7 +173,7 @@ def part_http(clips, args) -> None:
     settings = Settings()
     spec = settings.catalog[BACKBONE]
     scratch = Path(tempfile.mkdtemp(prefix="graft-voice-"))
-    heads = seed_heads(scratch / "graft.db", args.heads, spec.embedding_dim, backbone=BACKBONE)
+    heads = seed_heads(scratch / "graft.sqlite3", args.heads, spec.embedding_dim, backbone=BACKBONE)
     server = start_server(
         BENTOML,
         scratch,
@@ -222,22 +230,34 @@ def part_http(clips, args) -> None:
         seconds_clips = [
             one_second(data, 16000) for _, _, data in clips[:: max(1, len(clips) // 32)]
         ]
-        requests = Requests(server.base_url, heads, seconds_clips, 1, "raw", kind="audio")
         pcm = [decode_audio(c, spec.audio_preprocessing, 60) for c in seconds_clips]
         onnx_path = ensure_onnx(spec, settings.backbone_dir)
-        asyncio.run(closed_loop(requests, args.clients, 3))  # warm-up
-        ratios = []
-        for round_ in range(args.rounds):
-            http = asyncio.run(closed_loop(requests, args.clients, args.duration))
-            rate = http["requests"] / http["seconds"]
-            alone = in_process_best(onnx_path, spec, pcm, args.duration / 6)
-            ratios.append(rate / alone)
-            print(
-                f"round {round_ + 1}: HTTP {rate:.1f} clips/s (p50 {http['p50_ms']:.0f} ms,"
-                f" p99 {http['p99_ms']:.0f} ms, {http['errors']} errors) over {len(heads)} heads;"
-                f" in-process {alone:.1f} clips/s; ratio {ratios[-1]:.3f}"
-            )
-        print(f"HTTP ÷ in-process, median of {args.rounds} rounds: {statistics.median(ratios):.3f}")
+        roles = server_roles(server.process.pid)
+        for per_request in args.per_request:
+            # One clip: a raw audio/wav body; several: multipart `audio` files.
+            requests = Requests(server.base_url, heads, seconds_clips, per_request, "raw", kind="audio")  # fmt: skip
+            asyncio.run(closed_loop(requests, args.clients, 3))  # warm-up
+            ratios = []
+            for round_ in range(args.rounds):
+                before = {role: cpu_seconds(p) for role, p in roles.items()}
+                client_before = own_cpu_seconds()
+                http = asyncio.run(closed_loop(requests, args.clients, args.duration))
+                rate = per_request * http["requests"] / http["seconds"]
+                # CPU per clip, ms: the load client (this process), API workers, runner.
+                spent = {role: cpu_seconds(p) - before[role] for role, p in roles.items()}
+                spent["client"] = own_cpu_seconds() - client_before
+                clips_sent = max(1, per_request * http["requests"])
+                per_clip = {k: round(1000 * v / clips_sent, 2) for k, v in spent.items()}
+                alone = in_process_best(onnx_path, spec, pcm, args.duration / 6)
+                ratios.append(rate / alone)
+                print(
+                    f"{per_request} per request, round {round_ + 1}: HTTP {rate:.1f} clips/s"
+                    f" (p50 {http['p50_ms']:.0f} ms, p99 {http['p99_ms']:.0f} ms,"
+                    f" {http['errors']} errors) over {len(heads)} heads; in-process"
+                    f" {alone:.1f} clips/s; ratio {ratios[-1]:.3f}; CPU ms per clip {per_clip}"
+                )
+            median = statistics.median(ratios)
+            print(f"{per_request} per request: HTTP ÷ in-process, median of {args.rounds}: {median:.3f}")  # fmt: skip
     finally:
         stop_server(server)
 
@@ -247,15 +267,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--heads", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--duration", type=float, default=20, help="seconds per HTTP phase")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--per-request", type=lambda v: [int(x) for x in v.split(",")], default=[1, 8]
+    )
     args = parser.parse_args()
     clips = fsdd()
     backbone, layout = served(BACKBONE)
     print(f"# bench/voice.py: {len(clips)} FSDD clips, {BACKBONE}, {usable_cores()} cores")
-    part_accuracy(clips, backbone, layout)
+    if not args.skip_accuracy:
+        part_accuracy(clips, backbone, layout)
     if not args.skip_http:
         part_http(clips, args)
 
