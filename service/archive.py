@@ -48,7 +48,7 @@ def _declared_entries(data: bytes) -> int | None:
 
 
 AUDIO_SUFFIXES = {".wav", ".wave", ".flac", ".ogg", ".oga", ".opus", ".mp3"}
-TEXT_SUFFIXES = {".txt", ".text", ".md"}
+TEXT_SUFFIXES = {".txt"}
 
 
 def archive_modality(names: list[str]) -> str:
