@@ -41,7 +41,7 @@ settings = Settings()
 if record_arbiter() and settings.end_with_parent:
     watch_parent(os.getppid())
 own_multiprocess_dir(settings.run_dir)
-app = create_app(settings.max_body_bytes)
+app = create_app(settings.max_body_bytes, settings.documented_limits())
 SERVICE_CONFIG = {
     "traffic": {"timeout": 600},
     "logging": {"access": {"enabled": settings.access_log}},

@@ -284,6 +284,17 @@ class Settings(BaseSettings):
         """Every declared backbone: the built-ins and GRAFT_BACKBONES_FILE's."""
         return load_catalog(self.backbones_file, self.sources_dir)
 
+    def documented_limits(self) -> str:
+        """What a request may carry on this server, as the API document states it."""
+        return (
+            f"Limits on this server: a request body of at most {self.max_body_bytes:,} bytes;"
+            f" at most {self.max_predict_inputs} inputs per predict and"
+            f" {self.max_examples_per_request:,} examples per request; images of at most"
+            f" {self.max_image_pixels:,} pixels; texts of at most {self.max_text_chars:,}"
+            f" characters; clips of at most {self.max_audio_seconds:g} s each (their bytes"
+            " count against the body's)."
+        )
+
     def loaded_backbones(self) -> list[BackboneSpec]:
         """The backbones this server loads, lists, trains and serves."""
         catalog = self.catalog

@@ -50,6 +50,9 @@ def test_speaker_head_json_and_its_download(server) -> None:
         assert listed[BACKBONE]["modality"] == "audio"
         assert listed[BACKBONE]["preprocessing"]["sample_rate"] == 16000
         assert set(listed[BACKBONE]["onnx_inputs"]) == {"waveform", "samples"}
+        # The API document states this server's limits, a clip's length among them.
+        document = client.get("/v1/openapi.json").json()
+        assert "clips of at most 30 s each" in document["info"]["description"]
 
         created = client.post(
             "/v1/heads",

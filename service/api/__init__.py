@@ -20,12 +20,13 @@ from service.metrics import RequestMetrics, RouteMetrics, render
 ROUTERS = (tenants.router, stats.router, backbones.router, heads.router, predict.router)
 
 
-def create_app(max_body_bytes: int) -> FastAPI:
+def create_app(max_body_bytes: int, limits: str = "") -> FastAPI:
+    """The API; `limits`: what this server's settings allow, for the document."""
     app = FastAPI(
         title="Graft",
         version="1",
         description="Per-tenant heads on shared frozen backbones. "
-        'Errors: `{"error": {"code", "message"}}`.',
+        f'Errors: `{{"error": {{"code", "message"}}}}`. {limits}'.strip(),
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
