@@ -260,13 +260,14 @@ def wrk_loop(requests: Requests, clients: int, seconds: float, scratch: Path) ->
     """The same load from wrk (one thread, `clients` connections), in a process of its own."""
     folder = Path(tempfile.mkdtemp(dir=scratch))
     (folder / "targets.txt").write_text("".join(f"{h} {k}\n" for h, k in requests.targets))
-    for i, (image, encoded) in enumerate(zip(requests.images, requests.encoded, strict=True)):
-        (folder / f"image{i}.jpg").write_bytes(image)
-        (folder / f"image{i}.b64").write_text(encoded)
+    for i, (data, encoded) in enumerate(zip(requests.images, requests.encoded, strict=True)):
+        (folder / f"input{i}.bin").write_bytes(data)
+        (folder / f"input{i}.b64").write_text(encoded)
     done = subprocess.run(
         ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "60s",
          "-s", str(ROOT / "bench" / "wrk_predict.lua"), requests.base, "--",
-         str(folder), str(requests.per_request), requests.body],
+         str(folder), str(requests.per_request), requests.body, requests.kind,
+         requests.MEDIA[requests.kind]],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])

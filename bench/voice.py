@@ -2,6 +2,7 @@
 
     python bench/voice.py                  # about 6 minutes on 2 cores
     python bench/voice.py --skip-http      # the accuracy only
+    python bench/voice.py --skip-accuracy --client wrk   # the load from wrk
 
 1. Accuracy, in-process on the served graph (fp32) with the service's own `train_head`
    (each head chooses its depths on its own folds): who speaks with 3 clips per speaker,
@@ -13,7 +14,8 @@
    - the download against the server: a digit head (10 per digit) predicts every other
      clip both ways; top-1 agreement;
    - throughput: 1 s clips, one per request as a raw audio/wav body and 8 per request as
-     multipart files, from 16 httpx clients, over 1,000 heads (seeded in the registry),
+     multipart files, from 16 httpx clients (or `--client wrk`: Debian's wrk, a C load
+     generator that leaves the cores to the server), over 1,000 heads (seeded),
      against ONNX Runtime alone in this process on the same clips (its best of batch 1,
      8, 32, one session or a lane per core) measured in turns with it; and where the CPU
      goes per clip: the load client (this process), the API workers, the runner.
@@ -46,6 +48,7 @@ from bench.serving import (
     own_cpu_seconds,
     seed_heads,
     server_roles,
+    wrk_loop,
 )
 from deploy.local_server import BENTOML, start_server, stop_server
 from models.audio import decode_audio, pad_waveforms
@@ -236,12 +239,18 @@ def part_http(clips, args) -> None:
         for per_request in args.per_request:
             # One clip: a raw audio/wav body; several: multipart `audio` files.
             requests = Requests(server.base_url, heads, seconds_clips, per_request, "raw", kind="audio")  # fmt: skip
-            asyncio.run(closed_loop(requests, args.clients, 3))  # warm-up
+
+            def load(seconds: float, requests=requests) -> dict:
+                if args.client == "wrk":
+                    return wrk_loop(requests, args.clients, seconds, scratch)
+                return asyncio.run(closed_loop(requests, args.clients, seconds))
+
+            load(3)  # warm-up
             ratios = []
             for round_ in range(args.rounds):
                 before = {role: cpu_seconds(p) for role, p in roles.items()}
                 client_before = own_cpu_seconds()
-                http = asyncio.run(closed_loop(requests, args.clients, args.duration))
+                http = load(args.duration)
                 rate = per_request * http["requests"] / http["seconds"]
                 # CPU per clip, ms: the load client (this process), API workers, runner.
                 spent = {role: cpu_seconds(p) - before[role] for role, p in roles.items()}
@@ -270,6 +279,7 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--heads", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--client", choices=("httpx", "wrk"), default="httpx")
     parser.add_argument("--duration", type=float, default=20, help="seconds per HTTP phase")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(

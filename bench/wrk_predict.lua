@@ -1,9 +1,10 @@
--- wrk script for bench/serving.py: predicts against random heads, each request with its
--- head's tenant key. Arguments (after --): a folder holding targets.txt ("head_id key"
--- per line) and image<i>.jpg / image<i>.b64, the images per request, and "json" (base64
--- in JSON) or "raw" (the JPEG as the body; several as multipart "image" files).
+-- wrk script for bench/serving.py and bench/voice.py: predicts against random heads, each
+-- request with its head's tenant key. Arguments (after --): a folder holding targets.txt
+-- ("head_id key" per line) and input<i>.bin / input<i>.b64, the inputs per request, "json"
+-- (base64 in JSON) or "raw" (the bytes as the body; several as multipart files), the
+-- inputs' kind ("image" or "audio": the JSON field and the form's) and media type.
 local targets, images, encoded = {}, {}, {}
-local per_request, body_kind
+local per_request, body_kind, kind, media
 local boundary = "graft-bench-3f9c1d0e"
 
 local function read(path)
@@ -17,16 +18,17 @@ end
 function init(args)
   local folder = args[1]
   per_request, body_kind = tonumber(args[2]), args[3]
+  kind, media = args[4] or "image", args[5] or "image/jpeg"
   for line in io.lines(folder .. "/targets.txt") do
     local id, key = line:match("(%S+) (%S+)")
     targets[#targets + 1] = { "/v1/heads/" .. id .. "/predict", "Bearer " .. key }
   end
   local i = 0
   while true do
-    local image = read(folder .. "/image" .. i .. ".jpg")
-    if not image then break end
-    images[#images + 1] = image
-    encoded[#encoded + 1] = read(folder .. "/image" .. i .. ".b64")
+    local data = read(folder .. "/input" .. i .. ".bin")
+    if not data then break end
+    images[#images + 1] = data
+    encoded[#encoded + 1] = read(folder .. "/input" .. i .. ".b64")
     i = i + 1
   end
 end
@@ -37,18 +39,19 @@ function request()
   local parts = {}
   if body_kind == "json" then
     for k = 1, per_request do
-      parts[k] = '{"image":"' .. encoded[math.random(#encoded)] .. '"}'
+      parts[k] = '{"' .. kind .. '":"' .. encoded[math.random(#encoded)] .. '"}'
     end
     headers["Content-Type"] = "application/json"
     return wrk.format("POST", target[1], headers, '{"inputs":[' .. table.concat(parts, ",") .. "]}")
   end
   if per_request == 1 then
-    headers["Content-Type"] = "image/jpeg"
+    headers["Content-Type"] = media
     return wrk.format("POST", target[1], headers, images[math.random(#images)])
   end
   for k = 1, per_request do
-    parts[k] = "--" .. boundary .. '\r\nContent-Disposition: form-data; name="image"; filename="'
-      .. k .. '.jpg"\r\nContent-Type: image/jpeg\r\n\r\n' .. images[math.random(#images)] .. "\r\n"
+    parts[k] = "--" .. boundary .. '\r\nContent-Disposition: form-data; name="' .. kind
+      .. '"; filename="' .. k .. '"\r\nContent-Type: ' .. media .. "\r\n\r\n"
+      .. images[math.random(#images)] .. "\r\n"
   end
   headers["Content-Type"] = "multipart/form-data; boundary=" .. boundary
   return wrk.format("POST", target[1], headers, table.concat(parts) .. "--" .. boundary .. "--\r\n")

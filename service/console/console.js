@@ -304,6 +304,8 @@ async function showHead(id) {
     summary += ` (always the most common label: ${pct(m.majority_baseline)})`;
   }
   if (m.fine_tuning) summary += `. Top: ${m.fine_tuning.chosen.replace("_", "-")}`;
+  // A ready head still training: `auto` publishes a first version, then better ones.
+  if (head.status === "ready" && head.progress) summary += ". A next version is on its way";
   if (head.error) summary += `. Error: ${head.error}`;
   $("head-summary").textContent = summary + ".";
   $("head-warnings").replaceChildren(...(m.warnings ?? []).map((w) => el("li", w)));
