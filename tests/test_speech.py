@@ -85,6 +85,15 @@ def test_the_served_graph_is_the_module_and_a_batch_changes_nothing(encoder) -> 
     assert np.allclose(np.linalg.norm(batch[:, :256], axis=1), 1, atol=1e-5)
 
 
+def test_the_shortest_clips_still_embed(encoder) -> None:
+    """No trimming, so no clip becomes empty: one sample, a click in silence, a word."""
+    click = np.zeros(16000, np.float32)
+    click[8000] = 0.002  # just over the silence floor (-60 dBFS)
+    rows = [np.array([0.1], np.float32), click, decode_audio(speak("go", VOICES[0]), PRE, 30)]
+    embeddings = encoder.embed_rows(rows)
+    assert np.allclose(np.linalg.norm(embeddings, axis=1), 1, atol=1e-5)
+
+
 def _encoded(pcm: np.ndarray, rate: int, fmt: str) -> bytes:
     buffer = io.BytesIO()
     soundfile.write(buffer, pcm, rate, format=fmt)
