@@ -26,6 +26,10 @@ SILENT_PEAK = 10 ** (-60 / 20)
 # know: the format's largest, or nearly. Anything less that the body does not hold is a
 # file cut short (libsndfile reads what is there and says nothing).
 _STREAMED_WAV_SIZE = 0x7F000000
+# Beyond any microphone's rate: a header that claims more is not a recording.
+MAX_SAMPLE_RATE = 384_000
+# Samples (all channels) decoded at a time: 4 MiB of float32.
+_BLOCK_VALUES = 1 << 20
 
 
 def decode_audio(data: bytes, pre: AudioPreprocessing, max_seconds: float) -> np.ndarray:
@@ -33,23 +37,26 @@ def decode_audio(data: bytes, pre: AudioPreprocessing, max_seconds: float) -> np
     try:
         with soundfile.SoundFile(io.BytesIO(data)) as clip:
             rate, kind = clip.samplerate, clip.format
-            limit = int(max_seconds * rate)
-            # Read at most one frame past the limit: a header may claim any length.
-            pcm = clip.read(frames=limit + 1, dtype="float32", always_2d=True)
+            if rate > MAX_SAMPLE_RATE:
+                raise InvalidInput(
+                    "invalid_audio", f"a sample rate of {rate} Hz; at most {MAX_SAMPLE_RATE}"
+                )
+            mono = _mono(clip, limit=int(max_seconds * rate))
+    except InvalidInput:
+        raise
     except (soundfile.LibsndfileError, RuntimeError, ValueError, TypeError) as exc:
         raise InvalidInput(
             "invalid_audio", f"not a clip this server reads (WAV, FLAC, OGG, MP3): {exc}"
         ) from None
-    if len(pcm) > limit:
+    if mono is None:
         raise InvalidInput(
             "audio_too_long",
             f"a clip of more than {max_seconds:g} s; at most {max_seconds:g} s per clip",
         )
     if kind == "WAV" and (missing := _missing_wav_bytes(data)):
         raise InvalidInput("invalid_audio", f"the clip is cut short: {missing} bytes are missing")
-    if len(pcm) == 0:
+    if len(mono) == 0:
         raise InvalidInput("empty_audio", "the clip holds no samples")
-    mono = pcm.mean(axis=1) if pcm.shape[1] > 1 else pcm[:, 0]
     if not np.isfinite(mono).all():
         raise InvalidInput("invalid_audio", "the clip holds samples that are not numbers")
     if float(np.abs(mono).max()) < SILENT_PEAK:
@@ -57,6 +64,22 @@ def decode_audio(data: bytes, pre: AudioPreprocessing, max_seconds: float) -> np
     if rate != pre.sample_rate:
         mono = soxr.resample(mono, rate, pre.sample_rate)
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _mono(clip: soundfile.SoundFile, limit: int) -> np.ndarray | None:
+    """The clip's frames mixed to mono, read a block at a time (a header may claim any
+    length, and a few kilobytes of FLAC may decode to minutes of many channels), so that
+    no more than `limit` mono frames are ever held; None past the limit."""
+    block = max(1, _BLOCK_VALUES // clip.channels)
+    parts: list[np.ndarray] = []
+    held = 0
+    while held <= limit:
+        frames = clip.read(frames=min(block, limit + 1 - held), dtype="float32", always_2d=True)
+        if len(frames) == 0:
+            return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        parts.append(frames.mean(axis=1) if frames.shape[1] > 1 else frames[:, 0].copy())
+        held += len(frames)
+    return None
 
 
 def _missing_wav_bytes(data: bytes) -> int:

@@ -130,9 +130,14 @@ def test_bad_clips_are_refused_with_their_codes() -> None:
         "silent_audio": [_encoded(np.zeros(16000, np.float32), 16000, "WAV")],
         "audio_too_long": [_encoded(np.tile(tone, 3), 16000, "FLAC")],
     }
+    # A header's rate beyond any microphone's: refused before anything is decoded.
+    cases["invalid_audio"].append(_encoded(tone, 500_000, "FLAC"))
     for code, clips in cases.items():
         for data in clips:
             with pytest.raises(InvalidInput) as refused:
                 decode_audio(data, PRE, max_seconds=2.5)
             assert refused.value.code == code, (code, refused.value.message)
     assert len(decode_audio(whole, PRE, max_seconds=1.0)) == 16000  # exactly the limit
+    # Many channels are mixed a block at a time: 64 channels of 2 s, in blocks of 16,384.
+    many = _encoded(np.tile(tone[:, None], (2, 64)), 16000, "WAV")
+    assert np.allclose(decode_audio(many, PRE, max_seconds=2.5), np.tile(tone, 2), atol=1e-4)
