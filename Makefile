@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 export GRAFT_DATA_DIR ?= $(CURDIR)/.graft
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install prepare serve fleet test test-long lint format bench clean
+.PHONY: install prepare serve fleet test test-long lint format bench clean gpu-bundle
 
 # Reinstall when pyproject.toml changes; the stamp marks a finished install.
 $(VENV)/.installed: pyproject.toml backbone-weights.txt
@@ -54,17 +54,24 @@ test: lint
 
 # The attack, crash and load tests at full length: 20 SIGKILLs, 100 fuzz cases per
 # operation and mode, schemathesis's conformance run at 200 examples per operation, 3
-# minutes of load on 72 tenants; then the crash tests and the fleet drill (a replica
-# killed every 10 s for 2 minutes) on PostgreSQL.
+# minutes of load on 72 tenants, the GPU bundle built and served from an empty folder by
+# Python 3.12; then the crash tests and the fleet drill (a replica killed every 10 s for 2
+# minutes) on PostgreSQL.
 test-long: lint
 	$(VENV)/bin/pytest --long -s tests/test_e2e_crash.py tests/test_e2e_fuzz.py \
-		tests/test_e2e_conformance.py tests/test_e2e_load.py
+		tests/test_e2e_conformance.py tests/test_e2e_load.py tests/test_gpu_bundle.py
 	$(VENV)/bin/pytest --long -s --database postgresql tests/test_e2e_crash.py tests/test_e2e_fleet.py
 
 # Accuracy and speed on the shared data sets (not part of the test suite).
 bench: prepare
 	$(PY) bench/accuracy.py --images ../shared/data/images/flowers
 	$(PY) bench/accuracy.py --text ../shared/data/text/uci_sentiment_labelled_sentences/yelp_labelled.txt
+
+# What a bare GPU host needs beyond what it has (Python 3.12 wheels, onnxruntime-gpu, the
+# backbones exported here), in dist/gpu-bundle/part-NN folders of at most 60 MiB; there,
+# `bash PARTS/part-NN/run.sh PARTS` (README, GPU).
+gpu-bundle: prepare
+	$(PY) -m deploy.gpu_bundle
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
