@@ -130,7 +130,7 @@ job_examples = sa.Table(
     ),
     sa.Column("position", sa.Integer, primary_key=True, autoincrement=False),
     sa.Column("label", sa.Text),  # NULL: an unlabelled example (migration 0005)
-    sa.Column("kind", sa.Text, nullable=False),  # "image" or "text" (UTF-8)
+    sa.Column("kind", sa.Text, nullable=False),  # "image", "audio" or "text" (UTF-8)
     sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
