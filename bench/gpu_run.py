@@ -86,27 +86,19 @@ def _client_process(args: tuple) -> tuple[int, float, list[float], int]:
     latencies: list[float] = []
     errors = 0
 
-    def request() -> dict:
-        head_id, key = random.choice(targets)
-        picks = random.choices(images, k=per_request)
-        headers = {"Authorization": f"Bearer {key}"}
-        if per_request == 1:
-            headers["Content-Type"] = "image/jpeg"
-            return {"url": f"/v1/heads/{head_id}/predict", "headers": headers, "content": picks[0]}
-        files = [("image", (f"{i}.jpg", p, "image/jpeg")) for i, p in enumerate(picks)]
-        return {"url": f"/v1/heads/{head_id}/predict", "headers": headers, "files": files}
+    requests = Requests(base, targets, images, per_request, "raw")
 
     async def loop() -> float:
         nonlocal errors
         deadline = time.perf_counter() + seconds
         limits = httpx.Limits(max_connections=connections)
-        async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
 
             async def one() -> None:
                 nonlocal errors
                 while time.perf_counter() < deadline:
                     t0 = time.perf_counter()
-                    response = await client.post(**request())
+                    response = await client.post(**requests.make())
                     if response.status_code == 200:
                         latencies.append(time.perf_counter() - t0)
                     else:

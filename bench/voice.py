@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import statistics
 import sys
 import tempfile
 import threading
 import time
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +49,7 @@ from bench.serving import (
     wrk_loop,
 )
 from deploy.local_server import BENTOML, start_server, stop_server
+from graft.client import clip_bytes
 from models.audio import decode_audio, pad_waveforms
 from models.export import ensure_onnx
 from models.runtime import Backbone
@@ -134,14 +133,7 @@ def part_accuracy(clips, backbone: Backbone, layout) -> None:
 def one_second(data: bytes, rate: int) -> bytes:
     """A clip cut or padded with silence to 1 s, as 16-bit WAV at `rate`."""
     pcm = decode_audio(data, Settings().catalog[BACKBONE].audio_preprocessing, 60)
-    pcm = np.pad(pcm, (0, max(0, rate - len(pcm))))[:rate]
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((pcm * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
+    return clip_bytes((np.pad(pcm, (0, max(0, rate - len(pcm))))[:rate], rate))
 
 
 def in_process_best(backbone_path: Path, spec, clips: list[np.ndarray], seconds: float) -> float:

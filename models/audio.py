@@ -118,3 +118,10 @@ def pad_waveforms(rows: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     for i, row in enumerate(rows):
         waveform[i, : len(row)] = row
     return {"waveform": waveform, "samples": np.array([len(r) for r in rows], np.int64)}
+
+
+def example_audio_feeds(sample_rate: int) -> dict[str, np.ndarray]:
+    """Two clips of noise, 3 s and 0.4 s long, as an audio graph's padded feeds (what an
+    export is traced and checked with)."""
+    noise = np.random.default_rng(0).normal(0, 0.1, 3 * sample_rate).astype(np.float32)
+    return pad_waveforms([noise, noise[: int(0.4 * sample_rate)]])

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import onnx
 
+from models.audio import example_audio_feeds
 from models.registry import BackboneFileError, BackboneSpec, ImagePreprocessing
 
 log = logging.getLogger(__name__)
@@ -213,16 +214,6 @@ def _check_embedding_size(spec: BackboneSpec, path: Path) -> None:
     if widths:
         depths = session.run(["depths"], feeds)[0]
         assert depths.shape == (2, sum(widths)), f"depths {depths.shape}, widths {widths}"
-
-
-def example_audio_feeds(sample_rate: int) -> dict:
-    """Two clips of noise, 3 s and 0.4 s long, as an audio graph's padded feeds."""
-    import numpy as np
-
-    samples = np.array([3 * sample_rate, int(0.4 * sample_rate)], np.int64)
-    waveform = np.random.default_rng(0).normal(0, 0.1, (2, samples[0])).astype(np.float32)
-    waveform[1, samples[1] :] = 0
-    return {"waveform": waveform, "samples": samples}
 
 
 def depth_widths(session: Any) -> list[int]:

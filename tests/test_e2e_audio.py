@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import wave
 import zipfile
 
 import numpy as np
@@ -13,6 +12,7 @@ import onnxruntime as ort
 import pytest
 import soundfile
 
+from graft.client import clip_bytes
 from tests.inputs import assert_error
 from tests.speech import (
     COMMANDS,
@@ -155,16 +155,6 @@ def test_command_head_from_a_zip_with_auto_and_raw_bodies(server) -> None:
         assert raw.json()["predictions"][0]["label"] == flac.json()["predictions"][0]["label"]
 
 
-def _wav(samples: np.ndarray, rate: int = 16000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
 def test_bad_audio_is_refused_and_changes_nothing(server) -> None:
     with server.new_tenant("bad-audio") as client:
         head = client.post(
@@ -176,13 +166,13 @@ def test_bad_audio_is_refused_and_changes_nothing(server) -> None:
         tone = np.sin(np.arange(16000) * 2 * np.pi * 440 / 16000) * 0.5
         bad = {
             "invalid_audio": b"RIFF not really a wave file",
-            "empty_audio": _wav(np.zeros(0)),
-            "silent_audio": _wav(np.zeros(16000)),
-            "audio_too_long": _wav(np.tile(tone, 31)),
+            "empty_audio": clip_bytes(np.zeros(0)),
+            "silent_audio": clip_bytes(np.zeros(16000)),
+            "audio_too_long": clip_bytes(np.tile(tone, 31)),
         }
         # A WAV cut short: its header says more bytes than follow (espeak-ng's streamed
         # header declares the largest size: it is not one).
-        whole = _wav(tone)
+        whole = clip_bytes(tone)
         bad_truncated = whole[: len(whole) // 2]
         for code, data in [*bad.items(), ("invalid_audio", bad_truncated)]:
             status = 413 if code == "audio_too_long" else 422
@@ -220,7 +210,7 @@ def test_bad_audio_is_refused_and_changes_nothing(server) -> None:
         mp3 = io.BytesIO()
         pcm, rate = soundfile.read(io.BytesIO(speech), dtype="float32")
         soundfile.write(mp3, pcm, rate, format="MP3")
-        answers = _predict(client, head["id"], [_wav(tone), speech, mp3.getvalue()])
+        answers = _predict(client, head["id"], [clip_bytes(tone), speech, mp3.getvalue()])
         assert answers[2]["label"] == answers[1]["label"] in VOICES
 
 
