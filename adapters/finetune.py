@@ -55,6 +55,7 @@ def tune(
 
     from models.split import RANK
 
+    device = _device_of(top)
     factors = _initial_factors(top, rank or RANK, seed)
     optimiser = torch.optim.AdamW(factors, lr=LEARNING_RATE, weight_decay=0.0)
     rng = np.random.default_rng(seed)
@@ -65,12 +66,12 @@ def tune(
         # Both sides of every pair in one pass through the top.
         rows = [hidden[i] for i, _, _ in chunk] + [hidden[j] for _, j, _ in chunk]
         left, right = _embed_rows(top, rows, _scaled(factors)).split(len(chunk))
-        target = torch.tensor([same for _, _, same in chunk])
+        target = torch.tensor([same for _, _, same in chunk], device=device)
         loss = torch.nn.functional.mse_loss((left * right).sum(dim=1), target)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    return [f.detach().numpy().copy() for f in _scaled(factors)]
+    return [f.detach().cpu().numpy().copy() for f in _scaled(factors)]
 
 
 def tune_views(
@@ -86,8 +87,10 @@ def tune_views(
 
     classes = sorted(set(labels))
     per_image = views.shape[1]
-    x = torch.from_numpy(views.reshape(-1, *views.shape[2:]))
-    y = torch.tensor([classes.index(label) for label in labels]).repeat_interleave(per_image)
+    device = _device_of(top)
+    x = torch.from_numpy(views.reshape(-1, *views.shape[2:])).to(device)
+    y = torch.tensor([classes.index(label) for label in labels], device=device)
+    y = y.repeat_interleave(per_image)
     with torch.inference_mode():
         pretrained = torch.cat([top(x[s : s + 256]) for s in range(0, len(x), 256)])
     means = torch.stack([pretrained[y == c].mean(dim=0) for c in range(len(classes))])
@@ -102,14 +105,15 @@ def tune_views(
     )
     generator = torch.Generator().manual_seed(seed)
     for _ in range(IMAGE_EPOCHS):
-        for batch in torch.randperm(len(y), generator=generator).split(IMAGE_BATCH):
+        order = torch.randperm(len(y), generator=generator).to(device)
+        for batch in order.split(IMAGE_BATCH):
             embedded = top(x[batch], *_scaled(factors))
             logits = COSINE_SCALE * embedded @ torch.nn.functional.normalize(classifier, dim=1).T
             loss = torch.nn.functional.cross_entropy(logits, y[batch], label_smoothing=0.1)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-    return [f.detach().numpy().copy() for f in _scaled(factors)]
+    return [f.detach().cpu().numpy().copy() for f in _scaled(factors)]
 
 
 class TextExamples:
@@ -175,11 +179,12 @@ def embed_images(top, hidden: np.ndarray, factors: list[np.ndarray] | None, batc
     """Embeddings of images' trunk activations through an image top with a head's factors."""
     import torch
 
-    tensors = [] if factors is None else [torch.from_numpy(f) for f in factors]
+    device = _device_of(top)
+    tensors = [] if factors is None else [torch.from_numpy(f).to(device) for f in factors]
     with torch.inference_mode():
         return np.concatenate(
             [
-                top(torch.from_numpy(hidden[s : s + batch]), *tensors).numpy()
+                top(torch.from_numpy(hidden[s : s + batch]).to(device), *tensors).cpu().numpy()
                 for s in range(0, len(hidden), batch)
             ]
         )
@@ -205,16 +210,22 @@ def image_activations(trunk, images: np.ndarray, batch: int = 32) -> np.ndarray:
     return np.concatenate([trunk(images[s : s + batch]) for s in range(0, len(images), batch)])
 
 
-def onnx_trunk(path: Path):
+def onnx_trunk(path: Path, device: str = "cpu"):
     """An image trunk's ONNX graph (as served: `models.export.ensure_split`) as a function
-    of uint8 NHWC images: 3.5 times as fast as PyTorch's trunk on 2 cores (lite0: 5.6
-    against 20 ms an image), and the activations the served top sees."""
+    of uint8 NHWC images, on the server's `device`: 3.5 times as fast as PyTorch's trunk
+    on 2 cores (lite0: 5.6 against 20 ms an image), and the activations the served top
+    sees."""
     import onnxruntime as ort
+
+    from models.runtime import available_providers
 
     options = ort.SessionOptions()
     # Idle threads would spin on the cores that predicts need (models/runtime.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # cuDNN's quick choice of convolution: this session lives for one tuning, and its
+    # batches come in a few sizes, each of which an exhaustive search would time anew.
+    providers = available_providers(device, cudnn_conv_algo_search="HEURISTIC")
+    session = ort.InferenceSession(str(path), options, providers=providers)
     return lambda images: session.run(["hidden"], {"image": images})[0]
 
 
@@ -222,11 +233,12 @@ def embed(top, hidden: list, factors: list[np.ndarray] | None, batch: int = 64) 
     """Embeddings of trunk hidden states through the top with a head's factors."""
     import torch
 
-    tensors = None if factors is None else [torch.from_numpy(f) for f in factors]
+    device = _device_of(top)
+    tensors = None if factors is None else [torch.from_numpy(f).to(device) for f in factors]
     with torch.inference_mode():
         return np.concatenate(
             [
-                _embed_rows(top, hidden[s : s + batch], tensors).numpy()
+                _embed_rows(top, hidden[s : s + batch], tensors).cpu().numpy()
                 for s in range(0, len(hidden), batch)
             ]
         )
@@ -239,14 +251,13 @@ def hidden_states(trunk, token_rows: list[np.ndarray], pad_id: int, batch: int =
 
     from models.preprocess import pad_tokens
 
+    device = _device_of(trunk)
     states = []
     with torch.inference_mode():
         for start in range(0, len(token_rows), batch):
             rows = token_rows[start : start + batch]
-            feeds = pad_tokens(rows, pad_id)
-            hidden = trunk(
-                torch.from_numpy(feeds["input_ids"]), torch.from_numpy(feeds["attention_mask"])
-            ).numpy()
+            feeds = {k: torch.from_numpy(v).to(device) for k, v in pad_tokens(rows, pad_id).items()}
+            hidden = trunk(feeds["input_ids"], feeds["attention_mask"]).cpu().numpy()
             states += [hidden[i, : len(r)].copy() for i, r in enumerate(rows)]
     return states
 
@@ -264,9 +275,8 @@ def _initial_factors(top, rank: int, seed: int) -> list:
             factors.append((torch.rand(shape, generator=generator) * 2 - 1) * bound)
         else:
             factors.append(torch.zeros(shape))
-    for f in factors:
-        f.requires_grad_(True)
-    return factors
+    device = _device_of(top)
+    return [f.to(device).requires_grad_(True) for f in factors]
 
 
 def _scaled(factors: list) -> list:
@@ -283,7 +293,21 @@ def _embed_rows(top, rows: list, factors):
     for i, r in enumerate(rows):
         hidden[i, : len(r)] = torch.as_tensor(r)
         mask[i, : len(r)] = 1
-    return top(hidden, mask, *(factors or []))
+    device = _device_of(top)
+    return top(hidden.to(device), mask.to(device), *(factors or []))
+
+
+def torch_device(device: str) -> str:
+    """Where tuning's PyTorch runs for the server's `device` setting: the GPU when it is
+    cuda and this PyTorch sees one (a CPU build of PyTorch tunes on the CPU)."""
+    import torch
+
+    return "cuda" if device == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def _device_of(module):
+    """Where a top's (or a trunk's) weights lie: its inputs and factors go there too."""
+    return next(module.parameters()).device
 
 
 def _pairs(

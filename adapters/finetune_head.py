@@ -30,6 +30,7 @@ class TuningRequest:
     unknown_keep: float  # the share of its rows the head's unknown threshold keeps
     trunk_onnx: Path | None  # image backbones: the trunk as served
     max_image_pixels: int
+    device: str  # the server's: on "cuda", tuning runs on the GPU (finetune.torch_device)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ def fine_tune_head(
     keep it (or `always`); `progress(done, total)` after each tuning."""
     assert spec.build_split is not None, "the worker asks only for backbones that split"
     trunk, top = spec.build_split()
+    device = finetune.torch_device(request.device)
+    top = top.to(device)
     names = sorted(set(request.labels))
     label_hidden = None
     examples: finetune.ImageExamples | finetune.TextExamples
@@ -60,7 +63,7 @@ def fine_tune_head(
     if spec.modality == "image":
         pre, pixels = spec.image_preprocessing, request.max_image_pixels
         assert request.trunk_onnx is not None, "an image head's request names its trunk"
-        trunk = finetune.onnx_trunk(request.trunk_onnx)
+        trunk = finetune.onnx_trunk(request.trunk_onnx, request.device)
         examples = finetune.ImageExamples.of(trunk, top, request.labelled, pre, pixels)
         unlabelled = finetune.ImageExamples(
             top,
@@ -73,14 +76,14 @@ def fine_tune_head(
         texts = [data.decode("utf-8") for data in request.labelled + request.unlabelled]
         texts += [request.descriptions.get(label, label) for label in names]
         pad_id = spec.text_preprocessing.pad_id()
-        hidden = finetune.hidden_states(trunk, text_rows(spec, texts), pad_id)
+        hidden = finetune.hidden_states(trunk.to(device), text_rows(spec, texts), pad_id)
         examples = finetune.TextExamples(top, hidden[:n])
         unlabelled = finetune.TextExamples(top, hidden[n : n + m])
         label_hidden = hidden[n + m :]
     comparison = finetune_compare.compare(
         examples, request.labels, request.frozen, always=request.always, progress=progress
     )
-    report = dict(comparison.report)
+    report = {**comparison.report, "device": device}
     if comparison.factors is None:  # the frozen head won
         return FineTuning(None, None, None, None, None, report)
     # Stored and served in fp16: the head is fitted on what the served top gives.

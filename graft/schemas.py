@@ -383,6 +383,9 @@ class FineTuningReport(BaseModel):
     )
     top_bytes: int | None = Field(None, description="the head's own top: its LoRA factors, fp16")
     seconds: float | None = Field(None, description="time spent comparing and tuning")
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="where the tops were tuned: `cuda` on a server on a GPU"
+    )
 
 
 class DepthCandidate(BaseModel):

@@ -26,14 +26,16 @@ CUDA_OPTIONS = {
 }
 
 
-def available_providers(device: str) -> list:
-    """ONNX Runtime providers for the `device` setting: cuda when asked and present."""
+def available_providers(device: str, **cuda_options: str) -> list:
+    """ONNX Runtime providers for the `device` setting: cuda when asked and present, with
+    `CUDA_OPTIONS` (those given in place of theirs)."""
     if device in ("cuda", "auto") and "CUDAExecutionProvider" in ort.get_available_providers():
         # onnxruntime-gpu finds the CUDA and cuDNN libraries that pip installed (e.g. with
         # torch) only once they are preloaded; a no-op where they are on the loader's path.
         if hasattr(ort, "preload_dlls"):
             ort.preload_dlls()
-        return [("CUDAExecutionProvider", CUDA_OPTIONS), "CPUExecutionProvider"]
+        options = {**CUDA_OPTIONS, **cuda_options}
+        return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(
             "GRAFT_DEVICE=cuda but this onnxruntime has no CUDAExecutionProvider: "

@@ -299,6 +299,7 @@ class Trainer:
             unknown_keep=head.unknown_keep,
             trunk_onnx=split_onnx_paths(spec, self.settings.backbone_dir)[0],
             max_image_pixels=self.settings.max_image_pixels,
+            device=self.settings.device,
         )
         # In a process that ends with it: a worker holds no PyTorch (service/fine_tuning.py).
         tuned = fine_tune_in_process(

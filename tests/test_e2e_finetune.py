@@ -110,6 +110,7 @@ def test_a_fine_tuned_head_is_served_on_its_own_top_and_exported_whole(server) -
         assert set(report["candidates"]) == {"frozen", "fine_tuned"} and report["cv_folds"] == 3
         # MiniLM's top: 4 layers of 6 linear maps, rank 8, fp16.
         assert 400_000 < report["top_bytes"] < 1_000_000
+        assert report["device"] == "cpu"  # the server's device
         # The head's held-out accuracy is the comparison's, from tops tuned without the
         # examples scored.
         assert tuned["metrics"]["cv_accuracy"] == report["candidates"]["fine_tuned"]["cv_accuracy"]
