@@ -4,7 +4,7 @@
 
 Two servers with the same settings, one on a SQLite file, one on PostgreSQL 15 (Debian's,
 on loopback, `tests/postgres.py`), each with the same 1,100 heads of 1,100 tenants.
-They take turns under the same load: wrk (or httpx without it), 16 connections of
+They take turns under the same load: wrk (or aiohttp without it), 16 connections of
 single-image raw-JPEG predicts over 1,000 heads, as bench/serving.py's phase 2. The
 server not measured is idle. Issue 11's target: PostgreSQL within 10% of SQLite.
 """

@@ -4,7 +4,7 @@
 
 The base revision is checked out in a scratch git worktree; both servers run from the
 same virtual environment, each on its own SQLite file seeded with the same 1,100 heads
-of 1,100 tenants. They take turns under the same load: wrk (or httpx without it), 16
+of 1,100 tenants. They take turns under the same load: wrk (or aiohttp without it), 16
 connections of single-image raw-JPEG predicts over 1,000 heads, as
 bench/database_serving.py. The server not measured is idle. Issue 14's target: the
 console and the training progress add nothing to the predict path (ratio ≈ 1).

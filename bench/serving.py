@@ -13,7 +13,7 @@ clients and seconds:
    registry before the server starts). Images/s, p50/p99, the runner's mean batch, and
    where the CPU goes per request: the load client, the API workers, the runner
    (ONNX Runtime and the socket), measured from each process's CPU time. The client is
-   httpx in this process, or wrk (`--client wrk`: Debian's wrk, a C load generator that
+   aiohttp in this process, or wrk (`--client wrk`: Debian's wrk, a C load generator that
    leaves the cores to the server; `bench/wrk_predict.lua`). Bodies are base64 in JSON
    or raw JPEG bytes (`--body raw`: the body, or multipart files for several).
 3. Latency: p99 of single-image predicts at half the saturating load (open loop), and
@@ -46,6 +46,7 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import httpx
 import numpy as np
 import psutil
@@ -227,32 +228,55 @@ class Requests:
         return request
 
 
+def load_client(connections: int) -> aiohttp.ClientSession:
+    """The load generators' HTTP client. aiohttp, not httpx: 0.11-0.14 ms of the client's
+    CPU per request against httpx's 2.5-2.9 ms (32 connections; BENCHMARKS.md, issue 31),
+    which left the server short of load on a machine it shares with its clients."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=120),
+    )
+
+
+async def post(session: aiohttp.ClientSession, request: dict) -> int:
+    """Sends a request of `Requests.make()` and reads its answer whole: the status."""
+    data = request.get("content")
+    if "files" in request:
+        data = aiohttp.FormData()
+        for field, (name, body, media) in request["files"]:
+            data.add_field(field, body, filename=name, content_type=media)
+    async with session.post(
+        request["url"], headers=request.get("headers"), json=request.get("json"), data=data
+    ) as response:
+        await response.read()
+        return response.status
+
+
 async def closed_loop(requests: Requests, clients: int, seconds: float) -> dict:
-    """`clients` concurrent httpx clients, each sending predicts back to back."""
+    """`clients` concurrent connections, each sending predicts back to back."""
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
 
-    async def one_client(client: httpx.AsyncClient) -> None:
+    async def one_client(session: aiohttp.ClientSession) -> None:
         nonlocal errors
         while time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            response = await client.post(**requests.make())
-            if response.status_code == 200:
+            if await post(session, requests.make()) == 200:
                 latencies.append(time.perf_counter() - t0)
             else:
                 errors += 1
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with load_client(clients) as session:
         start = time.perf_counter()
-        await asyncio.gather(*(one_client(client) for _ in range(clients)))
+        await asyncio.gather(*(one_client(session) for _ in range(clients)))
         elapsed = time.perf_counter() - start
     ms = np.array(latencies) * 1000
     return {
         "requests": len(latencies), "seconds": elapsed, "errors": errors,
         "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
         "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
+        "latencies_ms": ms,  # each answered request's, for percentiles over several loops
     }  # fmt: skip
 
 
@@ -284,7 +308,7 @@ def take_turns(
     clients: int,
     scratch: Path,
 ) -> dict[str, list[float]]:
-    """Servers (name: (server, heads)) measured in turn under the same load: wrk, or httpx
+    """Servers (name: (server, heads)) measured in turn under the same load: wrk, or aiohttp
     without it, `clients` connections of single-image raw-JPEG predicts over the server's
     heads, while the others idle. Round 0 warms each up. Images/s per round, by name."""
     use_wrk = shutil.which("wrk") is not None
@@ -320,18 +344,17 @@ async def open_loop(requests: Requests, rate: float, seconds: float) -> list[tup
     answered one (an error counts as an infinite latency)."""
     answered: list[tuple[float, float]] = []
 
-    async def one(client: httpx.AsyncClient) -> None:
+    async def one(session: aiohttp.ClientSession) -> None:
         t0 = time.perf_counter()
-        response = await client.post(**requests.make())
-        ok = response.status_code == 200
+        ok = await post(session, requests.make()) == 200
         answered.append((t0, time.perf_counter() - t0 if ok else float("inf")))
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=256)) as client:
+    async with load_client(256) as session:
         tasks = []
         start = time.perf_counter()
         for i in range(int(rate * seconds)):
             await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(client)))
+            tasks.append(asyncio.create_task(one(session)))
         await asyncio.gather(*tasks)
     return answered
 
@@ -432,7 +455,7 @@ def main() -> None:
     parser.add_argument("--registry", type=int, default=0, help="heads in the registry")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--workers", type=int, default=None, help="GRAFT_API_WORKERS")
-    parser.add_argument("--client", choices=("httpx", "wrk"), default="httpx")
+    parser.add_argument("--client", choices=("aiohttp", "wrk"), default="aiohttp")
     parser.add_argument("--body", choices=("json", "raw"), default="json")
     parser.add_argument("--training-images", type=int, default=1000)
     parser.add_argument("--training-rounds", type=int, default=3, help="heads trained in phase 3")

@@ -14,7 +14,7 @@
    - the download against the server: a digit head (10 per digit) predicts every other
      clip both ways; top-1 agreement;
    - throughput: 1 s clips, one per request as a raw audio/wav body and 8 per request as
-     multipart files, from 16 httpx clients (or `--client wrk`: Debian's wrk, a C load
+     multipart files, from 16 aiohttp connections (or `--client wrk`: Debian's wrk, a C load
      generator that leaves the cores to the server), over 1,000 heads (seeded),
      against ONNX Runtime alone in this process on the same clips (its best of batch 1,
      8, 32, one session or a lane per core) measured in turns with it; and where the CPU
@@ -271,7 +271,7 @@ def main() -> None:
     parser.add_argument("--skip-accuracy", action="store_true")
     parser.add_argument("--heads", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--client", choices=("httpx", "wrk"), default="httpx")
+    parser.add_argument("--client", choices=("aiohttp", "wrk"), default="aiohttp")
     parser.add_argument("--duration", type=float, default=20, help="seconds per HTTP phase")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
