@@ -243,6 +243,20 @@ class Backbone:
             return self.embed_waveforms(cast(list[np.ndarray], rows), tops, depths)
         return self.embed_tokens(cast(list[np.ndarray], rows), tops, depths)
 
+    def warm_up(self) -> list[int]:
+        """On a GPU, one pass of an image backbone at each batch size that its batches are
+        padded to (`pad_to_power_of_two`, up to `max_batch_size`'s): cuDNN's exhaustive
+        search for each shape's fastest convolutions runs now, at start, not under the
+        first requests that bring a new size. The sizes warmed: none on the CPU, nor for
+        text and audio, whose shapes vary with their lengths anyway."""
+        if not self.on_gpu or self.spec.modality != "image":
+            return []
+        side = self.spec.image_preprocessing.image_size
+        sizes = padded_batch_sizes(self.max_batch_size)
+        for size in sizes:
+            self.embed_images(np.zeros((size, side, side, 3), np.uint8))
+        return sizes
+
     def ms_per_row(self, rows: int = 4, repeats: int = 3) -> float:
         """The fastest of a few passes over a typical batch, per row: a 224-ish image, a
         sentence of about 30 tokens, or a 1 s clip."""
@@ -274,6 +288,12 @@ class Backbone:
             if pooled:
                 out[chunk, self.spec.embedding_dim :] = pooled[0][:rows]
         return out
+
+
+def padded_batch_sizes(max_batch_size: int) -> list[int]:
+    """Every size `pad_to_power_of_two` makes of batches of up to `max_batch_size` rows."""
+    largest = len(pad_to_power_of_two(np.empty((max_batch_size, 0))))
+    return [1 << i for i in range(largest.bit_length())]
 
 
 def pad_to_power_of_two(rows: np.ndarray) -> np.ndarray:

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from service.runner_server import RunnerServer
 from service.settings import Settings
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+log = logging.getLogger(__name__)
 
 
 class Runner:
@@ -62,6 +65,14 @@ class Runner:
             ensure_variant(spec, settings.backbone_dir, settings.variant)
             before = resident_bytes()
             backbone = session(spec, settings.intra_op_threads)
+            started = time.perf_counter()
+            if sizes := backbone.warm_up():  # on a GPU: each batch size's cuDNN search
+                log.info(
+                    "%s: batch sizes %s warmed up on the GPU in %.1f s",
+                    spec.id,
+                    ", ".join(map(str, sizes)),
+                    time.perf_counter() - started,
+                )
             ms_per_row = backbone.ms_per_row()  # also warms the session's memory up
             release_free_memory()
             self.backbones[spec.id] = backbone
