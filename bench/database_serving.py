@@ -19,13 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import (
-    BACKBONE,
-    client_images,
-    report_turns,
-    seed_heads,
-    take_turns,
-)
+from bench.load import BACKBONE, report_turns, seed_heads, take_turns
+from bench.serving import client_images
 from deploy.local_postgres import postgres
 from deploy.local_server import BENTOML, start_server, stop_server
 from service.settings import (

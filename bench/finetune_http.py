@@ -36,7 +36,7 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import FLOWERS, YELP, image_split, read_texts
-from bench.serving import Requests, closed_loop, seed_heads, server_roles
+from bench.load import Requests, closed_loop, seed_heads, server_roles
 from deploy.local_server import BENTOML, poll_until_trained, start_server, stop_server
 from models.export import ensure_split
 from service.settings import Settings

@@ -29,12 +29,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.serving import (
-    BACKBONE,
-    client_images,
-    report_turns,
-    take_turns,
-)
+from bench.load import BACKBONE, report_turns, take_turns
+from bench.serving import client_images
 from deploy.local_server import BENTOML, start_server, stop_server
 from models.export import ensure_onnx
 from models.runtime import Backbone
@@ -52,6 +48,7 @@ def seed_in(
     """`seed_heads` as the code of `tree` writes them: each revision's schema is its own
     (a later migration would stop the earlier server from opening the file)."""
     reading = f", depths={depths}, depth_columns={depth_columns}" if depths else ""
+    # bench.serving: where every revision has it (later ones import it from bench.load).
     code = (
         "import json, sys; sys.path.insert(0, '.'); from bench.serving import seed_heads;"
         " print(json.dumps(seed_heads(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])"

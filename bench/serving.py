@@ -30,11 +30,8 @@ import argparse
 import asyncio
 import base64
 import io
-import json
 import multiprocessing
 import os
-import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -43,21 +40,28 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Callable
 from pathlib import Path
 
-import aiohttp
 import httpx
 import numpy as np
-import psutil
-import sqlalchemy as sa
 from PIL import Image
-from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from adapters.store import Store
 from bench.common import crops, tree_memory
+from bench.load import (
+    BACKBONE,
+    Requests,
+    closed_loop,
+    cpu_seconds,
+    open_loop,
+    own_cpu_seconds,
+    p99_ms,
+    seed_heads,
+    server_roles,
+    settle,
+    wrk_loop,
+)
 from deploy.local_server import BENTOML, free_port, start_server, stop_server, wait_until_up
 from models.export import ensure_variant
 from models.preprocess import decode_image
@@ -68,8 +72,6 @@ from service.settings import (
     get_backbone,
     usable_cores,
 )
-
-BACKBONE = "efficientnet_lite0"
 
 
 def client_images(n: int = 16) -> list[bytes]:
@@ -113,254 +115,6 @@ def in_process(
                 thread.join()
             timings[size].append(sum(done) / (time.perf_counter() - start))
     return {size: statistics.median(values) for size, values in timings.items()}
-
-
-def seed_heads(
-    database: str | Path,
-    n: int,
-    dim: int,
-    *,
-    backbone: str = BACKBONE,
-    top_factors: Callable[[int], list[np.ndarray] | None] = lambda i: None,
-    depths: int = 0,
-    depth_columns: int = 0,
-) -> list[tuple[str, str]]:
-    """n two-label heads, each of its own tenant, written straight to the registry (a URL,
-    or the path of a SQLite file); head i fine-tuned with `top_factors(i)`, if any; each
-    reading the deepest `depths` depths (`depth_columns` wide) beside the embedding."""
-    store = Store(database)
-    if store.engine.dialect.name == "sqlite":
-        # Seeding only, not what is measured: no fsync per head (new connections, OFF last).
-        listen = sa.event.listen
-        listen(store.engine, "connect", lambda db, _: db.execute("PRAGMA synchronous=OFF"))
-        store.engine.dispose()
-    rng = np.random.default_rng(0)
-    heads = []
-    for i in tqdm(range(n), desc="seeding the registry", mininterval=5, file=sys.stderr):
-        tenant, key = store.create_tenant(name=f"tenant-{i}")
-        head = store.create_head(tenant_id=tenant.id, name=f"head-{i}", backbone=backbone)
-        store.save_version(
-            tenant_id=tenant.id, head_id=head.id, backbone=backbone, new_embeddings={},
-            examples=[], labels=["a", "b"],
-            weights=rng.normal(size=(dim + depth_columns, 2)).astype(np.float32),
-            bias=np.zeros(2, np.float32),
-            prototypes=rng.normal(size=(dim, 2)).astype(np.float32), unknown_threshold=0.0,
-            metrics={"n_examples": 0}, top_factors=top_factors(i), depths=depths,
-        )  # fmt: skip
-        heads.append((head.id, key))
-    store.close()
-    return heads
-
-
-def server_roles(pid: int) -> dict[str, list[psutil.Process]]:
-    """The server's processes: the backbone runner, and the rest (API workers, arbiter)."""
-    roles: dict[str, list[psutil.Process]] = {"api": [], "runner": []}
-    arbiter = psutil.Process(pid)
-    for process in [arbiter, *arbiter.children(recursive=True)]:
-        runner = "graft-runner" in " ".join(process.cmdline())
-        roles["runner" if runner else "api"].append(process)
-    return roles
-
-
-def settle(base: str, admin_key: str) -> None:
-    """Waits until the runner has drained what the last phase left queued (a closed-loop
-    client stops with a full queue): until no row goes through for half a second."""
-    headers = {"Authorization": f"Bearer {admin_key}"}
-
-    def rows() -> int:
-        stats = httpx.get(f"{base}/v1/stats", headers=headers, timeout=60).json()
-        return sum(b["rows"] for b in stats["batchers"].values())
-
-    before = rows()
-    while True:
-        time.sleep(0.5)
-        now = rows()
-        if now == before:
-            return
-        before = now
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    return sum(sum(p.cpu_times()[:2]) for p in processes)
-
-
-def own_cpu_seconds() -> float:
-    """This process and its finished children (wrk, once it has exited)."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
-class Requests:
-    """Predict requests of `per_request` images (or `kind="audio"`: WAV clips) for random
-    targets, as JSON or raw."""
-
-    MEDIA = {"image": "image/jpeg", "audio": "audio/wav"}
-
-    def __init__(
-        self,
-        base: str,
-        targets,
-        images: list[bytes],
-        per_request: int,
-        body: str,
-        kind: str = "image",
-    ):
-        self.base, self.targets, self.images = base, targets, images
-        self.encoded = [base64.b64encode(x).decode() for x in images]
-        self.per_request, self.body, self.kind = per_request, body, kind
-
-    def make(self) -> dict:
-        head_id, key = random.choice(self.targets)
-        request = {
-            "url": f"{self.base}/v1/heads/{head_id}/predict",
-            "headers": {"Authorization": f"Bearer {key}"},
-        }
-        picks = random.choices(range(len(self.images)), k=self.per_request)
-        media = self.MEDIA[self.kind]
-        if self.body == "json":
-            request["json"] = {"inputs": [{self.kind: self.encoded[i]} for i in picks]}
-        elif self.per_request == 1:
-            request["content"] = self.images[picks[0]]
-            request["headers"]["Content-Type"] = media
-        else:
-            request["files"] = [(self.kind, (f"{i}", self.images[i], media)) for i in picks]
-        return request
-
-
-def load_client(connections: int) -> aiohttp.ClientSession:
-    """The load generators' HTTP client. aiohttp, not httpx: 0.11-0.14 ms of the client's
-    CPU per request against httpx's 2.5-2.9 ms (32 connections; BENCHMARKS.md, issue 31),
-    which left the server short of load on a machine it shares with its clients."""
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections),
-        timeout=aiohttp.ClientTimeout(total=120),
-    )
-
-
-async def post(session: aiohttp.ClientSession, request: dict) -> int:
-    """Sends a request of `Requests.make()` and reads its answer whole: the status."""
-    data = request.get("content")
-    if "files" in request:
-        data = aiohttp.FormData()
-        for field, (name, body, media) in request["files"]:
-            data.add_field(field, body, filename=name, content_type=media)
-    async with session.post(
-        request["url"], headers=request.get("headers"), json=request.get("json"), data=data
-    ) as response:
-        await response.read()
-        return response.status
-
-
-async def closed_loop(requests: Requests, clients: int, seconds: float) -> dict:
-    """`clients` concurrent connections, each sending predicts back to back."""
-    latencies: list[float] = []
-    errors = 0
-    deadline = time.perf_counter() + seconds
-
-    async def one_client(session: aiohttp.ClientSession) -> None:
-        nonlocal errors
-        while time.perf_counter() < deadline:
-            t0 = time.perf_counter()
-            if await post(session, requests.make()) == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors += 1
-
-    async with load_client(clients) as session:
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client(session) for _ in range(clients)))
-        elapsed = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {
-        "requests": len(latencies), "seconds": elapsed, "errors": errors,
-        "p50_ms": float(np.percentile(ms, 50)) if len(ms) else float("nan"),
-        "p99_ms": float(np.percentile(ms, 99)) if len(ms) else float("nan"),
-        "latencies_ms": ms,  # each answered request's, for percentiles over several loops
-    }  # fmt: skip
-
-
-def wrk_loop(requests: Requests, clients: int, seconds: float, scratch: Path) -> dict:
-    """The same load from wrk (one thread, `clients` connections), in a process of its own."""
-    folder = Path(tempfile.mkdtemp(dir=scratch))
-    (folder / "targets.txt").write_text("".join(f"{h} {k}\n" for h, k in requests.targets))
-    for i, (data, encoded) in enumerate(zip(requests.images, requests.encoded, strict=True)):
-        (folder / f"input{i}.bin").write_bytes(data)
-        (folder / f"input{i}.b64").write_text(encoded)
-    done = subprocess.run(
-        ["wrk", "-t1", f"-c{clients}", f"-d{seconds:.0f}s", "--timeout", "60s",
-         "-s", str(ROOT / "bench" / "wrk_predict.lua"), requests.base, "--",
-         str(folder), str(requests.per_request), requests.body, requests.kind,
-         requests.MEDIA[requests.kind]],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    result["requests"] -= result["errors"]
-    return result
-
-
-def take_turns(
-    servers: dict[str, tuple],
-    images: list[bytes],
-    *,
-    rounds: int,
-    duration: float,
-    clients: int,
-    scratch: Path,
-) -> dict[str, list[float]]:
-    """Servers (name: (server, heads)) measured in turn under the same load: wrk, or aiohttp
-    without it, `clients` connections of single-image raw-JPEG predicts over the server's
-    heads, while the others idle. Round 0 warms each up. Images/s per round, by name."""
-    use_wrk = shutil.which("wrk") is not None
-    rates: dict[str, list[float]] = {name: [] for name in servers}
-    for round_ in range(rounds + 1):
-        for name, (server, heads) in servers.items():
-            requests = Requests(server.base_url, heads, images, 1, "raw")
-            settle(server.base_url, server.admin_key)
-            seconds = duration if round_ else 5
-            if use_wrk:
-                r = wrk_loop(requests, clients, seconds, scratch)
-            else:
-                r = asyncio.run(closed_loop(requests, clients, seconds))
-            if round_:
-                rates[name].append(r["requests"] / r["seconds"])
-                print(f"round {round_} {name:<10} {rates[name][-1]:7.1f} images/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  errors {r['errors']}")  # fmt: skip
-    return rates
-
-
-def report_turns(rates: dict[str, list[float]], new: str, old: str, target: str = "") -> None:
-    """Each server's median, and `new` ÷ `old` round by round (both ran the same round)."""
-    ratios = [a / b for a, b in zip(rates[new], rates[old], strict=True)]
-    for name, values in rates.items():
-        print(f"{name:<10} median {statistics.median(values):7.1f} images/s")
-    print(
-        f"{new} ÷ {old}, round by round: {', '.join(f'{x:.3f}' for x in ratios)};"
-        f" median {statistics.median(ratios):.3f}{target}"
-    )
-
-
-async def open_loop(requests: Requests, rate: float, seconds: float) -> list[tuple[float, float]]:
-    """Requests started at a fixed rate, whatever the answers: (start, seconds) of each
-    answered one (an error counts as an infinite latency)."""
-    answered: list[tuple[float, float]] = []
-
-    async def one(session: aiohttp.ClientSession) -> None:
-        t0 = time.perf_counter()
-        ok = await post(session, requests.make()) == 200
-        answered.append((t0, time.perf_counter() - t0 if ok else float("inf")))
-
-    async with load_client(256) as session:
-        tasks = []
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            await asyncio.sleep(max(0.0, start + i / rate - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(session)))
-        await asyncio.gather(*tasks)
-    return answered
-
-
-def p99_ms(answered: list[tuple[float, float]]) -> float:
-    return float(np.percentile([s for _, s in answered], 99) * 1000) if answered else float("nan")
 
 
 def train_big_head(base: str, key: str, n_images: int, times: multiprocessing.Queue) -> None:

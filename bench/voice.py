@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from adapters.heads import predict_proba, train_head
 from bench.common import DATA, served
-from bench.serving import (
+from bench.load import (
     Requests,
     closed_loop,
     cpu_seconds,
