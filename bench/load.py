@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import aiohttp
@@ -286,13 +287,14 @@ def settle(base: str, admin_key: str) -> None:
         before = now
 
 
-def _client_process(args: tuple) -> tuple[dict, float]:
-    """One client process's `closed_loop`, and its CPU seconds."""
+def _client_process(args: tuple) -> tuple[dict, float, tuple[float, float]]:
+    """One client process's `closed_loop`, its CPU seconds, and when it ran (wall clock)."""
     base, targets, images, per_request, connections, seconds, seed = args
     random.seed(seed)
-    cpu = time.process_time()
+    cpu, began = time.process_time(), time.time()
     requests = Requests(base, targets, images, per_request, "raw")
-    return asyncio.run(closed_loop(requests, connections, seconds)), time.process_time() - cpu
+    figures = asyncio.run(closed_loop(requests, connections, seconds))
+    return figures, time.process_time() - cpu, (began, time.time())
 
 
 def spread_closed_loop(base, targets, images, per_request, processes, connections, seconds) -> dict:
@@ -303,27 +305,33 @@ def spread_closed_loop(base, targets, images, per_request, processes, connection
     ]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         results = pool.map(_client_process, jobs)
-    answered = sum(r["requests"] for r, _ in results)
-    elapsed = max(r["seconds"] for r, _ in results)
-    latencies = np.concatenate([r["latencies_ms"] for r, _ in results])
+    answered = sum(r["requests"] for r, _, _ in results)
+    elapsed = max(r["seconds"] for r, _, _ in results)
+    latencies = np.concatenate([r["latencies_ms"] for r, _, _ in results])
     return {
         "images": per_request * answered,
         "images_per_s": per_request * answered / elapsed,
         "p50_ms": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
         "p99_ms": float(np.percentile(latencies, 99)) if len(latencies) else float("nan"),
-        "errors": sum(r["errors"] for r, _ in results),
-        "client_cpu_s": sum(cpu for _, cpu in results),
+        "errors": sum(r["errors"] for r, _, _ in results),
+        "client_cpu_s": sum(cpu for _, cpu, _ in results),
+        "window": _spanning([ran for _, _, ran in results]),
     }
 
 
-def _open_loop_process(args: tuple) -> tuple[list[tuple[float, float]], float]:
-    """One client process's share of an open loop: (start, seconds) of each answer, and
-    its CPU seconds."""
+def _spanning(windows: list[tuple[float, float]]) -> tuple[float, float]:
+    """The wall-clock span of the client processes' loops (not their start-up)."""
+    return min(began for began, _ in windows), max(ended for _, ended in windows)
+
+
+def _open_loop_process(args: tuple) -> tuple[list, float, tuple[float, float]]:
+    """One client process's share of an open loop: (start, seconds) of each answer, its
+    CPU seconds, and when it ran (wall clock)."""
     base, targets, images, rate, seconds, seed = args
     random.seed(seed)
-    cpu = time.process_time()
+    cpu, began = time.process_time(), time.time()
     answered = asyncio.run(open_loop(Requests(base, targets, images, 1, "raw"), rate, seconds))
-    return answered, time.process_time() - cpu
+    return answered, time.process_time() - cpu, (began, time.time())
 
 
 def spread_open_loop(base, targets, images, rate, processes, seconds) -> dict:
@@ -340,30 +348,32 @@ def spread_open_loop(base, targets, images, rate, processes, seconds) -> dict:
         "p50_ms": statistics.median(s * 1000 for _, s in answered),
         "p99_ms": p99_ms(answered),
         "errors": sum(1 for _, seconds in answered if seconds == float("inf")),
-        "client_cpu_s": sum(r[1] for r in results),
+        "client_cpu_s": sum(cpu for _, cpu, _ in results),
+        "window": _spanning([ran for _, _, ran in results]),
     }
 
 
 def under_load(server, load) -> dict:
-    """`load()`'s figures (it gives `images` and `client_cpu_s`), with what the load cost:
-    the CPU cores the API workers, the runner and the clients kept busy and their CPU
-    milliseconds per image, the runner's mean batch, and the GPU's mean utilisation."""
+    """`load()`'s figures (it gives `images`, `client_cpu_s` and the `window` its loops ran
+    in), with what the load cost: the CPU cores the API workers, the runner and the
+    clients kept busy over that window and their CPU milliseconds per image, the runner's
+    mean batch, and the GPU's mean utilisation over the window."""
     roles = server_roles(server.process.pid)
     before = {role: cpu_seconds(processes) for role, processes in roles.items()}
     batches_before = runner_batches(server)
-    with gpu_utilisation() as gpu:
-        start = time.perf_counter()
+    with GpuSampler() as gpu:
         figures = load()
-        elapsed = time.perf_counter() - start
+    # The server idles while the client processes start: its CPU is the window's.
+    began, ended = figures.pop("window")
     used = {role: cpu_seconds(processes) - before[role] for role, processes in roles.items()}
     used["client"] = figures.pop("client_cpu_s")
     images = max(1, figures["images"])
     for role, seconds in used.items():
-        figures[f"{role}_cores"] = round(seconds / elapsed, 2)
+        figures[f"{role}_cores"] = round(seconds / (ended - began), 2)
         figures[f"{role}_cpu_ms_per_image"] = round(1000 * seconds / images, 3)
     rows, batches = (a - b for a, b in zip(runner_batches(server), batches_before, strict=True))
     figures["mean_batch"] = round(rows / batches, 1) if batches else None
-    figures.update(gpu)
+    figures.update(gpu.during(began, ended))
     settle(server.base_url, server.admin_key)  # a closed loop stops with a full queue
     return figures
 
@@ -375,27 +385,38 @@ def runner_batches(server) -> tuple[int, int]:
     return sum(b["rows"] for b in batchers), sum(b["batches"] for b in batchers)
 
 
-@contextlib.contextmanager
-def gpu_utilisation():
-    """The GPU's mean utilisation (%) and most memory used (MiB) over the block, sampled
-    by nvidia-smi every 200 ms; nothing where there is no nvidia-smi."""
-    figures: dict = {}
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        yield figures
-        return
-    query = [smi, "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"]
-    sampler = subprocess.Popen([*query, "-lms", "200"], stdout=subprocess.PIPE, text=True)
-    try:
-        yield figures
-    finally:
-        sampler.terminate()
-        lines = sampler.communicate()[0].splitlines()
-        samples = []
-        for line in lines:
+class GpuSampler:
+    """nvidia-smi's samples of the GPU's utilisation and memory, every 200 ms while in the
+    block; none where there is no nvidia-smi."""
+
+    QUERY = "--query-gpu=timestamp,utilization.gpu,memory.used"
+
+    def __enter__(self) -> GpuSampler:
+        self.samples: list[tuple[float, float, float]] = []  # (time, utilisation %, MiB)
+        smi = shutil.which("nvidia-smi")
+        self.process = smi and subprocess.Popen(
+            [smi, self.QUERY, "--format=csv,noheader,nounits", "-lms", "200"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.process:
+            return
+        self.process.terminate()
+        for line in self.process.communicate()[0].splitlines():
             with contextlib.suppress(ValueError):  # "[N/A]", or a line cut by the stop
-                utilisation, memory = (float(x) for x in line.split(","))
-                samples.append((utilisation, memory))
-        if samples:
-            figures["gpu_util_percent"] = round(statistics.mean(u for u, _ in samples), 1)
-            figures["gpu_memory_mib"] = max(m for _, m in samples)
+                stamp, utilisation, memory = (field.strip() for field in line.split(","))
+                when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((when, float(utilisation), float(memory)))
+
+    def during(self, began: float, ended: float) -> dict:
+        """Mean utilisation and most memory used between two wall-clock times."""
+        inside = [(u, m) for when, u, m in self.samples if began <= when <= ended]
+        if not inside:
+            return {}
+        return {
+            "gpu_util_percent": round(statistics.mean(u for u, _ in inside), 1),
+            "gpu_memory_mib": max(m for _, m in inside),
+        }
