@@ -172,7 +172,8 @@ def show_load(name: str, figures: dict) -> None:
         f" p99 {figures['p99_ms']:.1f} ms, {figures.get('errors', 0)} errors;"
         f" cores busy: API {figures['api_cores']}, runner {figures['runner_cores']},"
         f" clients {figures['client_cores']}; CPU ms per image: API"
-        f" {figures['api_cpu_ms_per_image']}, runner {figures['runner_cpu_ms_per_image']};"
+        f" {figures['api_cpu_ms_per_image']}, runner {figures['runner_cpu_ms_per_image']}"
+        f" ({figures['runner_other_cpu_ms_per_image']} outside its passes);"
         f" mean batch {figures['mean_batch']}{gpu}",
         flush=True,
     )

@@ -371,18 +371,26 @@ def under_load(server, load) -> dict:
     for role, seconds in used.items():
         figures[f"{role}_cores"] = round(seconds / (ended - began), 2)
         figures[f"{role}_cpu_ms_per_image"] = round(1000 * seconds / images, 3)
-    rows, batches = (a - b for a, b in zip(runner_batches(server), batches_before, strict=True))
+    rows, batches, pass_cpu = (
+        a - b for a, b in zip(runner_batches(server), batches_before, strict=True)
+    )
     figures["mean_batch"] = round(rows / batches, 1) if batches else None
+    # The runner's CPU outside its backbone passes' threads: the link, batching, heads.
+    figures["runner_other_cpu_ms_per_image"] = round(1000 * (used["runner"] - pass_cpu) / images, 3)
     figures.update(gpu.during(began, ended))
     settle(server.base_url, server.admin_key)  # a closed loop stops with a full queue
     return figures
 
 
-def runner_batches(server) -> tuple[int, int]:
-    """Rows and passes of the runner's batchers so far."""
+def runner_batches(server) -> tuple[int, int, float]:
+    """Rows, passes and the passes' CPU seconds (their threads') of the runner so far."""
     with server.admin() as admin:
         batchers = admin.get("/v1/stats").json()["batchers"].values()
-    return sum(b["rows"] for b in batchers), sum(b["batches"] for b in batchers)
+    return (
+        sum(b["rows"] for b in batchers),
+        sum(b["batches"] for b in batchers),
+        sum(b["pass_cpu_s"] for b in batchers),
+    )
 
 
 class GpuSampler:
