@@ -12,6 +12,7 @@ acknowledged example, and every head ends `ready` or `failed`. The training itse
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import cast
 
-from adapters.store import Head, Job, Store
+from adapters.store import Head, Job, Lease, LeaseLost, Store
 from service.inputs import InputKind, RawInput, as_bytes
 from service.priority import TRAINING_JOB_NICE, lower_this_thread
 from service.runner_client import RunnerUnavailable
@@ -110,34 +111,47 @@ class TrainingJobs:
         new_labels: list[str | None],
         published: Future,
     ) -> None:
-        """Trains the job's version, publishes it, and ends the job, whatever happens."""
+        """Trains the job's version, publishes it, and ends the job, whatever happens
+        (while its lease is this process's: a job taken over is another's to end)."""
+        lease = Lease(job_id, self.owner)
 
         def publish(version: int) -> None:  # a version on the way (service/training.py)
             time.sleep(self.settings.publish_delay_s)
-            self.store.publish_version(tenant_id=head.tenant_id, head_id=head.id, version=version)
+            self.store.publish_version(
+                lease=lease, tenant_id=head.tenant_id, head_id=head.id, version=version
+            )
             if not published.done():  # the request waits for the first only
                 published.set_result(version)
 
         try:
-            progress = Progress(self.store, job_id)
-            version = self.trainer.train(head, options, new_labels, progress, publish)
+            progress = Progress(self.store, lease)
+            version = self.trainer.train(head, options, new_labels, progress, lease, publish)
             if version is not None:
                 # Ready once every process's cache serves it (adapters/coherence.py).
                 time.sleep(self.settings.publish_delay_s)
                 self.store.finish_job(
-                    job_id=job_id, tenant_id=head.tenant_id, head_id=head.id, version=version
+                    lease=lease, tenant_id=head.tenant_id, head_id=head.id, version=version
                 )
+        except LeaseLost:
+            log.warning(
+                "job %s of head %s was taken over or given up: this process's work on it is"
+                " dropped",
+                job_id,
+                head.id,
+            )
         except RunnerUnavailable:
             log.warning("the runner is restarting: job %s of head %s waits for it", job_id, head.id)
-            self.store.release_job(job_id=job_id)
+            with contextlib.suppress(LeaseLost):  # taken over meanwhile: another runs it
+                self.store.release_job(lease=lease)
         except Exception as exc:
             log.exception("training head %s failed", head.id)
-            self.store.fail_job(
-                job_id=job_id,
-                tenant_id=head.tenant_id,
-                head_id=head.id,
-                error=f"training failed: {exc}",
-            )
+            with contextlib.suppress(LeaseLost):
+                self.store.fail_job(
+                    lease=lease,
+                    tenant_id=head.tenant_id,
+                    head_id=head.id,
+                    error=f"training failed: {exc}",
+                )
         finally:
             with self._jobs_lock:
                 self._jobs.discard(job_id)
@@ -179,7 +193,7 @@ class TrainingJobs:
         if missing:
             # Replicas of one fleet should load the same backbones (README, Deploying).
             log.warning("job %s needs backbones %s, not loaded here", job.id, sorted(missing))
-            self.store.release_job(job_id=job.id)
+            self.store.release_job(lease=Lease(job.id, self.owner))
             return
         examples = [
             (
@@ -201,10 +215,11 @@ class TrainingJobs:
 class Progress:
     """Records how far a job is (`Store.set_progress`), for its head object to show:
     `stage` ("embedding", "fitting", "fine_tuning", "adapting") and `done` of `total`
-    (rows embedded, tunings finished). A failed write is logged; the job goes on."""
+    (rows embedded, tunings finished). A failed write is logged and the job goes on,
+    unless the job is no longer this process's (`LeaseLost`, which stops it)."""
 
-    def __init__(self, store: Store, job_id: str) -> None:
-        self.store, self.job_id = store, job_id
+    def __init__(self, store: Store, lease: Lease) -> None:
+        self.store, self.lease = store, lease
         self._stage: str | None = None
         self._written = 0.0
 
@@ -215,6 +230,8 @@ class Progress:
         self._stage, self._written = stage, now
         try:
             progress = {"stage": stage, "done": done, "total": total}
-            self.store.set_progress(job_id=self.job_id, progress=progress)
+            self.store.set_progress(lease=self.lease, progress=progress)
+        except LeaseLost:
+            raise  # the job is another's now: stop training it
         except Exception:
-            log.warning("could not record the progress of job %s", self.job_id, exc_info=True)
+            log.warning("could not record the progress of job %s", self.lease.job_id, exc_info=True)

@@ -23,7 +23,7 @@ import numpy as np
 from adapters import finetune_compare, heads
 from adapters.adaptation import adapt
 from adapters.finetune_head import FineTuning, TuningRequest
-from adapters.store import Head, Store
+from adapters.store import Head, Lease, Store
 from adapters.transferability import choose_backbone
 from models.export import split_exported, split_onnx_paths
 from models.registry import BackboneSpec
@@ -61,13 +61,15 @@ class Trainer:
         options: list[Option],
         new_labels: list[str | None],
         progress: ReportProgress,
+        lease: Lease,
         publish: Callable[[int], None] | None = None,
     ) -> int | None:
         """Embeds what is new, trains on the head's whole set, stores the version whole
-        (not yet ready: the job publishes it) and returns its number; None if the head was
-        deleted meanwhile. With several backbone options (`auto`) the examples are embedded
-        by each and `choose_backbone` picks one. With unlabelled examples the head is
-        adapted to their domain, where that looks helpful (`adapters/adaptation.py`).
+        (not yet ready: the job publishes it; only while the job's `lease` holds) and
+        returns its number; None if the head was deleted meanwhile. With several backbone
+        options (`auto`) the examples are embedded by each and `choose_backbone` picks
+        one. With unlabelled examples the head is adapted to their domain, where that
+        looks helpful (`adapters/adaptation.py`).
 
         Where more is compared after a head could already serve, the job does not wait to
         publish one (unless `fine_tune` is `on`, which promises the fine-tuned head): an
@@ -87,7 +89,7 @@ class Trainer:
                 tenant_id, head, spec, prepared, new_labels, progress
             )
             if early is not None and len(sets) == 1 and len(options) > 1:
-                self._publish_first(head, spec, sets[spec.id], new_inputs, progress, early)
+                self._publish_first(head, spec, sets[spec.id], new_inputs, progress, lease, early)
         progress("fitting", 0, 1)
         label_embeddings = {
             spec.id: self.sets.label_embeddings(spec, head, sets[spec.id]) for spec, _ in options
@@ -114,7 +116,7 @@ class Trainer:
             )
         frozen = self._frozen(trained, training_set, label_embeddings[chosen], progress)
         if head.fine_tune == "off":
-            return self._save(head, chosen, training_set, frozen, None, new_inputs)
+            return self._save(head, chosen, training_set, frozen, None, new_inputs, lease)
 
         def publish_frozen() -> None:
             # `auto`: the frozen head serves while fine-tuning is compared.
@@ -126,6 +128,7 @@ class Trainer:
                     _reported(frozen, fine_tuning=PENDING),
                     None,
                     new_inputs,
+                    lease,
                 )
                 if first is not None:
                     early(first)
@@ -142,7 +145,7 @@ class Trainer:
         # A fine-tuned head's metrics are its own; which backbone it chose, and how, stays.
         selection = {k: v for k, v in frozen.metrics.items() if k == "backbone_selection"}
         served = _reported(served, **selection, fine_tuning=tuned.report)
-        return self._save(head, chosen, training_set, served, factors, new_inputs)
+        return self._save(head, chosen, training_set, served, factors, new_inputs, lease)
 
     def _publish_first(
         self,
@@ -151,6 +154,7 @@ class Trainer:
         training_set: TrainingSet,
         new_inputs: dict[str, bytes],
         progress: ReportProgress,
+        lease: Lease,
         publish: Callable[[int], None],
     ) -> None:
         """An `auto` head's first version, on the first backbone embedded (the order of
@@ -172,7 +176,7 @@ class Trainer:
         if head.fine_tune != "off":
             metrics["fine_tuning"] = PENDING
         first = dataclasses.replace(first, metrics=metrics)
-        version = self._save(head, spec.id, training_set, first, None, new_inputs)
+        version = self._save(head, spec.id, training_set, first, None, new_inputs, lease)
         if version is not None:
             # Shown with the version: the other backbones' embedding is under way.
             progress("embedding", 0, len(training_set.new_vectors))
@@ -216,6 +220,7 @@ class Trainer:
         trained: heads.TrainedHead,
         factors: list[np.ndarray] | None,
         new_inputs: dict[str, bytes],
+        lease: Lease,
     ) -> int | None:
         return self.store.save_version(
             tenant_id=head.tenant_id,
@@ -235,6 +240,7 @@ class Trainer:
             # Kept for the next versions' tuning, by heads that may fine-tune only.
             inputs=new_inputs if keeps_inputs(head, self.loaded[backbone]) else None,
             ready=False,
+            lease=lease,
         )
 
     def _fine_tune(

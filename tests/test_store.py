@@ -12,7 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from adapters.migrations import latest_revision
-from adapters.store import GAVE_UP, INTERRUPTED, Store
+from adapters.store import GAVE_UP, INTERRUPTED, Lease, LeaseLost, Store
 from tests.postgres import database_for
 
 
@@ -286,7 +286,9 @@ def test_a_job_keeps_its_examples_and_is_published_only_when_finished(store) -> 
     )  # fmt: skip
     assert (version, store.get_head(tenant_id=tenant.id, head_id=head.id).status) == (1, "training")
     assert store.serving_head(tenant_id=tenant.id, head_id=head.id).version == 1
-    store.finish_job(job_id=job_id, tenant_id=tenant.id, head_id=head.id, version=1)
+    store.finish_job(
+        lease=Lease(job_id, "replica-a/1/x"), tenant_id=tenant.id, head_id=head.id, version=1
+    )
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "ready"
     assert store.job_examples(job_id=job_id) == []
     assert store.claim_job(owner="b/1/y", lease_s=30) is None
@@ -304,15 +306,16 @@ def test_a_running_jobs_progress_shows_on_its_head_until_it_ends(store) -> None:
 
     assert progress() is None  # not started
     embedding = {"stage": "embedding", "done": 8, "total": 20}
-    store.set_progress(job_id=job_id, progress=embedding)
+    store.set_progress(lease=Lease(job_id, "replica-a/1/x"), progress=embedding)
     assert progress() == embedding
     assert [h.progress for h in store.list_heads(tenant_id=tenant.id)] == [embedding, None]
     assert store.list_heads(tenant_id=other.id) == []
     time.sleep(0.1)  # its process died: whoever takes the job over starts from nothing
     assert store.claim_job(owner="b/1/y", lease_s=30).id == job_id
     assert progress() is None
-    store.set_progress(job_id=job_id, progress={"stage": "fitting", "done": 0, "total": 1})
-    store.fail_job(job_id=job_id, tenant_id=tenant.id, head_id=head.id, error="broken")
+    taker = Lease(job_id, "b/1/y")
+    store.set_progress(lease=taker, progress={"stage": "fitting", "done": 0, "total": 1})
+    store.fail_job(lease=taker, tenant_id=tenant.id, head_id=head.id, error="broken")
     assert progress() is None
 
 
@@ -329,7 +332,7 @@ def test_a_job_whose_process_died_is_taken_over_then_given_up(store) -> None:
         ["bb"],
         2,
     )
-    store.release_job(job_id=job_id)  # a passing failure: not counted
+    store.release_job(lease=Lease(job_id, "b/1/y"))  # a passing failure: not counted
     assert store.claim_job(owner="b/1/y", lease_s=0.05).attempts == 2
     time.sleep(0.1)
     assert store.claim_job(owner="c/1/z", lease_s=0.05).attempts == 3
@@ -340,6 +343,64 @@ def test_a_job_whose_process_died_is_taken_over_then_given_up(store) -> None:
     assert store.job_examples(job_id=job_id) == []
 
 
+def test_a_process_whose_job_was_taken_over_or_given_up_writes_nothing_of_it(store) -> None:
+    """The fence: a live process too busy to renew its lease loses the job to another
+    (or the job is given up); what it then writes of the job is refused, whole."""
+    tenant, _ = store.create_tenant(name="t")
+    head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
+    job_id, _ = _job(store, tenant.id, head.id, owner="a/1/x")
+    slow, taker = Lease(job_id, "a/1/x"), Lease(job_id, "b/1/y")
+    store.renew_leases(owner="a/1/x", lease_s=-1)  # its lease ran out, its process alive
+    assert store.claim_job(owner="b/1/y", lease_s=30).id == job_id
+
+    def slow_save(lease: Lease) -> int | None:
+        return store.save_version(
+            tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={},
+            examples=[], labels=["a", "b"], weights=np.ones((4, 2), np.float32),
+            bias=np.zeros(2, np.float32), prototypes=np.ones((4, 2), np.float32),
+            unknown_threshold=None, metrics={}, ready=False, lease=lease,
+        )  # fmt: skip
+
+    writes = {
+        "save": lambda lease: slow_save(lease),
+        "progress": lambda lease: store.set_progress(lease=lease, progress={"stage": "fitting"}),
+        "publish": lambda lease: store.publish_version(
+            lease=lease, tenant_id=tenant.id, head_id=head.id, version=1
+        ),
+        "finish": lambda lease: store.finish_job(
+            lease=lease, tenant_id=tenant.id, head_id=head.id, version=1
+        ),
+        "fail": lambda lease: store.fail_job(
+            lease=lease, tenant_id=tenant.id, head_id=head.id, error="x"
+        ),
+        "release": lambda lease: store.release_job(lease=lease),
+    }
+    for write in writes.values():
+        with pytest.raises(LeaseLost):
+            write(slow)
+    after = store.get_head(tenant_id=tenant.id, head_id=head.id)
+    assert (after.status, after.version, after.progress) == ("training", 0, None)
+    # The job is the taker's, untouched: it saves and finishes it.
+    assert slow_save(taker) == 1
+    store.finish_job(lease=taker, tenant_id=tenant.id, head_id=head.id, version=1)
+    assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "ready"
+
+    # Given up (its holders' leases ran out once too often): no holder may write it.
+    job_id, _ = _job(store, tenant.id, head.id, owner="a/1/x")
+    holder = "a/1/x"
+    for next_holder in ("b/1/y", "c/1/z"):
+        store.renew_leases(owner=holder, lease_s=-1)
+        assert store.claim_job(owner=next_holder, lease_s=30).id == job_id
+        holder = next_holder
+    store.renew_leases(owner=holder, lease_s=-1)
+    assert store.claim_job(owner="d/1/w", lease_s=30) is None  # a fourth time: given up
+    with pytest.raises(LeaseLost):
+        slow_save(Lease(job_id, holder))
+    given_up = store.get_head(tenant_id=tenant.id, head_id=head.id)
+    # Back on its last version, saying why; the holder's version 2 was never stored.
+    assert (given_up.status, given_up.error, given_up.version) == ("ready", GAVE_UP, 1)
+
+
 def test_a_head_trains_one_job_at_a_time_oldest_first(store) -> None:
     tenant, _ = store.create_tenant(name="t")
     head = store.create_head(tenant_id=tenant.id, name="h", backbone="bb")
@@ -347,7 +408,8 @@ def test_a_head_trains_one_job_at_a_time_oldest_first(store) -> None:
     second, claimed_second = _job(store, tenant.id, head.id)
     assert claimed_first and not claimed_second
     assert store.claim_job(owner="b/1/y", lease_s=30) is None  # waits behind the first
-    store.fail_job(job_id=first, tenant_id=tenant.id, head_id=head.id, error="bad input")
+    lease = Lease(first, "replica-a/1/x")
+    store.fail_job(lease=lease, tenant_id=tenant.id, head_id=head.id, error="bad input")
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).error == "bad input"
     assert store.claim_job(owner="b/1/y", lease_s=30).id == second
 

@@ -23,13 +23,14 @@ from adapters.store.engine import database_url, open_engine, retry_while_locked
 from adapters.store.examples import Examples
 from adapters.store.heads import INTERRUPTED, Heads
 from adapters.store.jobs import GAVE_UP, MAX_JOB_ATTEMPTS, Jobs
-from adapters.store.records import Head, Job, ServingRow, Tenant
+from adapters.store.records import Head, Job, Lease, LeaseLost, ServingRow, Tenant
 from adapters.store.replicas import Replicas
 from adapters.store.tenants import KEY_PREFIX, Tenants
 
 __all__ = [
-    "GAVE_UP", "INTERRUPTED", "KEY_PREFIX", "MAX_JOB_ATTEMPTS", "Head", "Job", "ServingRow",
-    "Store", "Tenant", "database_url", "open_engine", "retry_while_locked",
+    "GAVE_UP", "INTERRUPTED", "KEY_PREFIX", "MAX_JOB_ATTEMPTS", "Head", "Job", "Lease",
+    "LeaseLost", "ServingRow", "Store", "Tenant", "database_url", "open_engine",
+    "retry_while_locked",
 ]  # fmt: skip
 
 

@@ -13,9 +13,11 @@ import sqlalchemy as sa
 
 from adapters.heads import UNKNOWN_KEEP
 from adapters.store.engine import Database, utc_now
+from adapters.store.leases import hold
 from adapters.store.records import (
     HEAD_COLUMNS,
     Head,
+    Lease,
     ServingRow,
     blob,
     factors,
@@ -181,12 +183,16 @@ class Heads(Database):
         depths: int = 0,
         inputs: dict[str, bytes] | None = None,
         ready: bool = True,
+        lease: Lease | None = None,
     ) -> int | None:
         """Stores a trained version atomically: its number, or None if the head was deleted
         meanwhile. `backbone` is the one the version was trained on (an `auto` head's
         choice). With `ready=False` the head stays `training` until `finish_job`: serving
-        takes the version at once, clients are told it is ready once every cache has it."""
+        takes the version at once, clients are told it is ready once every cache has it.
+        A training job's version is stored only while `lease` holds (else `LeaseLost`)."""
         with self._tx() as db:
+            if lease is not None:
+                hold(db, lease)
             result = db.execute(
                 heads.update()
                 .where(heads.c.id == head_id, heads.c.tenant_id == tenant_id)

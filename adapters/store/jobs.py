@@ -1,5 +1,9 @@
 """The training job queue: jobs stored with their examples, leased to one process at a
-time, taken over when that process dies, and tried at most MAX_JOB_ATTEMPTS times."""
+time, taken over when that process dies, and tried at most MAX_JOB_ATTEMPTS times.
+
+What a process writes of a job (its versions, progress, end) is fenced by its lease
+(`Lease`): a process that outlived its lease (too busy to renew it) while another took
+the job over, or after the job was given up, gets `LeaseLost` and writes nothing."""
 
 from __future__ import annotations
 
@@ -12,7 +16,8 @@ import sqlalchemy as sa
 
 from adapters.store.engine import Database, utc_now
 from adapters.store.heads import resolve_heads
-from adapters.store.records import Job
+from adapters.store.leases import hold
+from adapters.store.records import Job, Lease
 from adapters.store.tables import heads, job_examples, training_jobs
 
 # A job whose process died this many times is not tried again (its input may be the cause).
@@ -130,12 +135,13 @@ class Jobs(Database):
         with self._read() as db:
             return [(label, kind, bytes(data)) for label, kind, data in db.execute(query)]
 
-    def set_progress(self, *, job_id: str, progress: dict[str, Any]) -> None:
+    def set_progress(self, *, lease: Lease, progress: dict[str, Any]) -> None:
         """How far the job is, for its head to show; written by the process training it."""
         with self._tx() as db:
+            hold(db, lease)
             db.execute(
                 training_jobs.update()
-                .where(training_jobs.c.id == job_id)
+                .where(training_jobs.c.id == lease.job_id)
                 .values(progress=json.dumps(progress))
             )
 
@@ -157,13 +163,14 @@ class Jobs(Database):
                 .values(lease_owner=None, lease_until=None, progress=None)
             ).rowcount
 
-    def release_job(self, *, job_id: str) -> None:
+    def release_job(self, *, lease: Lease) -> None:
         """The job could not run for a passing reason of its process (the runner was
         restarting): free for any process again, the attempt not counted."""
         with self._tx() as db:
+            hold(db, lease)
             db.execute(
                 training_jobs.update()
-                .where(training_jobs.c.id == job_id)
+                .where(training_jobs.c.id == lease.job_id)
                 .values(
                     lease_owner=None,
                     lease_until=None,
@@ -172,25 +179,28 @@ class Jobs(Database):
                 )
             )
 
-    def finish_job(self, *, job_id: str, tenant_id: str, head_id: str, version: int) -> None:
+    def finish_job(self, *, lease: Lease, tenant_id: str, head_id: str, version: int) -> None:
         """The job's version (saved with `ready=False`) is published: the head turns
         `ready`, unless a newer version was saved meanwhile, and the job is gone."""
         with self._tx() as db:
+            hold(db, lease)
             _publish(db, tenant_id, head_id, version)
-            db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+            db.execute(training_jobs.delete().where(training_jobs.c.id == lease.job_id))
 
-    def publish_version(self, *, tenant_id: str, head_id: str, version: int) -> None:
+    def publish_version(self, *, lease: Lease, tenant_id: str, head_id: str, version: int) -> None:
         """A version the job saved on its way (an `auto` head's frozen one) is published
         as `finish_job` would, while the job goes on."""
         with self._tx() as db:
+            hold(db, lease)
             _publish(db, tenant_id, head_id, version)
 
-    def fail_job(self, *, job_id: str, tenant_id: str, head_id: str, error: str) -> None:
+    def fail_job(self, *, lease: Lease, tenant_id: str, head_id: str, error: str) -> None:
         """The job failed (not its process: it is not tried again); the head goes back to
         its last version, or fails if it has none."""
         with self._tx() as db:
+            hold(db, lease)
             resolve_heads(db, error, heads.c.id == head_id, heads.c.tenant_id == tenant_id)
-            db.execute(training_jobs.delete().where(training_jobs.c.id == job_id))
+            db.execute(training_jobs.delete().where(training_jobs.c.id == lease.job_id))
 
 
 def _publish(db: sa.Connection, tenant_id: str, head_id: str, version: int) -> None:

@@ -84,6 +84,20 @@ class Job:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A training job as leased to one process (`owner`): what that process writes of
+    the job (its versions, progress and end) is kept only while the lease is its own."""
+
+    job_id: str
+    owner: str
+
+
+class LeaseLost(Exception):
+    """The job is no longer leased to this process: another took it over (this one was
+    too slow to renew), or it was given up. Nothing this process would write is kept."""
+
+
+@dataclass(frozen=True)
 class ServingRow:
     """What serving needs of a head; the arrays are None when it has no trained version."""
 
