@@ -375,7 +375,7 @@ def under_load(server, load) -> dict:
         a - b for a, b in zip(runner_batches(server), batches_before, strict=True)
     )
     figures["mean_batch"] = round(rows / batches, 1) if batches else None
-    # The runner's CPU outside its backbone passes' threads: the link, batching, heads.
+    # The runner's CPU outside its backbone passes' threads: the link, batching, answering.
     figures["runner_other_cpu_ms_per_image"] = round(1000 * (used["runner"] - pass_cpu) / images, 3)
     figures.update(gpu.during(began, ended))
     settle(server.base_url, server.admin_key)  # a closed loop stops with a full queue
