@@ -1,6 +1,6 @@
 """The measured GPU run (issue 31), one command on the GPU host, from the bundle:
 
-    bash PARTS/part-05/run.sh PARTS python bench/gpu_run.py      # about 6 minutes
+    bash PARTS/part-05/run.sh PARTS python bench/gpu_run.py      # about 7 minutes
     python bench/gpu_run.py --device cpu --seconds 3 --heads 50  # a rehearsal here
 
 Everything side by side on the same card in this one run (the ratios are what count):
@@ -67,8 +67,9 @@ def photos(n: int, seed: int) -> list[tuple[str, bytes]]:
     ]
 
 
-def raw_throughput(device: str, seconds: float) -> dict[str, dict[int, float]]:
-    """ONNX Runtime alone on the served graphs: images/s per batch size, per graph."""
+def raw_throughput(device: str, seconds: float, out: dict[str, dict[int, float]]) -> None:
+    """ONNX Runtime alone on the served graphs: images/s per batch size, per graph, into
+    `out` as they come (a graph that fails leaves the others' figures)."""
     settings = Settings()
     spec = settings.catalog[BACKBONE]
     rows = np.stack([decode_image(p, spec.image_preprocessing, 10**8) for _, p in photos(64, 1)])
@@ -80,7 +81,6 @@ def raw_throughput(device: str, seconds: float) -> dict[str, dict[int, float]]:
         # the activations between them crossing to the host and back).
         "fp32_split": {"onnx_path": fp32, "split": ensure_split(spec, settings.backbone_dir)},
     }
-    out: dict[str, dict[int, float]] = {}
     for name, graph in graphs.items():
         backbone = Backbone(spec, **graph, device=device, max_batch_size=256)
         out[name] = {}
@@ -93,7 +93,6 @@ def raw_throughput(device: str, seconds: float) -> dict[str, dict[int, float]]:
                 done += size
             out[name][size] = done / (time.perf_counter() - start)
             print(f"ONNX Runtime {name} batch {size}: {out[name][size]:.0f} images/s")
-    return out
 
 
 def create_heads(server) -> dict:
@@ -221,7 +220,7 @@ def main() -> None:
     started = time.perf_counter()
     if "raw" not in args.skip:
         with run.phase("ONNX Runtime alone"):
-            results["raw"] = raw_throughput(args.device, min(3.0, args.seconds / 3))
+            raw_throughput(args.device, min(3.0, args.seconds / 3), results.setdefault("raw", {}))
 
     scratch = Path(tempfile.mkdtemp(prefix="graft-gpu-run-"))
     targets = seed_heads(scratch / "graft.sqlite3", args.heads, 1280, backbone=BACKBONE)
@@ -237,17 +236,15 @@ def main() -> None:
     asked = [p for _, p in photos(256, 11)]
     created: dict = {}
     fp32_labels: list[str] = []
-    with (
-        run.phase("fp32 server"),
-        serving(run, "fp32", scratch, {**env, "GRAFT_VARIANT": "fp32"}) as server,
-    ):
+    fp32 = {**env, "GRAFT_VARIANT": "fp32"}
+    with run.phase("fp32 server"), serving(run, "fp32", scratch, fp32) as server:
         load = (server.base_url, targets, images)
-        for per_request in (8, 1) if "http" not in args.skip else ():
-            name = f"http_fp32_{per_request}"
-            with run.phase(f"HTTP fp32, {per_request} per request"):
-                results[name] = under_load(server, lambda n=per_request: spread_closed_loop(*load, n, *clients))  # fmt: skip
-                show_load(name, results[name])
         if "http" not in args.skip:
+            for per_request in (8, 1):
+                name = f"http_fp32_{per_request}"
+                with run.phase(f"HTTP fp32, {per_request} per request"):
+                    results[name] = under_load(server, lambda n=per_request: spread_closed_loop(*load, n, *clients))  # fmt: skip
+                    show_load(name, results[name])
             with run.phase("single images at half load"):
                 half = results["http_fp32_1"]["images_per_s"] / 2
                 results["half_load"] = under_load(
