@@ -5,13 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    WithJsonSchema,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from graft.schemas.common import FineTuneMode, Label, Name, Strict
 from graft.schemas.metrics import HeadMetrics
