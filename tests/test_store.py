@@ -353,7 +353,7 @@ def test_a_process_whose_job_was_taken_over_or_given_up_writes_nothing_of_it(sto
     store.renew_leases(owner="a/1/x", lease_s=-1)  # its lease ran out, its process alive
     assert store.claim_job(owner="b/1/y", lease_s=30).id == job_id
 
-    def slow_save(lease: Lease) -> int | None:
+    def save_with(lease: Lease) -> int | None:
         return store.save_version(
             tenant_id=tenant.id, head_id=head.id, backbone="bb", new_embeddings={},
             examples=[], labels=["a", "b"], weights=np.ones((4, 2), np.float32),
@@ -362,7 +362,7 @@ def test_a_process_whose_job_was_taken_over_or_given_up_writes_nothing_of_it(sto
         )  # fmt: skip
 
     writes = {
-        "save": lambda lease: slow_save(lease),
+        "save": lambda lease: save_with(lease),
         "progress": lambda lease: store.set_progress(lease=lease, progress={"stage": "fitting"}),
         "publish": lambda lease: store.publish_version(
             lease=lease, tenant_id=tenant.id, head_id=head.id, version=1
@@ -381,7 +381,7 @@ def test_a_process_whose_job_was_taken_over_or_given_up_writes_nothing_of_it(sto
     after = store.get_head(tenant_id=tenant.id, head_id=head.id)
     assert (after.status, after.version, after.progress) == ("training", 0, None)
     # The job is the taker's, untouched: it saves and finishes it.
-    assert slow_save(taker) == 1
+    assert save_with(taker) == 1
     store.finish_job(lease=taker, tenant_id=tenant.id, head_id=head.id, version=1)
     assert store.get_head(tenant_id=tenant.id, head_id=head.id).status == "ready"
 
@@ -395,7 +395,7 @@ def test_a_process_whose_job_was_taken_over_or_given_up_writes_nothing_of_it(sto
     store.renew_leases(owner=holder, lease_s=-1)
     assert store.claim_job(owner="d/1/w", lease_s=30) is None  # a fourth time: given up
     with pytest.raises(LeaseLost):
-        slow_save(Lease(job_id, holder))
+        save_with(Lease(job_id, holder))
     given_up = store.get_head(tenant_id=tenant.id, head_id=head.id)
     # Back on its last version, saying why; the holder's version 2 was never stored.
     assert (given_up.status, given_up.error, given_up.version) == ("ready", GAVE_UP, 1)
