@@ -49,7 +49,7 @@ from bench.load import (
     wrk_loop,
 )
 from deploy.local_server import BENTOML, start_server, stop_server
-from graft.client import clip_bytes
+from graft.inputs import clip_bytes
 from models.audio import decode_audio, pad_waveforms
 from models.export import ensure_onnx
 from models.runtime import Backbone

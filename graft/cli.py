@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from graft.client import AUDIO_SUFFIXES, DEFAULT_URL, Client, Examples, GraftError
+from graft.client import DEFAULT_URL, Client, GraftError
+from graft.inputs import AUDIO_SUFFIXES, Examples
 from graft.schemas import HeadPublic, TrainingProgress
 
 app = typer.Typer(help="Graft: per-tenant heads on shared backbones.", no_args_is_help=True)

@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 import soundfile
 
-from graft.client import clip_bytes
+from graft.inputs import clip_bytes
 from tests.inputs import assert_error
 from tests.speech import (
     COMMANDS,
