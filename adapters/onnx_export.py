@@ -2,7 +2,7 @@
 for the scores, and the best similarity to the class means for the unknown flag. A head
 that reads depths of the pass (adapters/depth_choice.py) takes its embedding and those
 depths, concatenated as the runner sends them; the graph computes no other depth. An
-audio head's model takes the waveform alone (`models.export.with_whole_clips`)."""
+audio head's model takes the waveform alone (`models.graph_surgery.with_whole_clips`)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import onnx
 from onnx import TensorProto, compose, helper, numpy_helper
 
 from adapters.store import Head
-from models.export import with_deepest_depths, with_whole_clips, without_depths
+from models.graph_surgery import with_deepest_depths, with_whole_clips, without_depths
 from models.registry import BackboneSpec
 
 # Below any cosine similarity: a head without a threshold never flags an input unknown.

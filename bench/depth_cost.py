@@ -5,7 +5,7 @@
 
 For each backbone, the graph as served (whole, and cut into trunk and top where it can be
 fine-tuned) is timed giving every row's embedding and depths, against the same graph cut
-down to its embedding alone (`models.export.without_depths`: the graph before the depths),
+down to its embedding alone (`models.graph_surgery.without_depths`: the graph before the depths),
 taking turns for `--rounds`, batches of 32 (images of noise; yelp sentences), 2 threads,
 as the runner runs them. Prints rows/s of each, their ratio (median over rounds), and the
 bytes a row takes between processes and per stored example (float32) with and without.
@@ -26,7 +26,8 @@ import onnx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.common import YELP, read_texts
-from models.export import ensure_onnx, ensure_split, without_depths
+from models.export import ensure_onnx, ensure_split
+from models.graph_surgery import without_depths
 from models.preprocess import token_ids
 from models.runtime import Backbone
 from service.settings import Settings, list_backbones

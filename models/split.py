@@ -195,7 +195,8 @@ def export_split(trunk, top, trunk_path: Path, top_path: Path, rank: int = RANK)
     `lora_b_0`, … in `factor_shapes` order) and gives `embedding`. Each gives the
     `depths` (models/depths.py) of the layers or stages it holds, where it holds any:
     the trunk's followed by the top's are the whole graph's."""
-    from models.export import OPSET, fold_fixed_size, write_depth_widths
+    from models.export import OPSET, write_depth_widths
+    from models.graph_surgery import fold_fixed_size
 
     factors = [torch.zeros(shape) for shape in top.factor_shapes(rank)]
     names = [f"lora_{'ab'[i % 2]}_{i // 2}" for i in range(len(factors))]

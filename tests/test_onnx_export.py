@@ -12,7 +12,8 @@ from adapters.head_cache import ServingHead
 from adapters.heads import class_means, predict_proba, train_head
 from adapters.onnx_export import combined_model
 from adapters.store import Head
-from models.export import depth_widths, ensure_variant, with_deepest_depths
+from models.export import depth_widths, ensure_variant
+from models.graph_surgery import with_deepest_depths
 from models.preprocess import decode_image
 from tests.inputs import crops
 
