@@ -9,16 +9,18 @@ from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
+from models.entries import (
+    Ge2eEntry,
+    ImagePreprocessingEntry,
+    OnnxEntry,
+    TimmEntry,
+    TransformersEntry,
+)
 from models.registry import (
     AudioPreprocessing,
     BackboneSpec,
-    Ge2eEntry,
     ImagePreprocessing,
-    ImagePreprocessingEntry,
-    OnnxEntry,
     TextPreprocessing,
-    TimmEntry,
-    TransformersEntry,
 )
 from models.sources import FileSource
 
